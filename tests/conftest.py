@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built offline, saved and reloaded like a Hub checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# Tiny pipelines are small enough that extra threads only add scheduling noise on 2-core CI machines.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TINY_TEXT_HIDDEN_SIZE = 32
+TINY_MAX_TOKENS = 24
+TINY_IMAGE_SIZE = 16
+TINY_LATENT_SIZE = 8
+
+
+def write_tiny_clip_tokenizer(path: Path, model_max_length: int = TINY_MAX_TOKENS) -> Path:
+    """Write a character-level CLIP BPE vocabulary (no merges) that a ``CLIPTokenizer`` can load from disk."""
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    symbols = string.ascii_lowercase + string.digits + ",.!?'-"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(symbols) + [s + "</w>" for s in symbols]
+    (path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer.from_pretrained(path, model_max_length=model_max_length).save_pretrained(path)
+    return path
+
+
+def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Build a randomly initialised, tiny ``StableDiffusionPipeline`` and ``save_pretrained`` it to ``path``.
+
+    16x16 RGB images, 4x8x8 latents, a 2-layer CLIP text encoder of width 32; loads in well under a second.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "_tokenizer_src"))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_TEXT_HIDDEN_SIZE,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=TINY_MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_TEXT_HIDDEN_SIZE,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    """Folder of a tiny epsilon-prediction Stable Diffusion checkpoint, as ``save_pretrained`` writes it."""
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_prediction_path(tmp_path_factory) -> Path:
+    """Same as ``tiny_sd_path`` with a v-prediction scheduler (the SD 2.x 768 px setting)."""
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
