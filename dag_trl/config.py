@@ -1,0 +1,315 @@
+"""Configuration of the GFlowNet diffusion trainer, in the shape of TRL's ``DDPOConfig``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REWARD_EXP_ANNEALS = ("linear", "none")
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
+
+
+def _default_exp_name() -> str:
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dag_trl"
+    return os.path.splitext(script)[0] or "dag_trl"
+
+
+@dataclass
+class GFlowNetConfig:
+    r"""
+    Configuration for [`GFlowNetDiffusionTrainer`]: DAG and DAG-KL (Zhang et al., "Improving GFlowNets for
+    Text-to-Image Diffusion Alignment", arXiv 2406.00633).
+
+    Fields that TRL's ``DDPOConfig`` also has keep its name and meaning, so a DDPO script ports by renaming classes.
+    Defaults are the paper's settings for Stable Diffusion 1.5 (sample 4 x 16 trajectories of 50 DDIM steps per epoch
+    and process, train batch 8, 4 accumulated batches per optimiser step, learning rate 3e-4, reward exponent 100
+    annealed linearly over the first half of training). Usable with ``transformers.HfArgumentParser`` and
+    ``trl.TrlParser`` (YAML config + command-line overrides).
+
+    Parameters:
+        > General
+
+        exp_name (`str`, defaults to the running script's name):
+            Name of the experiment, used in tracker runs and checkpoint folders.
+        run_name (`str`, *optional*, defaults to `""`):
+            Name of this run for the trackers.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed for parameter initialisation and shuffling. Sampling noise on process `i` is seeded with
+            `seed + i` so that every process draws different trajectories.
+        log_with (`str` or `None`, *optional*, defaults to `None`):
+            Tracker for accelerate: one of `"wandb"`, `"tensorboard"`, `"trackio"`, `"comet_ml"`, `"mlflow"`,
+            `"aim"`, `"clearml"`, `"dvclive"`, `"swanlab"`, `"all"`, or `None` for no tracker.
+        tracker_kwargs (`dict`, *optional*, defaults to `{}`):
+            Keyword arguments for the tracker's `init` (for example `{"wandb": {"entity": "me"}}`).
+        accelerator_kwargs (`dict`, *optional*, defaults to `{}`):
+            Extra keyword arguments for `accelerate.Accelerator`.
+        project_kwargs (`dict`, *optional*, defaults to `{}`):
+            Extra keyword arguments for `accelerate.utils.ProjectConfiguration`.
+        tracker_project_name (`str`, *optional*, defaults to `"dag_trl"`):
+            Project name in the tracker.
+        logdir (`str`, *optional*, defaults to `"logs"`):
+            Top-level folder for checkpoints and local tracker files.
+        num_epochs (`int`, *optional*, defaults to `100`):
+            Number of epochs (one epoch = sampling, then `train_num_inner_epochs` passes over the samples).
+        save_freq (`int`, *optional*, defaults to `1`):
+            Save an accelerate checkpoint every this many epochs.
+        num_checkpoint_limit (`int`, *optional*, defaults to `5`):
+            Keep at most this many checkpoints; the oldest are deleted.
+        mixed_precision (`str`, *optional*, defaults to `"bf16"`):
+            Precision of the frozen weights and the UNet forward: `"no"`, `"fp16"` or `"bf16"`. Trainable
+            parameters (LoRA, flow network) stay in float32, and the DDIM means and log-probabilities are always
+            computed in float32.
+        allow_tf32 (`bool`, *optional*, defaults to `True`):
+            Allow TF32 matrix multiplications on Ampere and newer GPUs.
+        resume_from (`str`, *optional*, defaults to `""`):
+            Resume from this checkpoint folder, or `"latest"` for the newest checkpoint under `logdir`.
+        push_to_hub (`bool`, *optional*, defaults to `False`):
+            Push the final LoRA, flow network and model card to the Hub at the end of `train()`.
+        hub_model_id (`str` or `None`, *optional*, defaults to `None`):
+            Repository to push to; defaults to `exp_name` in the user's namespace.
+
+        > Sampling
+
+        negative_prompts (`str`, *optional*, defaults to `""`):
+            Negative prompt used for the unconditional half of classifier-free guidance.
+        sample_num_steps (`int`, *optional*, defaults to `50`):
+            Number of DDIM steps per trajectory.
+        sample_eta (`float`, *optional*, defaults to `1.0`):
+            DDIM eta; must be > 0 (with eta = 0 the policy is deterministic and has no log-probability).
+        sample_guidance_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale.
+        sample_batch_size (`int`, *optional*, defaults to `16`):
+            Trajectories sampled per batch and process.
+        sample_num_batches_per_epoch (`int`, *optional*, defaults to `4`):
+            Sampling batches per epoch and process.
+        async_reward_computation (`bool`, *optional*, defaults to `False`):
+            Score the images in a thread pool while the next batch is sampled.
+        max_workers (`int`, *optional*, defaults to `2`):
+            Threads for asynchronous reward computation.
+
+        > Training
+
+        train_batch_size (`int`, *optional*, defaults to `8`):
+            Trajectories per training batch and process.
+        train_use_8bit_adam (`bool`, *optional*, defaults to `False`):
+            Use bitsandbytes' 8-bit AdamW.
+        train_learning_rate (`float`, *optional*, defaults to `3e-4`):
+            Learning rate of the UNet (LoRA) parameters.
+        train_flow_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the flow network; `None` uses `train_learning_rate`.
+        train_adam_beta1 (`float`, *optional*, defaults to `0.9`):
+            AdamW beta1.
+        train_adam_beta2 (`float`, *optional*, defaults to `0.999`):
+            AdamW beta2.
+        train_adam_weight_decay (`float`, *optional*, defaults to `1e-4`):
+            AdamW weight decay.
+        train_adam_epsilon (`float`, *optional*, defaults to `1e-8`):
+            AdamW epsilon.
+        train_gradient_accumulation_steps (`int`, *optional*, defaults to `4`):
+            Training batches (each with all kept timesteps) accumulated per optimiser step.
+        train_max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient-norm clip, applied to the UNet parameters and to the flow network separately.
+        train_num_inner_epochs (`int`, *optional*, defaults to `1`):
+            Passes over each epoch's samples.
+        train_cfg (`bool`, *optional*, defaults to `True`):
+            Use classifier-free guidance when recomputing the policy's noise prediction during training.
+        train_adv_clip_max (`float`, *optional*, defaults to `5.0`):
+            DAG-KL: clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`.
+        train_clip_range (`float`, *optional*, defaults to `1e-4`):
+            DAG-KL: PPO clip range of the probability ratio.
+        train_timestep_fraction (`float`, *optional*, defaults to `1.0`):
+            Fraction of each trajectory's transitions trained on, in `(0, 1]` (a random subset per trajectory).
+        train_reward_exp (`float`, *optional*, defaults to `100.0`):
+            Reward exponent beta: the target distribution is proportional to `exp(beta * R(x_0))` (with
+            `train_log_prob_reduction="mean"` the effective exponent is `beta * D`, see the docs).
+        train_reward_exp_anneal (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: beta grows from 0 at epoch 0 to `train_reward_exp` at half of `num_epochs`; `"none"`:
+            constant.
+        train_unet_reg (`float`, *optional*, defaults to `1.0`):
+            Weight of the proximal regulariser, the mean squared difference between the current and the sampled
+            guided noise predictions.
+        train_klpf (`float`, *optional*, defaults to `-1.0`):
+            `<= 0`: DAG-DB (the UNet is trained through the detailed-balance loss). `> 0`: DAG-KL, the weight of the
+            KL-based (REINFORCE with a leave-one-out baseline, PPO-clipped) policy gradient.
+        train_log_prob_reduction (`str`, *optional*, defaults to `"mean"`):
+            How per-element Gaussian log-densities are reduced over the latent: `"mean"` (the paper's choice, which
+            the published hyper-parameters were tuned for) or `"sum"` (the true log-density).
+        train_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            Gradient checkpointing in the UNet (less memory, about 30% slower backward).
+        train_decode_batch_size (`int`, *optional*, defaults to `16`):
+            Largest batch the VAE decodes (and the reward scores) at once when computing intermediate rewards.
+
+        > Flow network
+
+        flow_block_out_channels (`list[int]`, *optional*, defaults to `[64, 128, 256, 256]`):
+            Channel widths of the flow network's down blocks (all but the last use cross-attention).
+        flow_layers_per_block (`int`, *optional*, defaults to `1`):
+            Resnet layers per down block.
+        flow_attention_heads (`int`, *optional*, defaults to `8`):
+            Attention heads of the flow network's cross-attention.
+        flow_time_embedding_dim (`int`, *optional*, defaults to `64`):
+            Width of the sinusoidal timestep embedding; an MLP maps it to 4x this width (64 -> 256 -> 256).
+    """
+
+    exp_name: str = field(default_factory=_default_exp_name, metadata={"help": "Name of the experiment."})
+    run_name: str = field(default="", metadata={"help": "Name of this run for the trackers."})
+    seed: int = field(default=0, metadata={"help": "Seed; process i samples with seed + i."})
+    log_with: Optional[str] = field(default=None, metadata={"help": "Tracker: " + ", ".join(TRACKERS) + "."})
+    tracker_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Keyword arguments for the tracker."}
+    )
+    accelerator_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra Accelerator arguments."})
+    project_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra ProjectConfiguration arguments."}
+    )
+    tracker_project_name: str = field(default="dag_trl", metadata={"help": "Project name in the tracker."})
+    logdir: str = field(default="logs", metadata={"help": "Folder for checkpoints and local tracker files."})
+    num_epochs: int = field(default=100, metadata={"help": "Number of epochs."})
+    save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs."})
+    num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints."})
+    mixed_precision: str = field(default="bf16", metadata={"help": "'no', 'fp16' or 'bf16'."})
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 on Ampere+ GPUs."})
+    resume_from: str = field(default="", metadata={"help": "Checkpoint folder or 'latest'."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the result to the Hub at the end of training."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository id to push to."})
+
+    negative_prompts: str = field(default="", metadata={"help": "Negative prompt for classifier-free guidance."})
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per trajectory."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
+    sample_batch_size: int = field(default=16, metadata={"help": "Trajectories per sampling batch and process."})
+    sample_num_batches_per_epoch: int = field(default=4, metadata={"help": "Sampling batches per epoch and process."})
+    async_reward_computation: bool = field(default=False, metadata={"help": "Score images in a thread pool."})
+    max_workers: int = field(default=2, metadata={"help": "Threads for asynchronous rewards."})
+
+    train_batch_size: int = field(default=8, metadata={"help": "Trajectories per training batch and process."})
+    train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW."})
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the UNet (LoRA)."})
+    train_flow_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the flow network (default: train_learning_rate)."}
+    )
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    train_gradient_accumulation_steps: int = field(default=4, metadata={"help": "Batches per optimiser step."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip (UNet and flow apart)."})
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples."})
+    train_cfg: bool = field(default=True, metadata={"help": "Classifier-free guidance during training."})
+    train_adv_clip_max: float = field(default=5.0, metadata={"help": "DAG-KL advantage clip."})
+    train_clip_range: float = field(default=1e-4, metadata={"help": "DAG-KL PPO ratio clip range."})
+    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of transitions trained, (0, 1]."})
+    train_reward_exp: float = field(default=100.0, metadata={"help": "Reward exponent beta, >= 0."})
+    train_reward_exp_anneal: str = field(default="linear", metadata={"help": "'linear' or 'none'."})
+    train_unet_reg: float = field(default=1.0, metadata={"help": "Weight of the proximal regulariser."})
+    train_klpf: float = field(default=-1.0, metadata={"help": "<= 0: DAG-DB; > 0: DAG-KL weight."})
+    train_log_prob_reduction: str = field(default="mean", metadata={"help": "'mean' (paper) or 'sum'."})
+    train_gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing."})
+    train_decode_batch_size: int = field(default=16, metadata={"help": "Largest VAE decode / reward batch."})
+
+    flow_block_out_channels: list[int] = field(
+        default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Flow network down-block widths."}
+    )
+    flow_layers_per_block: int = field(default=1, metadata={"help": "Resnet layers per flow down block."})
+    flow_attention_heads: int = field(default=8, metadata={"help": "Flow network attention heads."})
+    flow_time_embedding_dim: int = field(default=64, metadata={"help": "Flow network sinusoidal embedding width."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_dag_kl(self) -> bool:
+        """Whether the UNet is trained with the KL-based gradient (DAG-KL) rather than detailed balance (DAG-DB)."""
+        return self.train_klpf > 0
+
+    @property
+    def flow_learning_rate(self) -> float:
+        """The flow network's learning rate (``train_flow_learning_rate``, or ``train_learning_rate`` if unset)."""
+        if self.train_flow_learning_rate is None:
+            return self.train_learning_rate
+        return self.train_flow_learning_rate
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Trajectories sampled per epoch and process."""
+        return self.sample_batch_size * self.sample_num_batches_per_epoch
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what is accepted for any invalid setting.
+
+        Runs on construction, before any model is loaded.
+        """
+
+        def reject(name: str, accepted: str) -> None:
+            raise ValueError(f"GFlowNetConfig.{name}={getattr(self, name)!r} is invalid: expected {accepted}.")
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                reject(name, "one of " + ", ".join(repr(o) for o in options))
+
+        choice("mixed_precision", MIXED_PRECISIONS)
+        choice("train_reward_exp_anneal", REWARD_EXP_ANNEALS)
+        choice("train_log_prob_reduction", LOG_PROB_REDUCTIONS)
+        if self.log_with is not None:
+            choice("log_with", TRACKERS)
+        for name in (
+            "num_epochs",
+            "save_freq",
+            "num_checkpoint_limit",
+            "sample_num_steps",
+            "sample_batch_size",
+            "sample_num_batches_per_epoch",
+            "train_batch_size",
+            "train_gradient_accumulation_steps",
+            "train_num_inner_epochs",
+            "train_decode_batch_size",
+            "max_workers",
+            "flow_layers_per_block",
+            "flow_attention_heads",
+            "flow_time_embedding_dim",
+        ):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                reject(name, "an integer >= 1")
+        for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "train_adv_clip_max"):
+            if not getattr(self, name) > 0:
+                reject(name, "a number > 0")
+        if self.train_flow_learning_rate is not None and not self.train_flow_learning_rate > 0:
+            reject("train_flow_learning_rate", "a number > 0, or None to use train_learning_rate")
+        if not self.sample_eta > 0:
+            reject("sample_eta", "a number > 0 (with eta = 0 DDIM is deterministic and has no log-probability)")
+        if not 0 < self.train_timestep_fraction <= 1:
+            reject("train_timestep_fraction", "a number in (0, 1]")
+        if not self.train_reward_exp >= 0:
+            reject("train_reward_exp", "a number >= 0")
+        if not self.train_unet_reg >= 0:
+            reject("train_unet_reg", "a number >= 0")
+        if not self.train_clip_range > 0:
+            reject("train_clip_range", "a number > 0")
+        if not 0 <= self.train_adam_beta1 < 1:
+            reject("train_adam_beta1", "a number in [0, 1)")
+        if not 0 <= self.train_adam_beta2 < 1:
+            reject("train_adam_beta2", "a number in [0, 1)")
+        if self.is_dag_kl and self.train_batch_size < 2:
+            reject("train_batch_size", "at least 2 with DAG-KL (train_klpf > 0): the leave-one-out baseline needs 2")
+        if not self.flow_block_out_channels or any(
+            not isinstance(c, int) or c < 1 for c in self.flow_block_out_channels
+        ):
+            reject("flow_block_out_channels", "a non-empty list of positive integers")
+        if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
+            reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
+        window = self.train_batch_size * self.train_gradient_accumulation_steps
+        if self.samples_per_epoch % window:
+            raise ValueError(
+                f"GFlowNetConfig: sample_batch_size * sample_num_batches_per_epoch = {self.sample_batch_size} * "
+                f"{self.sample_num_batches_per_epoch} = {self.samples_per_epoch} trajectories per epoch must be a "
+                f"multiple of train_batch_size * train_gradient_accumulation_steps = {self.train_batch_size} * "
+                f"{self.train_gradient_accumulation_steps} = {window}, so that every optimiser step sees whole batches."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain dictionary (for trackers and model cards)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -1,0 +1,728 @@
+"""``GFlowNetDiffusionTrainer``: DAG and DAG-KL training of a Stable Diffusion LoRA (TRL ``DDPOTrainer``-shaped).
+
+Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633). One epoch samples
+trajectories with the current policy, scores their final images, then trains the UNet (through its LoRA) and the flow
+network on every kept transition. The math lives in :mod:`dag_trl.math`; this module only orchestrates.
+
+How a training window (one optimiser step; the weights are fixed inside it) avoids the reference's repeated work,
+with the same losses and gradients:
+
+- the one-step prediction ``x0_hat`` of a state, its VAE decode and its reward are computed once per window and
+  shared by the two transitions that need them (as the state left and as the state reached);
+- right after sampling, ``x0_hat`` comes from the conditional noise predictions recorded while sampling; later, from
+  the conditional half of the classifier-free-guidance forward that the loss needs anyway, because each trajectory's
+  kept transitions are processed from the last (least noisy) to the first, so the state a transition reaches has
+  been visited before; only states reached but never left within the window need a no-grad conditional forward;
+- the terminal state's forward-looking term is never computed (its log-flow is the true log-reward);
+- ``log P_B`` is recorded while sampling; with several processes, gradients synchronise once per window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import GFlowNetConfig
+from .flow_model import FlowNetwork
+from .math import (
+    ddim_step_with_logprob,
+    detailed_balance_residual,
+    forward_looking_log_flow,
+    leave_one_out_advantages,
+    ppo_clipped_loss,
+    proximal_regulariser,
+    reward_exponent,
+)
+from .pipeline import GFlowNetStableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+RewardFunction = Callable[[torch.Tensor, tuple, tuple], tuple[Any, dict]]
+PromptFunction = Callable[[], tuple[str, dict]]
+TRAINER_STATE_NAME = "trainer_state.json"
+FLOW_FOLDER = "flow"
+
+
+def validate_rewards(rewards: Any, prompts: list[str], epoch: int, device: torch.device) -> torch.Tensor:
+    """Convert a reward function's output to a float32 tensor of shape ``(B,)``, or raise naming the bad prompts.
+
+    Accepts a tensor, an array or a list of ``B`` numbers; rejects the wrong length, non-numbers, NaN and inf.
+    """
+    try:
+        values = torch.as_tensor(
+            rewards.detach().cpu() if torch.is_tensor(rewards) else np.asarray(rewards, dtype=np.float64)
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"reward_function returned {type(rewards).__name__} {rewards!r:.200} at epoch {epoch}: expected a tensor, "
+            f"array or list of {len(prompts)} numbers (one per prompt)."
+        ) from error
+    if values.dtype == torch.bool or not (values.is_floating_point() or values.dtype in (torch.int32, torch.int64)):
+        raise ValueError(
+            f"reward_function returned values of dtype {values.dtype} at epoch {epoch}: expected numbers."
+        )
+    values = values.reshape(-1) if values.ndim == 2 and values.shape[1] == 1 else values
+    if values.ndim != 1 or values.shape[0] != len(prompts):
+        raise ValueError(
+            f"reward_function returned shape {tuple(values.shape)} at epoch {epoch} for {len(prompts)} prompts: "
+            f"expected ({len(prompts)},), one reward per image."
+        )
+    values = values.to(torch.float32)
+    bad = [prompt for prompt, ok in zip(prompts, torch.isfinite(values).tolist()) if not ok]
+    if bad:
+        raise ValueError(
+            f"reward_function returned NaN or inf at epoch {epoch} for prompt(s) {bad[:5]!r}"
+            f"{' ...' if len(bad) > 5 else ''}: rewards must be finite numbers."
+        )
+    return values.to(device)
+
+
+def validate_prompt(output: Any) -> tuple[str, dict]:
+    """Check a prompt function's output: a ``(prompt: str, metadata: dict)`` pair."""
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise TypeError(
+            f"prompt_function returned {type(output).__name__} {output!r:.200}: expected a (prompt, metadata) tuple."
+        )
+    prompt, metadata = output
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt_function returned a prompt of type {type(prompt).__name__}: expected str.")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"prompt_function returned metadata of type {type(metadata).__name__}: expected dict.")
+    return prompt, metadata
+
+
+@dataclass
+class WorkCounters:
+    """How much work an epoch did, counted in samples: the figures issue of the redundancy-free loop."""
+
+    unet_forward_grad: int = 0
+    unet_forward_no_grad: int = 0
+    vae_decodes: int = 0
+    reward_calls: int = 0
+    reward_samples: int = 0
+    flow_forwards: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        return {f"counters/{name}": value for name, value in self.__dict__.items()}
+
+
+class GFlowNetDiffusionTrainer:
+    """Train a Stable Diffusion policy with DAG or DAG-KL (Zhang et al., 2024), the way TRL's ``DDPOTrainer`` is used.
+
+    Args:
+        config: the [`GFlowNetConfig`].
+        reward_function: ``(images, prompts, metadata) -> (rewards, info)``; images are float tensors in [0, 1],
+            rewards a tensor, array or list of one number per image. It is also called on the decoded one-step
+            predictions of intermediate states (the forward-looking flow).
+        prompt_function: ``() -> (prompt, metadata)``.
+        sd_pipeline: a [`GFlowNetStableDiffusionPipeline`], usually [`DefaultGFlowNetStableDiffusionPipeline`].
+        image_samples_hook: optional ``(prompt_image_data, global_step, tracker)`` called once per epoch with
+            ``[images, prompts, metadata, rewards, reward_info]`` of the first sampling batch.
+    """
+
+    _tag_names = ["dag-trl", "gflownet", "diffusers", "lora", "text-to-image"]
+
+    def __init__(
+        self,
+        config: GFlowNetConfig,
+        reward_function: RewardFunction,
+        prompt_function: PromptFunction,
+        sd_pipeline: GFlowNetStableDiffusionPipeline,
+        image_samples_hook: Optional[Callable] = None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        if not isinstance(config, GFlowNetConfig):
+            raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
+        config.validate()
+        for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
+        if not isinstance(sd_pipeline, GFlowNetStableDiffusionPipeline):
+            raise TypeError(
+                f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}."
+            )
+        if config.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ImportError(
+                    "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
+                ) from error
+        self.config = config
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.sd_pipeline = sd_pipeline
+        self.image_samples_hook = image_samples_hook
+        self.resume_path = self._resolve_resume_path() if config.resume_from else None
+
+        project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=project_config,
+            **config.accelerator_kwargs,
+        )
+        if self.accelerator.is_main_process and config.log_with is not None:
+            self.accelerator.init_trackers(
+                config.tracker_project_name,
+                config=config.to_dict(),
+                init_kwargs=config.tracker_kwargs,
+            )
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        sd_pipeline.vae.to(device, dtype=self.weight_dtype)
+        sd_pipeline.text_encoder.to(device, dtype=self.weight_dtype)
+        sd_pipeline.set_progress_bar_config(disable=True)
+        if sd_pipeline.use_lora:
+            sd_pipeline.unet.to(device, dtype=self.weight_dtype)
+            for parameter in sd_pipeline.get_trainable_layers():
+                parameter.data = parameter.data.float()
+        else:
+            sd_pipeline.unet.to(device, dtype=torch.float32)
+        if config.train_gradient_checkpointing:
+            sd_pipeline.unet.enable_gradient_checkpointing()
+
+        torch.manual_seed(config.seed)
+        flow = FlowNetwork(
+            in_channels=sd_pipeline.unet.config.in_channels,
+            cross_attention_dim=sd_pipeline.text_encoder.config.hidden_size,
+            block_out_channels=config.flow_block_out_channels,
+            layers_per_block=config.flow_layers_per_block,
+            attention_heads=config.flow_attention_heads,
+            time_embedding_dim=config.flow_time_embedding_dim,
+        ).to(device)
+        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), list(flow.parameters()))
+
+        with torch.no_grad():
+            self.negative_prompt_embeds = sd_pipeline.encode_prompt([config.negative_prompts])
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        self.unet, self.flow, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, flow, self.optimizer)
+        self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
+        self.first_epoch = 0
+        self.global_step = 0
+        self.weights_version = 0
+        self.counters = WorkCounters()
+        if self.resume_path is not None:
+            self._load_checkpoint(self.resume_path)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _create_optimizer(self, unet_parameters: list, flow_parameters: list) -> torch.optim.Optimizer:
+        config = self.config
+        if config.train_use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        return optimizer_class(
+            [
+                {"params": unet_parameters, "lr": config.train_learning_rate},
+                {"params": flow_parameters, "lr": config.flow_learning_rate},
+            ],
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay,
+            eps=config.train_adam_epsilon,
+        )
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.config.logdir, "checkpoints")
+
+    def _resolve_resume_path(self) -> str:
+        """The checkpoint folder ``resume_from`` names, checked before any training: it must be one we wrote."""
+        resume_from = os.path.normpath(os.path.expanduser(self.config.resume_from))
+        if self.config.resume_from == "latest":
+            checkpoints = self._list_checkpoints()
+            if not checkpoints:
+                raise ValueError(
+                    f"GFlowNetConfig.resume_from='latest' found no checkpoint under {self.checkpoint_dir!r}."
+                )
+            resume_from = checkpoints[-1][1]
+        if not os.path.isdir(resume_from):
+            raise ValueError(f"GFlowNetConfig.resume_from={self.config.resume_from!r}: no such folder.")
+        required = [TRAINER_STATE_NAME, FLOW_FOLDER]
+        missing = [name for name in required if not os.path.exists(os.path.join(resume_from, name))]
+        if missing:
+            raise ValueError(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r} is not a complete dag_trl checkpoint: "
+                f"missing {missing} (expected a folder written by GFlowNetDiffusionTrainer, e.g. "
+                f"{os.path.join(self.checkpoint_dir, 'checkpoint_0')!r})."
+            )
+        return resume_from
+
+    def _list_checkpoints(self) -> list[tuple[int, str]]:
+        """Complete checkpoints as ``(epoch, path)``, oldest first; ``.tmp`` folders of interrupted saves are ignored."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return []
+        found = []
+        for name in os.listdir(self.checkpoint_dir):
+            path = os.path.join(self.checkpoint_dir, name)
+            if name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit():
+                if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
+                    found.append((int(name[len("checkpoint_") :]), path))
+        return sorted(found)
+
+    def _find_flow(self, models: list) -> int:
+        return next(i for i, m in enumerate(models) if isinstance(self.accelerator.unwrap_model(m), FlowNetwork))
+
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # accelerate passes its own model list here: leave it intact and drop the entries we save from `weights`.
+        flow_index = self._find_flow(models)
+        self.accelerator.unwrap_model(models[flow_index]).save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
+        weights.pop(flow_index)
+        others = [self.accelerator.unwrap_model(m) for i, m in enumerate(models) if i != flow_index]
+        self.sd_pipeline.save_checkpoint(others, weights, output_dir)
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        flow = models.pop(self._find_flow(models))
+        loaded = FlowNetwork.from_pretrained(os.path.join(input_dir, FLOW_FOLDER))
+        self.accelerator.unwrap_model(flow).load_state_dict(loaded.state_dict())
+        remaining = [self.accelerator.unwrap_model(m) for m in models]
+        self.sd_pipeline.load_checkpoint(remaining, input_dir)
+        # Whatever the pipeline loaded is gone from `remaining`; accelerate must not look for its weights file.
+        models[:] = [m for m in models if self.accelerator.unwrap_model(m) in remaining]
+
+    def save_checkpoint(self, epoch: int) -> str:
+        """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones."""
+        final = os.path.join(self.checkpoint_dir, f"checkpoint_{epoch}")
+        temporary = final + ".tmp"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(temporary)
+        if self.accelerator.is_main_process:
+            state = {"epoch": epoch, "global_step": self.global_step, "weights_version": self.weights_version}
+            with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
+                json.dump(state, handle)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            for _, old in self._list_checkpoints()[: -self.config.num_checkpoint_limit]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: str) -> None:
+        self.accelerator.load_state(path)
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+            state = json.load(handle)
+        self.first_epoch = state["epoch"] + 1
+        self.global_step = state["global_step"]
+        self.weights_version = state["weights_version"]
+        logger.info("Resumed from %s at epoch %d", path, self.first_epoch)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def flow_model(self) -> FlowNetwork:
+        """The (unwrapped) flow network."""
+        return self.accelerator.unwrap_model(self.flow)
+
+    def train(self, epochs: Optional[int] = None) -> None:
+        """Train for ``epochs`` (default ``config.num_epochs``) epochs, resuming where a checkpoint left off."""
+        last_epoch = self.config.num_epochs if epochs is None else epochs
+        for epoch in range(self.first_epoch, last_epoch):
+            self.global_step = self.step(epoch, self.global_step)
+        self.first_epoch = max(self.first_epoch, last_epoch)
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
+        config = self.config
+        beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
+        self.counters = WorkCounters()
+        self.unet.eval()
+        samples, prompt_image_data = self._generate_samples(epoch)
+
+        rewards = self.accelerator.gather(samples["rewards"]).cpu()
+        self.accelerator.log(
+            {
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "beta": beta,
+                "epoch": epoch,
+            },
+            step=global_step,
+        )
+        if self.image_samples_hook is not None and self.accelerator.is_main_process:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(prompt_image_data, global_step, tracker)
+
+        self.unet.train()
+        self.flow.train()
+        for inner_epoch in range(config.train_num_inner_epochs):
+            generator = torch.Generator().manual_seed(self._seed_for(epoch, 1 + inner_epoch))
+            global_step = self._train_on_samples(samples, beta, epoch, global_step, generator)
+        self.accelerator.log(self.counters.as_metrics(), step=global_step)
+        self.global_step = global_step
+        if (epoch + 1) % config.save_freq == 0:
+            self.save_checkpoint(epoch)
+        return global_step
+
+    # ------------------------------------------------------------------ sampling
+
+    def _seed_for(self, epoch: int, stream: int) -> int:
+        """A seed per (run seed, process, epoch, stream): different on every process, reproducible on resume."""
+        return int(
+            np.random.SeedSequence([self.config.seed, self.accelerator.process_index, epoch, stream]).generate_state(
+                1
+            )[0]
+        )
+
+    def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
+        """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
+        self.counters.reward_calls += 1
+        self.counters.reward_samples += len(prompts)
+        rewards, info = self.reward_fn(images, tuple(prompts), tuple(metadata))
+        return validate_rewards(rewards, prompts, epoch, self.accelerator.device), info
+
+    def _generate_samples(self, epoch: int) -> tuple[dict[str, Any], list]:
+        config = self.config
+        generator = torch.Generator().manual_seed(self._seed_for(epoch, 0))
+        batches, prompt_image_data, pending = [], [], []
+        for _ in tqdm(
+            range(config.sample_num_batches_per_epoch),
+            desc=f"Epoch {epoch}: sampling",
+            disable=not self.accelerator.is_local_main_process,
+            leave=False,
+        ):
+            pairs = [validate_prompt(self.prompt_fn()) for _ in range(config.sample_batch_size)]
+            prompts = [prompt for prompt, _ in pairs]
+            metadata = [meta for _, meta in pairs]
+            with torch.no_grad():
+                prompt_embeds = self.sd_pipeline.encode_prompt(prompts)
+                negative = self.negative_prompt_embeds.expand(len(prompts), -1, -1)
+                with self._autocast():
+                    output = self.sd_pipeline(
+                        prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative,
+                        num_inference_steps=config.sample_num_steps,
+                        guidance_scale=config.sample_guidance_scale,
+                        eta=config.sample_eta,
+                        generator=generator,
+                        log_prob_reduction=config.train_log_prob_reduction,
+                    )
+            batch_size = len(prompts)
+            self.counters.unet_forward_no_grad += (
+                batch_size * config.sample_num_steps * (2 if config.sample_guidance_scale != 1.0 else 1)
+            )
+            self.counters.vae_decodes += batch_size
+            if config.async_reward_computation:
+                pending.append(self.executor.submit(self.compute_rewards, output.images, prompts, metadata, epoch))
+            else:
+                pending.append(self.compute_rewards(output.images, prompts, metadata, epoch))
+            batches.append(
+                {
+                    "prompts": prompts,
+                    "metadata": metadata,
+                    "prompt_embeds": prompt_embeds.float(),
+                    "latents": output.latents,
+                    "log_probs": output.log_probs,
+                    "backward_log_probs": output.backward_log_probs,
+                    "timesteps": output.timesteps.unsqueeze(0).expand(batch_size, -1),
+                    "noise_preds": output.noise_preds,
+                    "conditional_noise_preds": output.conditional_noise_preds,
+                }
+            )
+            prompt_image_data.append([output.images, prompts, metadata])
+        for batch, data, result in zip(batches, prompt_image_data, pending):
+            rewards, info = result.result() if isinstance(result, futures.Future) else result
+            batch["rewards"] = rewards
+            data.extend([rewards, info])
+        samples = {
+            key: (
+                sum((b[key] for b in batches), [])
+                if isinstance(batches[0][key], list)
+                else torch.cat([b[key] for b in batches])
+            )
+            for key in batches[0]
+        }
+        samples["weights_version"] = self.weights_version
+        return samples, prompt_image_data[:1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        factory = self.sd_pipeline.autocast
+        return factory() if factory is not None else self.accelerator.autocast()
+
+    # ------------------------------------------------------------------ training
+
+    def _train_on_samples(
+        self, samples: dict[str, Any], beta: float, epoch: int, global_step: int, generator: torch.Generator
+    ) -> int:
+        """One pass over the epoch's samples: shuffle, pick each trajectory's kept transitions, train window by window."""
+        config = self.config
+        total, num_steps = samples["log_probs"].shape
+        order = torch.randperm(total, generator=generator)
+        num_kept = max(1, int(num_steps * config.train_timestep_fraction))
+        kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
+        window_size = config.train_batch_size * config.train_gradient_accumulation_steps
+        windows = range(0, total, window_size)
+        for start in tqdm(
+            windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
+        ):
+            indices = order[start : start + window_size]
+            window = {key: self._take(value, indices) for key, value in samples.items()}
+            metrics = self.train_window(window, kept[start : start + window_size], beta, epoch)
+            metrics.update({"epoch": epoch, "beta": beta})
+            self.accelerator.log(metrics, step=global_step)
+            global_step += 1
+        return global_step
+
+    @staticmethod
+    def _take(value: Any, indices: torch.Tensor) -> Any:
+        if torch.is_tensor(value):
+            return value[indices.to(value.device)]
+        if isinstance(value, list):
+            return [value[i] for i in indices.tolist()]
+        return value
+
+    def _state_rewards(
+        self, window: dict[str, Any], states: list[tuple[int, int]], noise_preds: dict, epoch: int
+    ) -> dict[tuple[int, int], float]:
+        """Rewards of the decoded ``x0_hat`` of ``(trajectory, state)`` pairs, from given conditional noise
+        predictions, decoded and scored in batches of ``train_decode_batch_size``."""
+        rewards = {}
+        chunk = self.config.train_decode_batch_size
+        for start in range(0, len(states), chunk):
+            part = states[start : start + chunk]
+            rows = torch.tensor([i for i, _ in part])
+            steps = torch.tensor([k for _, k in part])
+            device = window["latents"].device
+            latents = window["latents"][rows.to(device), steps.to(device)]
+            timesteps = window["timesteps"][rows.to(device), steps.to(device)]
+            predictions = torch.stack([noise_preds[state] for state in part])
+            values = self._rewards_of_predictions(window, rows.tolist(), latents, timesteps, predictions, epoch)
+            rewards.update(zip(part, values))
+        return rewards
+
+    def _rewards_of_predictions(
+        self,
+        window: dict[str, Any],
+        rows: list[int],
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditional_noise_preds: torch.Tensor,
+        epoch: int,
+    ) -> torch.Tensor:
+        """Decode ``x0_hat`` of each state and score it with the reward function (no gradient)."""
+        with torch.no_grad():
+            original = self.sd_pipeline.predict_original_sample(conditional_noise_preds, timesteps, latents)
+            with self._autocast():
+                images = self.sd_pipeline.decode(original)
+            self.counters.vae_decodes += len(rows)
+            rewards, _ = self.compute_rewards(
+                images, [window["prompts"][i] for i in rows], [window["metadata"][i] for i in rows], epoch
+            )
+        return rewards
+
+    def train_window(self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int) -> dict[str, float]:
+        """One optimiser step on a window of whole trajectories (``train_gradient_accumulation_steps`` batches).
+
+        ``kept`` holds, per trajectory, the indices of the transitions trained on. Returns the step's metrics.
+        """
+        config = self.config
+        device = self.accelerator.device
+        num_steps = window["log_probs"].shape[1]
+        kept = torch.sort(kept, dim=1, descending=True).values
+        kept_set = {(i, k) for i in range(kept.shape[0]) for k in kept[i].tolist()}
+        # Rewards of the one-step predictions, keyed by (trajectory, state); state num_steps is terminal.
+        state_reward: dict[tuple[int, int], float] = {}
+        needed = sorted({(i, k) for i, k in kept_set} | {(i, k + 1) for i, k in kept_set if k + 1 < num_steps})
+        if window["weights_version"] == self.weights_version:
+            recorded = {state: window["conditional_noise_preds"][state] for state in needed}
+            state_reward.update(self._state_rewards(window, needed, recorded, epoch))
+        else:
+            reached_only = [state for state in needed if state not in kept_set]
+            state_reward.update(self._fresh_state_rewards(window, reached_only, epoch))
+
+        sums: dict[str, float] = defaultdict(float)
+        num_kept = kept.shape[1]
+        batches = range(0, kept.shape[0], config.train_batch_size)
+        num_backwards = len(batches) * num_kept
+        backward_index = 0
+        for start in batches:
+            rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
+            for column in range(num_kept):
+                backward_index += 1
+                sync = backward_index == num_backwards
+                with self._no_sync(not sync):
+                    parts = self._transition_loss(window, rows, kept[rows, column], state_reward, beta, epoch)
+                    loss = parts.pop("loss") / num_backwards
+                    self.accelerator.backward(loss)
+                for name, value in parts.items():
+                    sums[name] += value / num_backwards
+
+        unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        # Unscale (fp16) once, then clip the two parameter groups separately, as the paper does.
+        self.accelerator.unscale_gradients()
+        grad_norm_unet = torch.nn.utils.clip_grad_norm_(unet_parameters, config.train_max_grad_norm)
+        grad_norm_flow = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), config.train_max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.weights_version += 1
+        metrics = {
+            name: self.accelerator.reduce(torch.tensor(value, device=device), "mean").item()
+            for name, value in sums.items()
+        }
+        metrics["grad_norm_unet"] = float(grad_norm_unet)
+        metrics["grad_norm_flow"] = float(grad_norm_flow)
+        return metrics
+
+    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on every backward of a window but the last."""
+        stack = contextlib.ExitStack()
+        if skip_sync and self.accelerator.num_processes > 1:
+            stack.enter_context(self.accelerator.no_sync(self.unet))
+            stack.enter_context(self.accelerator.no_sync(self.flow))
+        return stack
+
+    def _fresh_state_rewards(self, window: dict[str, Any], states: list[tuple[int, int]], epoch: int) -> dict:
+        """Rewards of states the window reaches but never leaves: one no-grad conditional forward each."""
+        predictions = {}
+        device = window["latents"].device
+        for start in range(0, len(states), self.config.train_batch_size):
+            part = states[start : start + self.config.train_batch_size]
+            rows = torch.tensor([i for i, _ in part], device=device)
+            steps = torch.tensor([k for _, k in part], device=device)
+            with torch.no_grad(), self._autocast():
+                _, conditional = self.sd_pipeline.predict_noise(
+                    window["latents"][rows, steps],
+                    window["timesteps"][rows, steps],
+                    window["prompt_embeds"][rows],
+                    None,
+                    1.0,
+                    unet=self.unet,
+                )
+            self.counters.unet_forward_no_grad += len(part)
+            predictions.update(zip(part, conditional))
+        return self._state_rewards(window, states, predictions, epoch)
+
+    def _transition_loss(
+        self,
+        window: dict[str, Any],
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        state_reward: dict[tuple[int, int], float],
+        beta: float,
+        epoch: int,
+    ) -> dict[str, Any]:
+        """The DAG-DB or DAG-KL loss (spec sections 3-4) of one batch of transitions ``x_t -> x_s`` (one per row)."""
+        config = self.config
+        device = window["latents"].device
+        num_steps = window["log_probs"].shape[1]
+        rows_d, steps_d = rows.to(device), steps.to(device)
+        latents = window["latents"][rows_d, steps_d]
+        next_latents = window["latents"][rows_d, steps_d + 1]
+        timesteps = window["timesteps"][rows_d, steps_d]
+        prompt_embeds = window["prompt_embeds"][rows_d]
+        negative = self.negative_prompt_embeds.expand(len(rows), -1, -1) if config.train_cfg else None
+
+        with self._autocast():
+            guided, conditional = self.sd_pipeline.predict_noise(
+                latents, timesteps, prompt_embeds, negative, config.sample_guidance_scale, unet=self.unet
+            )
+        self.counters.unet_forward_grad += len(rows) * (2 if config.train_cfg else 1)
+        step = ddim_step_with_logprob(
+            self.sd_pipeline.scheduler,
+            guided,
+            timesteps,
+            latents,
+            eta=config.sample_eta,
+            prev_sample=next_latents,
+            log_prob_reduction=config.train_log_prob_reduction,
+        )
+        log_prob_forward = step.log_probs
+        log_prob_backward = window["backward_log_probs"][rows_d, steps_d]
+
+        states = list(zip(rows.tolist(), steps.tolist()))
+        missing = [index for index, state in enumerate(states) if state not in state_reward]
+        if missing:
+            # The state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
+            values = self._rewards_of_predictions(
+                window,
+                [states[i][0] for i in missing],
+                latents[missing],
+                timesteps[missing],
+                conditional.detach()[missing],
+                epoch,
+            )
+            state_reward.update(zip([states[i] for i in missing], values))
+        reward_now = torch.stack([torch.as_tensor(state_reward[state]) for state in states]).to(device)
+
+        terminal = (steps_d + 1) == num_steps
+        inner = torch.nonzero(~terminal).squeeze(-1)
+        flow_inputs = torch.cat([latents, next_latents[inner]])
+        flow_timesteps = torch.cat([timesteps, window["timesteps"][rows_d[inner], steps_d[inner] + 1]])
+        flow_embeds = torch.cat([prompt_embeds, prompt_embeds[inner]])
+        flow_values = self.flow(flow_inputs, flow_timesteps, flow_embeds)
+        self.counters.flow_forwards += flow_inputs.shape[0]
+        flow_now, flow_next_inner = flow_values[: len(rows)], flow_values[len(rows) :]
+
+        log_flow = forward_looking_log_flow(flow_now, reward_now, beta)
+        next_log_flow = beta * window["rewards"][rows_d].float()
+        if len(inner):
+            reward_next = torch.stack(
+                [torch.as_tensor(state_reward[(states[i][0], states[i][1] + 1)]) for i in inner.tolist()]
+            ).to(device)
+            next_log_flow = next_log_flow.index_put(
+                (inner,), forward_looking_log_flow(flow_next_inner, reward_next, beta)
+            )
+
+        regulariser = proximal_regulariser(guided, window["noise_preds"][rows_d, steps_d])
+        if config.is_dag_kl:
+            flow_residual = detailed_balance_residual(
+                log_flow, log_prob_forward.detach(), log_prob_backward, next_log_flow
+            )
+            advantages = leave_one_out_advantages(-flow_residual.detach(), config.train_adv_clip_max)
+            kl_loss = ppo_clipped_loss(
+                advantages, log_prob_forward, window["log_probs"][rows_d, steps_d], config.train_clip_range
+            )
+            db_loss = flow_residual**2
+            loss = db_loss + config.train_klpf * kl_loss + config.train_unet_reg * regulariser
+        else:
+            residual = detailed_balance_residual(log_flow, log_prob_forward, log_prob_backward, next_log_flow)
+            db_loss = residual**2
+            kl_loss = torch.zeros_like(db_loss)
+            loss = db_loss + config.train_unet_reg * regulariser
+        return {
+            "loss": loss.mean(),
+            "loss_total": loss.mean().item(),
+            "loss_db": db_loss.mean().item(),
+            "loss_kl": kl_loss.mean().item(),
+            "regulariser": regulariser.mean().item(),
+            "log_prob_forward": log_prob_forward.mean().item(),
+            "log_prob_backward": log_prob_backward.mean().item(),
+            "flow": flow_now.mean().item(),
+            "intermediate_reward": reward_now.mean().item(),
+            "ratio": torch.exp(log_prob_forward - window["log_probs"][rows_d, steps_d]).mean().item(),
+        }
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, output_dir: Union[str, os.PathLike]) -> None:
+        """Save the trained LoRA (diffusers format, or the full UNet) and the flow network (``flow/``)."""
+        os.makedirs(output_dir, exist_ok=True)
+        self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
+        self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
