@@ -1,3 +1,24 @@
 """dag_trl: GFlowNet alignment of text-to-image diffusion models (DAG and DAG-KL, Zhang et al. 2024, arXiv 2406.00633)."""
 
+from .config import GFlowNetConfig
+from .flow_model import FlowNetwork
+from .math import DDIMStepOutput, ddim_step_with_logprob
+from .pipeline import (
+    DefaultGFlowNetStableDiffusionPipeline,
+    GFlowNetPipelineOutput,
+    GFlowNetStableDiffusionPipeline,
+)
+from .trainer import GFlowNetDiffusionTrainer
+
 __version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DDIMStepOutput",
+    "DefaultGFlowNetStableDiffusionPipeline",
+    "FlowNetwork",
+    "GFlowNetConfig",
+    "GFlowNetDiffusionTrainer",
+    "GFlowNetPipelineOutput",
+    "GFlowNetStableDiffusionPipeline",
+    "ddim_step_with_logprob",
+]
