@@ -1,0 +1,298 @@
+"""Prompt functions for diffusion alignment.
+
+A prompt function follows the contract of DDPO (Black et al. 2023) and TRL's ``DDPOTrainer``: calling it with no
+arguments returns ``(prompt, metadata)``, a string and a dict that is handed to the reward function with the image.
+Each one here draws uniformly, with replacement, from a fixed prompt set using its own ``random.Random``, so a run
+is reproducible under ``seed`` and independent of the global ``random`` state.
+
+Prompt sets: ``simple_animals`` (DDPO's 45 animals), the ImageNet-1k class names (``imagenet_all``,
+``imagenet_animals`` = classes 0-397, ``imagenet_dogs`` = classes 151-268, the slices DDPO and DAG use),
+``drawbench`` (Saharia et al. 2022, the Imagen paper's 200 prompts), ``hpd`` (the HPDv2 benchmark prompts of Wu et
+al. 2023, styles photo / paintings / anime / concept-art), and any dataset column or prompt file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+__all__ = [
+    "PromptFunction",
+    "PromptList",
+    "simple_animals",
+    "imagenet_all",
+    "imagenet_animals",
+    "imagenet_dogs",
+    "drawbench",
+    "hpd",
+    "from_dataset",
+    "from_file",
+    "get_prompt_fn",
+    "available_prompt_fns",
+    "HPD_STYLES",
+]
+
+HPD_STYLES = ("photo", "paintings", "anime", "concept-art")
+
+# Loaders of ``datasets`` for local prompt tables, by file extension.
+_DATASET_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class PromptFunction:
+    """Base class of seedable prompt functions: ``prompt_fn() -> (prompt, metadata)``."""
+
+    name: str = "prompts"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = random.Random(seed)
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the draw sequence from ``seed``."""
+        self.rng.seed(seed)
+
+    def __call__(self) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+
+class PromptList(PromptFunction):
+    """Draws uniformly, with replacement, from a list of prompts; ``metadata[i]`` (copied) goes with ``prompts[i]``."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        name: str = "prompts",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(seed)
+        if isinstance(prompts, str):
+            raise ValueError(f"prompts must be a sequence of strings, not a single string ({prompts[:40]!r})")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError(f"prompt set {name!r} is empty; it needs at least one prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(
+                    f"prompt set {name!r} has an invalid prompt at index {i}: {prompt!r} (need a non-empty str)"
+                )
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(f"prompt set {name!r} has {len(prompts)} prompts but {len(metadata)} metadata dicts")
+        self.prompts = prompts
+        self.metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __call__(self) -> tuple[str, dict[str, Any]]:
+        index = self.rng.randrange(len(self.prompts))
+        return self.prompts[index], dict(self.metadata[index])
+
+    def __repr__(self) -> str:
+        return f"PromptList(name={self.name!r}, size={len(self.prompts)})"
+
+
+@functools.cache
+def load_asset_lines(filename: str) -> tuple[str, ...]:
+    """Non-empty, stripped lines of a text file shipped in ``dag_trl/assets``."""
+    text = resources.files("dag_trl").joinpath("assets", filename).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def simple_animals(seed: int | None = None) -> PromptList:
+    """DDPO's 45 common animal names ("cat", "dog", ...), the prompt set of its aesthetic-score experiments."""
+    return PromptList(load_asset_lines("simple_animals.txt"), name="simple_animals", seed=seed)
+
+
+def _imagenet(low: int, high: int, name: str, seed: int | None) -> PromptList:
+    # The prompt is the full WordNet synonym line (e.g. "tench, Tinca tinca"), as in DDPO.
+    classes = load_asset_lines("imagenet_classes.txt")[low:high]
+    metadata = [{"class_index": low + i} for i in range(len(classes))]
+    return PromptList(classes, metadata, name=name, seed=seed)
+
+
+def imagenet_all(seed: int | None = None) -> PromptList:
+    """All 1000 ImageNet-1k class names; metadata holds ``class_index``."""
+    return _imagenet(0, 1000, "imagenet_all", seed)
+
+
+def imagenet_animals(seed: int | None = None) -> PromptList:
+    """ImageNet classes 0-397 (the animals), as in DDPO and DAG."""
+    return _imagenet(0, 398, "imagenet_animals", seed)
+
+
+def imagenet_dogs(seed: int | None = None) -> PromptList:
+    """ImageNet classes 151-268 (the dog breeds)."""
+    return _imagenet(151, 269, "imagenet_dogs", seed)
+
+
+def _load_dataset(path: str, split: str) -> Any:
+    """A ``datasets.Dataset`` from a local file (csv/tsv/json/jsonl/parquet), a local folder or a Hub id."""
+    import datasets
+
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in _DATASET_BUILDERS:
+            raise ValueError(f"cannot read {path!r} as a dataset; accepted extensions: {sorted(_DATASET_BUILDERS)}")
+        kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+        return datasets.load_dataset(_DATASET_BUILDERS[extension], data_files=path, split="train", **kwargs)
+    saved_markers = ("state.json", "dataset_dict.json")
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in saved_markers):
+        # A folder written by `save_to_disk`, which `load_dataset` refuses.
+        saved = datasets.load_from_disk(path)
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"split {split!r} not found in {path!r}; available splits: {list(saved)}")
+            return saved[split]
+        return saved
+    return datasets.load_dataset(path, split=split)
+
+
+def from_dataset(
+    dataset: Any,
+    column: str = "prompt",
+    metadata_columns: Sequence[str] = (),
+    split: str = "train",
+    name: str | None = None,
+    seed: int | None = None,
+) -> PromptList:
+    """Prompts from a column of a ``datasets.Dataset``, or of a dataset loaded from a Hub id / local file or folder.
+
+    ``metadata_columns`` are copied into each prompt's metadata.
+    """
+    label = name or (dataset if isinstance(dataset, str) else "dataset")
+    if isinstance(dataset, str):
+        dataset = _load_dataset(dataset, split)
+    elif not hasattr(dataset, "column_names") or isinstance(dataset.column_names, dict):
+        raise ValueError(
+            f"from_dataset needs a datasets.Dataset, a Hub id or a local path; got {type(dataset).__name__} "
+            "(for a DatasetDict, pick a split first)"
+        )
+    available = list(dataset.column_names)
+    for wanted in [column, *metadata_columns]:
+        if wanted not in available:
+            raise ValueError(f"column {wanted!r} not found in {label!r}; available columns: {available}")
+    prompts = [str(p) for p in dataset[column]]
+    columns = {c: dataset[c] for c in metadata_columns}
+    metadata = [{c: values[i] for c, values in columns.items()} for i in range(len(prompts))]
+    return PromptList(prompts, metadata, name=label, seed=seed)
+
+
+def from_file(path: str | os.PathLike, column: str = "prompt", seed: int | None = None) -> PromptList:
+    """Prompts from a local file: ``.txt`` (one prompt per non-empty line), ``.json`` (a list of strings), or a
+    table (csv/tsv/jsonl/parquet, or a json list of records) whose ``column`` holds the prompts.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file {path!r} does not exist")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".txt":
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        return PromptList(prompts, name=path, seed=seed)
+    if extension == ".json":
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        if isinstance(content, list) and all(isinstance(item, str) for item in content):
+            return PromptList(content, name=path, seed=seed)
+    if extension not in _DATASET_BUILDERS:
+        raise ValueError(
+            f"cannot read prompts from {path!r}; accepted extensions: {sorted(['.txt', *_DATASET_BUILDERS])}"
+        )
+    return from_dataset(path, column=column, name=path, seed=seed)
+
+
+def drawbench(
+    path: str = "sayakpaul/drawbench",
+    split: str = "train",
+    prompt_column: str = "Prompts",
+    category_column: str | None = "Category",
+    seed: int | None = None,
+) -> PromptList:
+    """DrawBench (Saharia et al. 2022, arXiv 2205.11487): 200 prompts in 11 categories, loaded with ``datasets``
+    from a Hub id (default ``sayakpaul/drawbench``) or a local file/folder; metadata holds the category.
+    """
+    metadata_columns = [category_column] if category_column else []
+    prompts = from_dataset(path, prompt_column, metadata_columns, split=split, name="drawbench", seed=seed)
+    if category_column:
+        prompts.metadata = [{"category": m[category_column]} for m in prompts.metadata]
+    return prompts
+
+
+def hpd(
+    styles: str | Sequence[str] = HPD_STYLES,
+    path: str = "zhwang/HPDv2",
+    seed: int | None = None,
+) -> PromptList:
+    """The HPDv2 benchmark prompts (Wu et al. 2023, "Human Preference Score v2", arXiv 2306.09341): 800 per style.
+
+    ``path`` is the Hub dataset (default ``zhwang/HPDv2``, files ``benchmark/<style>.json``) or a local folder
+    holding ``<style>.json`` (directly or under ``benchmark/``). Each file is a JSON list of strings, read with
+    ``json`` since it is not a table ``datasets`` can load. Metadata holds the ``style``.
+    """
+    styles = [styles] if isinstance(styles, str) else list(styles)
+    unknown = [s for s in styles if s not in HPD_STYLES]
+    if unknown or not styles:
+        raise ValueError(f"unknown HPD style(s) {unknown or styles}; known styles: {list(HPD_STYLES)}")
+    prompts, metadata = [], []
+    for style in styles:
+        filename = f"{style}.json"
+        if os.path.isdir(path):
+            candidates = [os.path.join(path, filename), os.path.join(path, "benchmark", filename)]
+            found = [c for c in candidates if os.path.isfile(c)]
+            if not found:
+                raise ValueError(f"HPD style file {filename!r} not found in {path!r} (looked at {candidates})")
+            file_path = found[0]
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file_path = hf_hub_download(path, filename, subfolder="benchmark", repo_type="dataset")
+        with open(file_path, encoding="utf-8") as f:
+            style_prompts = json.load(f)
+        if not isinstance(style_prompts, list):
+            raise ValueError(
+                f"{file_path!r} must hold a JSON list of prompt strings; got {type(style_prompts).__name__}"
+            )
+        prompts.extend(style_prompts)
+        metadata.extend({"style": style} for _ in style_prompts)
+    return PromptList(prompts, metadata, name="hpd", seed=seed)
+
+
+_PROMPT_FNS: dict[str, Callable[..., PromptFunction]] = {
+    "simple_animals": simple_animals,
+    "imagenet_all": imagenet_all,
+    "imagenet_animals": imagenet_animals,
+    "imagenet_dogs": imagenet_dogs,
+    "drawbench": drawbench,
+    "hpd": hpd,
+    "from_dataset": from_dataset,
+    "from_file": from_file,
+}
+
+
+def available_prompt_fns() -> list[str]:
+    """The names :func:`get_prompt_fn` accepts."""
+    return sorted(_PROMPT_FNS)
+
+
+def get_prompt_fn(name: str | Callable[[], tuple[str, Any]], **kwargs: Any) -> Callable[[], tuple[str, Any]]:
+    """Build a prompt function by name, passing ``kwargs`` (e.g. ``seed``) to it; a callable is returned unchanged.
+
+    ``get_prompt_fn("imagenet_animals", seed=0)``, ``get_prompt_fn("from_file", path="prompts.txt")``.
+    """
+    if callable(name) and not isinstance(name, str):
+        if kwargs:
+            raise ValueError(
+                f"keyword arguments {sorted(kwargs)} cannot be applied to an already built prompt function"
+            )
+        return name
+    if name not in _PROMPT_FNS:
+        raise ValueError(
+            f"unknown prompt function {name!r}; known prompt functions: {', '.join(available_prompt_fns())}"
+        )
+    return _PROMPT_FNS[name](**kwargs)
