@@ -55,6 +55,12 @@ TRAINER_STATE_NAME = "trainer_state.json"
 FLOW_FOLDER = "flow"
 
 
+def derive_seed(seed: int, process_index: int, epoch: int, stream: int) -> int:
+    """A 32-bit seed per (run seed, process, epoch, stream): every process samples different noise and prompts
+    orders, and a resumed run draws what the uninterrupted one would have (no RNG state needs restoring)."""
+    return int(np.random.SeedSequence([seed, process_index, epoch, stream]).generate_state(1)[0])
+
+
 def validate_rewards(rewards: Any, prompts: list[str], epoch: int, device: torch.device) -> torch.Tensor:
     """Convert a reward function's output to a float32 tensor of shape ``(B,)``, or raise naming the bad prompts.
 
@@ -194,6 +200,8 @@ class GFlowNetDiffusionTrainer:
         sd_pipeline.vae.to(device, dtype=self.weight_dtype)
         sd_pipeline.text_encoder.to(device, dtype=self.weight_dtype)
         sd_pipeline.set_progress_bar_config(disable=True)
+        # Training recomputes DDIM steps on stored trajectories, which needs the sampling timestep spacing.
+        sd_pipeline.scheduler.set_timesteps(config.sample_num_steps, device=device)
         if sd_pipeline.use_lora:
             sd_pipeline.unet.to(device, dtype=self.weight_dtype)
             for parameter in sd_pipeline.get_trainable_layers():
@@ -384,12 +392,7 @@ class GFlowNetDiffusionTrainer:
     # ------------------------------------------------------------------ sampling
 
     def _seed_for(self, epoch: int, stream: int) -> int:
-        """A seed per (run seed, process, epoch, stream): different on every process, reproducible on resume."""
-        return int(
-            np.random.SeedSequence([self.config.seed, self.accelerator.process_index, epoch, stream]).generate_state(
-                1
-            )[0]
-        )
+        return derive_seed(self.config.seed, self.accelerator.process_index, epoch, stream)
 
     def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
@@ -471,24 +474,35 @@ class GFlowNetDiffusionTrainer:
     def _train_on_samples(
         self, samples: dict[str, Any], beta: float, epoch: int, global_step: int, generator: torch.Generator
     ) -> int:
-        """One pass over the epoch's samples: shuffle, pick each trajectory's kept transitions, train window by window."""
+        """One pass over the epoch's samples, one optimiser step per window."""
+        windows = self.windows(samples, generator)
+        for window, kept in tqdm(
+            windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
+        ):
+            metrics = self.train_window(window, kept, beta, epoch)
+            metrics.update({"epoch": epoch, "beta": beta})
+            self.accelerator.log(metrics, step=global_step)
+            global_step += 1
+        return global_step
+
+    def windows(
+        self, samples: dict[str, Any], generator: torch.Generator
+    ) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """Shuffle the trajectories, draw each one's kept transitions (the first ``train_timestep_fraction`` of a
+        random permutation), and cut into windows of ``train_batch_size * train_gradient_accumulation_steps``."""
         config = self.config
         total, num_steps = samples["log_probs"].shape
         order = torch.randperm(total, generator=generator)
         num_kept = max(1, int(num_steps * config.train_timestep_fraction))
         kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
-        window_size = config.train_batch_size * config.train_gradient_accumulation_steps
-        windows = range(0, total, window_size)
-        for start in tqdm(
-            windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
-        ):
-            indices = order[start : start + window_size]
-            window = {key: self._take(value, indices) for key, value in samples.items()}
-            metrics = self.train_window(window, kept[start : start + window_size], beta, epoch)
-            metrics.update({"epoch": epoch, "beta": beta})
-            self.accelerator.log(metrics, step=global_step)
-            global_step += 1
-        return global_step
+        size = config.train_batch_size * config.train_gradient_accumulation_steps
+        return [
+            (
+                {key: self._take(value, order[start : start + size]) for key, value in samples.items()},
+                kept[start : start + size],
+            )
+            for start in range(0, total, size)
+        ]
 
     @staticmethod
     def _take(value: Any, indices: torch.Tensor) -> Any:

@@ -1,0 +1,314 @@
+"""GFlowNetDiffusionTrainer on the tiny offline pipeline: losses on known numbers, training runs, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
+from dag_trl.math import ddim_step_with_logprob, reward_exponent
+from dag_trl.trainer import derive_seed, validate_prompt, validate_rewards
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat"]
+
+
+def tiny_config(tmp_path, **overrides) -> GFlowNetConfig:
+    kwargs = dict(
+        num_epochs=2,
+        sample_num_steps=4,
+        sample_batch_size=4,
+        sample_num_batches_per_epoch=2,
+        train_batch_size=2,
+        train_gradient_accumulation_steps=2,
+        mixed_precision="no",
+        flow_block_out_channels=[8, 16],
+        flow_attention_heads=2,
+        flow_time_embedding_dim=8,
+        train_reward_exp=10.0,
+        logdir=str(tmp_path / "logs"),
+        save_freq=100,
+    )
+    kwargs.update(overrides)
+    return GFlowNetConfig(**kwargs)
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+class CyclingPrompts:
+    def __init__(self):
+        self.index = 0
+
+    def __call__(self):
+        self.index += 1
+        return PROMPTS[self.index % len(PROMPTS)], {"index": self.index}
+
+
+def make_trainer(tmp_path, tiny_sd_path, reward=brightness, use_lora=True, **overrides):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=use_lora)
+    trainer = GFlowNetDiffusionTrainer(tiny_config(tmp_path, **overrides), reward, CyclingPrompts(), pipeline)
+    logged = []
+    original_log = trainer.accelerator.log
+    trainer.accelerator.log = lambda values, step=None, **kw: (
+        logged.append((step, dict(values))),
+        original_log(values, step=step),
+    )
+    return trainer, logged
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "klpf, use_lora",
+    [(-1.0, True), (1.0, True), (-1.0, False), (1.0, False)],
+    ids=["db-lora", "kl-lora", "db-full", "kl-full"],
+)
+def test_two_epochs_change_trainable_weights_only_and_log_finite_metrics(tmp_path, tiny_sd_path, klpf, use_lora):
+    trainer, logged = make_trainer(
+        tmp_path, tiny_sd_path, use_lora=use_lora, train_klpf=klpf, train_reward_exp_anneal="none"
+    )
+    pipeline = trainer.sd_pipeline
+    unet_before, flow_before = snapshot(pipeline.unet), snapshot(trainer.flow_model)
+    vae_before, text_before = snapshot(pipeline.vae), snapshot(pipeline.text_encoder)
+    trainer.train()
+
+    assert trainer.global_step == 4  # 2 epochs x 8 trajectories / (2 x 2) per optimiser step
+    unet_after = snapshot(pipeline.unet)
+    changed = {n for n in unet_after if not torch.equal(unet_after[n], unet_before[n])}
+    if use_lora:
+        assert changed and all("lora_" in n for n in changed)
+        assert len(changed) == len(pipeline.get_trainable_layers())
+    else:
+        assert len(changed) > 0.9 * len(unet_after)
+    flow_after = snapshot(trainer.flow_model)
+    assert all(not torch.equal(flow_after[n], flow_before[n]) for n in flow_after)
+    assert all(torch.equal(vae_before[n], p) for n, p in snapshot(pipeline.vae).items())
+    assert all(torch.equal(text_before[n], p) for n, p in snapshot(pipeline.text_encoder).items())
+
+    step_metrics = [values for _, values in logged if "loss_total" in values]
+    assert len(step_metrics) == 4
+    expected = {"loss_total", "loss_db", "loss_kl", "regulariser", "log_prob_forward", "log_prob_backward", "flow",
+                "intermediate_reward", "beta", "grad_norm_unet", "grad_norm_flow"}  # fmt: skip
+    for values in step_metrics:
+        assert expected <= set(values)
+        assert all(math.isfinite(v) for v in values.values())
+    assert any(values["loss_kl"] != 0.0 for values in step_metrics) == (klpf > 0)
+    epoch_metrics = [values for _, values in logged if "reward_mean" in values]
+    assert len(epoch_metrics) == 2 and all(math.isfinite(v["reward_std"]) for v in epoch_metrics)
+
+
+def test_first_update_starts_at_ratio_one_and_zero_regulariser(tmp_path, tiny_sd_path):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, train_klpf=1.0, num_epochs=1, train_timestep_fraction=0.5)
+    trainer.train()
+    first = [values for _, values in logged if "ratio" in values][0]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["regulariser"] == pytest.approx(0.0, abs=1e-10)
+    second = [values for _, values in logged if "ratio" in values][1]
+    assert second["regulariser"] > 0  # the weights moved after the first optimiser step
+
+
+def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state(tmp_path, tiny_sd_path):
+    trainer, _ = make_trainer(tmp_path, tiny_sd_path, num_epochs=1, train_reward_exp_anneal="none")
+    samples, _ = trainer._generate_samples(epoch=0)
+    rows = torch.tensor([0, 1])
+    last = samples["log_probs"].shape[1] - 1
+    steps = torch.tensor([last, last])
+    beta = trainer.config.train_reward_exp
+    intermediate = {(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)}
+    trainer.unet.train()
+    parts = trainer._transition_loss(samples, rows, steps, dict(intermediate), beta, epoch=0)
+    parts["loss"].backward()
+    flow_grads = {n: p.grad.clone() for n, p in trainer.flow_model.named_parameters()}
+    trainer.optimizer.zero_grad()
+
+    # The same loss by hand: log F(x_t) = F(x_t) + beta r(x_t); log F(x_0) = beta R(x_0); a constant for the flow.
+    latents = samples["latents"][rows, steps]
+    timesteps = samples["timesteps"][rows, steps]
+    embeds = samples["prompt_embeds"][rows]
+    negative = trainer.negative_prompt_embeds.expand(2, -1, -1)
+    guided, _ = trainer.sd_pipeline.predict_noise(latents, timesteps, embeds, negative, 5.0)
+    step = ddim_step_with_logprob(
+        trainer.sd_pipeline.scheduler, guided, timesteps, latents, prev_sample=samples["latents"][rows, steps + 1]
+    )
+    flow_now = trainer.flow_model(latents, timesteps, embeds)
+    residual = (
+        flow_now + beta * torch.tensor([0.25, -0.5]) + step.log_probs - samples["backward_log_probs"][rows, steps]
+        - beta * samples["rewards"][rows]
+    )  # fmt: skip
+    regulariser = ((guided - samples["noise_preds"][rows, steps]) ** 2).mean(dim=(1, 2, 3))
+    expected = (residual**2 + trainer.config.train_unet_reg * regulariser).mean()
+    torch.testing.assert_close(parts["loss"], expected, rtol=1e-5, atol=1e-5)
+    expected.backward()
+    for name, parameter in trainer.flow_model.named_parameters():
+        torch.testing.assert_close(flow_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
+    assert trainer.counters.flow_forwards == 2  # only x_t: no flow evaluation of the terminal state
+
+
+def test_brightness_reward_rises_under_a_fixed_seed(tmp_path, tiny_sd_path):
+    trainer, logged = make_trainer(
+        tmp_path,
+        tiny_sd_path,
+        num_epochs=8,
+        sample_batch_size=8,
+        sample_num_batches_per_epoch=1,
+        train_batch_size=4,
+        train_gradient_accumulation_steps=1,
+        train_learning_rate=3e-3,
+        train_reward_exp=1000.0,
+        train_reward_exp_anneal="none",
+        seed=1,
+    )
+    trainer.train()
+    rewards = [values["reward_mean"] for _, values in logged if "reward_mean" in values]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert last > first + 0.02, rewards
+
+
+def test_every_process_and_epoch_gets_its_own_seed():
+    seeds = {derive_seed(0, process, epoch, 0) for process in range(4) for epoch in range(3)}
+    assert len(seeds) == 12
+    assert derive_seed(7, 1, 2, 0) == derive_seed(7, 1, 2, 0)
+    assert derive_seed(7, 1, 2, 0) != derive_seed(8, 1, 2, 0)
+
+
+def test_reward_exponent_is_annealed_per_epoch(tmp_path, tiny_sd_path):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, num_epochs=4, train_reward_exp=8.0)
+    trainer.train(epochs=2)
+    betas = [values["beta"] for _, values in logged if "reward_mean" in values]
+    assert betas == [reward_exponent(e, 4, 8.0, "linear") for e in range(2)] == [0.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "rewards, message",
+    [
+        ([1.0, 2.0], r"returned shape \(2,\) at epoch 3 for 4 prompts: expected \(4,\)"),
+        (["a", "b", "c", "d"], "at epoch 3: expected a tensor, array or list of 4 numbers"),
+        ([1.0, float("nan"), 0.0, float("inf")], r"NaN or inf at epoch 3 for prompt\(s\) \['p1', 'p3'\]"),
+        (torch.tensor([True, False, True, True]), "dtype torch.bool at epoch 3"),
+    ],
+)
+def test_bad_rewards_name_the_prompts_and_the_epoch(rewards, message):
+    with pytest.raises(ValueError, match=message):
+        validate_rewards(rewards, ["p0", "p1", "p2", "p3"], epoch=3, device=torch.device("cpu"))
+
+
+def test_rewards_accept_lists_arrays_and_tensors_as_float32():
+    import numpy as np
+
+    for rewards in ([1, 2], np.array([1.0, 2.0], dtype=np.float64), torch.tensor([[1.0], [2.0]], dtype=torch.float64)):
+        values = validate_rewards(rewards, ["a", "b"], epoch=0, device=torch.device("cpu"))
+        assert values.dtype == torch.float32 and values.tolist() == [1.0, 2.0]
+
+
+def test_reward_function_errors_surface_during_training(tmp_path, tiny_sd_path):
+    def nan_reward(images, prompts, metadata):
+        return torch.full((len(prompts),), float("nan")), {}
+
+    trainer, _ = make_trainer(tmp_path, tiny_sd_path, reward=nan_reward)
+    with pytest.raises(ValueError, match=r"NaN or inf at epoch 0 for prompt\(s\)"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("a cat", "returned str 'a cat': expected a \\(prompt, metadata\\) tuple"),
+        ((3, {}), "a prompt of type int: expected str"),
+        (("a cat", ["x"]), "metadata of type list: expected dict"),
+    ],
+)
+def test_bad_prompt_function_output(output, message):
+    with pytest.raises(TypeError, match=message):
+        validate_prompt(output)
+    assert validate_prompt(("a cat", None)) == ("a cat", {})
+
+
+def test_constructor_rejects_wrong_types_and_missing_bitsandbytes(tmp_path, tiny_sd_path):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
+    config = tiny_config(tmp_path)
+    with pytest.raises(TypeError, match="reward_function must be callable, got str"):
+        GFlowNetDiffusionTrainer(config, "aesthetic", CyclingPrompts(), pipeline)
+    with pytest.raises(TypeError, match="sd_pipeline must be a GFlowNetStableDiffusionPipeline, got str"):
+        GFlowNetDiffusionTrainer(config, brightness, CyclingPrompts(), "runwayml/stable-diffusion-v1-5")
+    # bitsandbytes is not installed on CPU CI machines: there, the error must say how to get it.
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            ImportError, match="train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`"
+        ):
+            GFlowNetDiffusionTrainer(
+                tiny_config(tmp_path, train_use_8bit_adam=True), brightness, CyclingPrompts(), pipeline
+            )
+
+
+def capture_gradients_at_step(trainer):
+    """Record the (clipped) gradients each optimiser step applies."""
+    captured = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        captured.append([p.grad.detach().clone() for group in trainer.optimizer.param_groups for p in group["params"]])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return captured
+
+
+@pytest.mark.parametrize(
+    "klpf, train_cfg, fraction",
+    [(-1.0, True, 1.0), (1.0, True, 1.0), (-1.0, False, 1.0), (1.0, False, 0.5), (-1.0, True, 0.5)],
+    ids=["db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half"],
+)
+def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path, klpf, train_cfg, fraction):
+    from reference_loop import reference_train_window
+
+    from dag_trl.trainer import WorkCounters
+
+    overrides = dict(train_klpf=klpf, train_cfg=train_cfg, train_timestep_fraction=fraction, train_reward_exp=10.0,
+                     train_reward_exp_anneal="none", sample_num_batches_per_epoch=2)  # fmt: skip
+    optimised, _ = make_trainer(tmp_path / "a", tiny_sd_path, **overrides)
+    reference, _ = make_trainer(tmp_path / "b", tiny_sd_path, **overrides)
+    reference.unet.load_state_dict(optimised.unet.state_dict())
+    reference.flow.load_state_dict(optimised.flow.state_dict())
+    samples, _ = optimised._generate_samples(epoch=0)
+    windows = optimised.windows(samples, torch.Generator().manual_seed(0))
+    assert len(windows) == 2  # the first reuses the sampling-time predictions, the second recomputes them
+    # Adam's first step moves every parameter by about lr * sign(gradient), which turns round-off in near-zero
+    # gradients (biases before a group norm) into lr-sized differences; SGD keeps round-off at round-off size.
+    for trainer in (optimised, reference):
+        trainer.optimizer = torch.optim.SGD(
+            [{"params": g["params"], "lr": 0.1} for g in trainer.optimizer.param_groups]
+        )
+    optimised_grads = capture_gradients_at_step(optimised)
+    reference_grads = capture_gradients_at_step(reference)
+    reference_counters = WorkCounters()
+    optimised.unet.train()
+    reference.unet.train()
+    for window, kept in windows:
+        optimised.train_window(window, kept, beta=10.0, epoch=0)
+        reference_train_window(reference, window, kept, beta=10.0, epoch=0, counters=reference_counters)
+
+    for ours, theirs in zip(optimised_grads, reference_grads):
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), (_, b) in zip(optimised.flow.named_parameters(), reference.flow.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    # Work per window: the reference decodes two states per transition; we decode each needed state at most once.
+    counters = optimised.counters
+    transitions = 8 * max(1, int(4 * fraction))
+    assert reference_counters.vae_decodes == 2 * transitions
+    assert counters.vae_decodes - 8 <= transitions + 8  # sampling decoded 8 final images
+    assert reference_counters.unet_forward_no_grad == 2 * transitions
+    sampling_forwards = 8 * 4 * 2
+    if fraction == 1.0:
+        assert counters.unet_forward_no_grad == sampling_forwards  # nothing beyond sampling
+    else:
+        assert counters.unet_forward_no_grad - sampling_forwards <= transitions // 2
+    assert counters.flow_forwards < reference_counters.flow_forwards
