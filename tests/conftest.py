@@ -80,6 +80,10 @@ def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: i
         norm_num_groups=8,
         sample_size=TINY_IMAGE_SIZE,
     )
+    with torch.no_grad():
+        # A random decoder maps latents to nearly flat grey images; a larger output layer gives them contrast, so
+        # image rewards (brightness, colour) depend on the latents enough for a learning check to be measurable.
+        vae.decoder.conv_out.weight.mul_(10.0)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
