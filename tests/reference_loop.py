@@ -95,9 +95,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                 )
                 loss = residual**2 + config.train_klpf * kl + config.train_unet_reg * regulariser
             else:
-                residual = detailed_balance_residual(
-                    log_flow, step.log_probs, step.backward_log_probs, next_log_flow
-                )
+                residual = detailed_balance_residual(log_flow, step.log_probs, step.backward_log_probs, next_log_flow)
                 loss = residual**2 + config.train_unet_reg * regulariser
             trainer.accelerator.backward(loss.mean() / num_backwards)
 
