@@ -131,10 +131,11 @@ class GFlowNetDiffusionTrainer:
 
     Args:
         config: the [`GFlowNetConfig`].
-        reward_function: ``(images, prompts, metadata) -> (rewards, info)``; images are float tensors in [0, 1],
+        reward_function: ``(images, prompts, metadata) -> (rewards, info)``, or a name for
+            :func:`dag_trl.rewards.get_reward_fn`; images are float tensors in [0, 1],
             rewards a tensor, array or list of one number per image. It is also called on the decoded one-step
             predictions of intermediate states (the forward-looking flow).
-        prompt_function: ``() -> (prompt, metadata)``.
+        prompt_function: ``() -> (prompt, metadata)``, or a name for :func:`dag_trl.prompts.get_prompt_fn`.
         sd_pipeline: a [`GFlowNetStableDiffusionPipeline`], usually [`DefaultGFlowNetStableDiffusionPipeline`].
         image_samples_hook: optional ``(prompt_image_data, global_step, tracker)`` called once per epoch with
             ``[images, prompts, metadata, rewards, reward_info]`` of the first sampling batch.
@@ -145,8 +146,8 @@ class GFlowNetDiffusionTrainer:
     def __init__(
         self,
         config: GFlowNetConfig,
-        reward_function: RewardFunction,
-        prompt_function: PromptFunction,
+        reward_function: Union[RewardFunction, str],
+        prompt_function: Union[PromptFunction, str],
         sd_pipeline: GFlowNetStableDiffusionPipeline,
         image_samples_hook: Optional[Callable] = None,
     ):
@@ -156,6 +157,14 @@ class GFlowNetDiffusionTrainer:
         if not isinstance(config, GFlowNetConfig):
             raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
         config.validate()
+        if isinstance(reward_function, str):
+            from .rewards import get_reward_fn
+
+            reward_function = get_reward_fn(reward_function)
+        if isinstance(prompt_function, str):
+            from .prompts import get_prompt_fn
+
+            prompt_function = get_prompt_fn(prompt_function)
         for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
             if not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
@@ -232,6 +241,7 @@ class GFlowNetDiffusionTrainer:
         self.global_step = 0
         self.weights_version = 0
         self.counters = WorkCounters()
+        self.reward_history: list[dict[str, float]] = []
         if self.resume_path is not None:
             self._load_checkpoint(self.resume_path)
 
@@ -323,7 +333,12 @@ class GFlowNetDiffusionTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(temporary)
         if self.accelerator.is_main_process:
-            state = {"epoch": epoch, "global_step": self.global_step, "weights_version": self.weights_version}
+            state = {
+                "epoch": epoch,
+                "global_step": self.global_step,
+                "weights_version": self.weights_version,
+                "reward_history": self.reward_history,
+            }
             with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
                 json.dump(state, handle)
             shutil.rmtree(final, ignore_errors=True)
@@ -340,6 +355,7 @@ class GFlowNetDiffusionTrainer:
         self.first_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.weights_version = state["weights_version"]
+        self.reward_history = state.get("reward_history", [])
         logger.info("Resumed from %s at epoch %d", path, self.first_epoch)
 
     # ------------------------------------------------------------------ public API
@@ -365,6 +381,14 @@ class GFlowNetDiffusionTrainer:
         samples, prompt_image_data = self._generate_samples(epoch)
 
         rewards = self.accelerator.gather(samples["rewards"]).cpu()
+        self.reward_history.append(
+            {
+                "epoch": epoch,
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "beta": beta,
+            }
+        )
         self.accelerator.log(
             {
                 "reward_mean": rewards.mean().item(),
