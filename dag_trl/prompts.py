@@ -263,7 +263,16 @@ def hpd(
     return PromptList(prompts, metadata, name="hpd", seed=seed)
 
 
-_PROMPT_FNS: dict[str, Callable[..., PromptFunction]] = {
+def shapes(prompt_set: str = "shape", seed: int | None = None) -> Callable[[], tuple[str, Any]]:
+    """Prompts of the built-in shapes model (see :func:`dag_trl.shapes.make_prompt_fn`); ``"shape"`` leaves colours
+    open, ``"shape_on_background"`` fixes the background, ``"full"`` fixes everything."""
+    from .shapes import make_prompt_fn
+
+    return make_prompt_fn(prompt_set, seed=0 if seed is None else seed)
+
+
+_PROMPT_FNS: dict[str, Callable[..., Any]] = {
+    "shapes": shapes,
     "simple_animals": simple_animals,
     "imagenet_all": imagenet_all,
     "imagenet_animals": imagenet_animals,

@@ -1140,7 +1140,16 @@ def remote_reward(
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
+
+def shapes_colour_preference(weights: Mapping[str, float] | None = None) -> RewardCallable:
+    """The built-in shapes model's colour-preference reward (see :func:`dag_trl.shapes.make_colour_preference_reward`)."""
+    from .shapes import make_colour_preference_reward
+
+    return make_colour_preference_reward(weights)
+
+
 _REWARDS: dict[str, Callable[..., RewardCallable]] = {
+    "shapes_colour_preference": shapes_colour_preference,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "aesthetic_score": aesthetic_score,

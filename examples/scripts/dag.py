@@ -1,0 +1,14 @@
+"""Align a Stable Diffusion model with DAG (Zhang et al., 2024) from a YAML recipe and/or command-line flags.
+
+    python examples/scripts/dag.py                                        # offline shapes model on CPU
+    accelerate launch examples/scripts/dag.py --config examples/recipes/sd15_aesthetic.yaml
+    python examples/scripts/dag.py --config recipe.yaml --num_epochs 10   # flags override the YAML
+
+Every GFlowNetConfig field is a flag; see `python examples/scripts/dag.py --help`.
+"""
+
+from dag_trl.cli import parse_arguments, run
+
+if __name__ == "__main__":
+    script_args, config = parse_arguments()
+    run(script_args, config)
