@@ -1,0 +1,113 @@
+"""The ``dag-trl train`` entry point and examples/scripts/dag.py: recipes, overrides, outputs, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from dag_trl.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = {
+    "reward": "jpeg_compressibility",
+    "prompts": "simple_animals",
+    "prompt_kwargs": {"seed": 3},
+    "num_epochs": 3,
+    "sample_num_steps": 4,
+    "sample_batch_size": 4,
+    "sample_num_batches_per_epoch": 1,
+    "train_batch_size": 2,
+    "train_gradient_accumulation_steps": 2,
+    "mixed_precision": "no",
+    "flow_block_out_channels": [8, 16],
+    "flow_attention_heads": 2,
+    "eval_num_images": 6,
+}
+
+
+def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_override_it():
+    script_args, config = parse_arguments([])
+    assert script_args.pretrained_model == BUILTIN_MODEL and script_args.reward == "shapes_colour_preference"
+    assert config.num_epochs == 12 and config.sample_num_steps == 20 and config.mixed_precision == "no"
+    _, config = parse_arguments(["--num_epochs", "3", "--train_klpf", "0.5"])
+    assert config.num_epochs == 3 and config.is_dag_kl and config.sample_num_steps == 20
+    # Any other model starts from the paper's settings.
+    script_args, config = parse_arguments(["--pretrained_model", "runwayml/stable-diffusion-v1-5"])
+    assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
+
+
+def test_example_script_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, tiny_sd_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "pretrained_model": str(tiny_sd_path)}))
+    output_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "examples/scripts/dag.py"), "--config", str(recipe), "--num_epochs", "2",
+         "--output_dir", str(output_dir)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and len(summary["reward_history"]) == 2  # the CLI override won over the YAML's 3
+    assert summary["reward"] == "jpeg_compressibility" and summary["algorithm"] == "DAG-DB"
+    for name in ("before", "after"):
+        assert -10 < summary[name]["reward_mean"] < 0  # minus the JPEG size in kB of 16x16 images
+    assert "mean reward before" in completed.stdout and "mean reward after" in completed.stdout
+    for name in ("before.png", "after.png"):
+        with Image.open(output_dir / name) as image:
+            image.verify()
+        with Image.open(output_dir / name) as image:
+            assert image.format == "PNG" and image.size == (4 * 128, 2 * (128 + 28))  # 6 tiles in 4 columns
+    with Image.open(output_dir / "reward_curve.png") as image:
+        assert image.format == "PNG"
+    assert (output_dir / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert (output_dir / "model" / "flow" / "config.json").is_file()
+    assert sorted(os.listdir(output_dir / "logs" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+
+
+def test_existing_output_dir_is_not_overwritten_without_the_flag(tmp_path):
+    (tmp_path / "old.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="exists and is not empty: pass --overwrite"):
+        check_output_dir(ScriptArguments(output_dir=str(tmp_path)))
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path), overwrite=True))
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path / "new")))
+
+
+def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
+    _, config = parse_arguments(["--pretrained_model", str(tmp_path / "no-model"), "--num_epochs", "1"])
+    script_args = ScriptArguments(pretrained_model=str(tmp_path / "no-model"), reward="aesthetics",
+                                  output_dir=str(tmp_path / "out"))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown reward 'aesthetics'; known rewards: .*aesthetic_score"):
+        run(script_args, config)
+    script_args.reward, script_args.prompts = "jpeg_compressibility", "animals"
+    with pytest.raises(ValueError, match="unknown prompt function 'animals'"):
+        run(script_args, config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_keyword_arguments_must_be_json_objects():
+    assert ScriptArguments(reward_kwargs='{"quality": 80}').reward_kwargs == {"quality": 80}
+    with pytest.raises(ValueError, match="reward_kwargs='{quality: 80}' is not valid JSON"):
+        ScriptArguments(reward_kwargs="{quality: 80}")
+    with pytest.raises(ValueError, match=r"prompt_kwargs=\[1\] is invalid: expected a JSON object"):
+        ScriptArguments(prompt_kwargs=[1])
+
+
+def test_summary_text_reports_before_after_and_colour_shift():
+    summary = {
+        "algorithm": "DAG-DB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
+        "before": {"reward_mean": 0.25, "reward_std": 0.1, "colour_distribution": {"red": 0.25, "blue": 0.75},
+                   "adherence_full_prompts": {"colour": 0.9}},
+        "after": {"reward_mean": 0.75, "reward_std": 0.2, "colour_distribution": {"red": 0.5, "blue": 0.5},
+                  "adherence_full_prompts": {"colour": 0.85}},
+    }  # fmt: skip
+    text = format_summary(summary)
+    assert "mean reward before: 0.2500" in text and "mean reward after:  0.7500" in text
+    assert "red 0.25->0.50, blue 0.75->0.50" in text
+    assert "prompt adherence after (full prompts): colour 0.85" in text
