@@ -8,6 +8,8 @@ from .pipeline import (
     GFlowNetPipelineOutput,
     GFlowNetStableDiffusionPipeline,
 )
+from .prompts import available_prompt_fns, get_prompt_fn
+from .rewards import available_rewards, get_reward_fn
 from .trainer import GFlowNetDiffusionTrainer
 
 __version__ = "0.1.0.dev0"
@@ -20,5 +22,9 @@ __all__ = [
     "GFlowNetDiffusionTrainer",
     "GFlowNetPipelineOutput",
     "GFlowNetStableDiffusionPipeline",
+    "available_prompt_fns",
+    "available_rewards",
     "ddim_step_with_logprob",
+    "get_prompt_fn",
+    "get_reward_fn",
 ]
