@@ -38,8 +38,9 @@ class GFlowNetConfig:
         run_name (`str`, *optional*, defaults to `""`):
             Name of this run for the trackers.
         seed (`int`, *optional*, defaults to `0`):
-            Seed for parameter initialisation and shuffling. Sampling noise on process `i` is seeded with
-            `seed + i` so that every process draws different trajectories.
+            Seed for parameter initialisation. Sampling noise and shuffling use seeds derived from `(seed, process
+            index, epoch)`: every process draws different trajectories, and a resumed run repeats what the
+            uninterrupted run would have drawn.
         log_with (`str` or `None`, *optional*, defaults to `None`):
             Tracker for accelerate: one of `"wandb"`, `"tensorboard"`, `"trackio"`, `"comet_ml"`, `"mlflow"`,
             `"aim"`, `"clearml"`, `"dvclive"`, `"swanlab"`, `"all"`, or `None` for no tracker.
@@ -157,7 +158,7 @@ class GFlowNetConfig:
 
     exp_name: str = field(default_factory=_default_exp_name, metadata={"help": "Name of the experiment."})
     run_name: str = field(default="", metadata={"help": "Name of this run for the trackers."})
-    seed: int = field(default=0, metadata={"help": "Seed; process i samples with seed + i."})
+    seed: int = field(default=0, metadata={"help": "Seed; each process and epoch derives its own sampling seed."})
     log_with: Optional[str] = field(default=None, metadata={"help": "Tracker: " + ", ".join(TRACKERS) + "."})
     tracker_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Keyword arguments for the tracker."}

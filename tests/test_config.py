@@ -71,3 +71,11 @@ def test_hf_argument_parser_reads_command_line():
 def test_invalid_values_name_field_value_and_accepted(overrides, message):
     with pytest.raises(ValueError, match=message):
         GFlowNetConfig(**overrides)
+
+
+def test_docs_config_reference_lists_every_field():
+    from pathlib import Path
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    missing = [f.name for f in dataclasses.fields(GFlowNetConfig) if f"| `{f.name}` |" not in reference]
+    assert missing == []
