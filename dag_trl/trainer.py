@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import GFlowNetConfig
 from .flow_model import FlowNetwork
+from .hub import callable_name, create_model_card, push_folder_to_hub
 from .math import (
     ddim_step_with_logprob,
     detailed_balance_residual,
@@ -46,6 +47,7 @@ from .math import (
     reward_exponent,
 )
 from .pipeline import GFlowNetStableDiffusionPipeline
+from .tracking import log_image_samples, tracker_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ RewardFunction = Callable[[torch.Tensor, tuple, tuple], tuple[Any, dict]]
 PromptFunction = Callable[[], tuple[str, dict]]
 TRAINER_STATE_NAME = "trainer_state.json"
 FLOW_FOLDER = "flow"
+MODEL_CARD_NAME = "README.md"
+# derive_seed stream of the prompt order; streams 0 (sampling noise) and 1.. (inner-epoch shuffles) are taken.
+PROMPT_SEED_STREAM = 1 << 20
 
 
 def derive_seed(seed: int, process_index: int, epoch: int, stream: int) -> int:
@@ -137,8 +142,15 @@ class GFlowNetDiffusionTrainer:
             predictions of intermediate states (the forward-looking flow).
         prompt_function: ``() -> (prompt, metadata)``, or a name for :func:`dag_trl.prompts.get_prompt_fn`.
         sd_pipeline: a [`GFlowNetStableDiffusionPipeline`], usually [`DefaultGFlowNetStableDiffusionPipeline`].
-        image_samples_hook: optional ``(prompt_image_data, global_step, tracker)`` called once per epoch with
-            ``[images, prompts, metadata, rewards, reward_info]`` of the first sampling batch.
+        image_samples_hook: ``(prompt_image_data, global_step, tracker)`` called once per epoch on the main process
+            with ``[[images, prompts, metadata, rewards, reward_info]]`` of the first sampling batch and the first
+            tracker (or ``None``). Defaults to [`~dag_trl.tracking.log_image_samples`], which logs a grid of the
+            samples with their prompts and rewards to wandb, TensorBoard or trackio; pass ``lambda *args: None``
+            to log no images.
+
+    Prompt functions with a ``reseed(seed)`` method (all of :mod:`dag_trl.prompts`) are reseeded at every epoch
+    from ``config.seed``, the process index and the epoch, so that processes draw different prompts and a resumed
+    run draws the prompts of the uninterrupted one.
     """
 
     _tag_names = ["dag-trl", "gflownet", "diffusers", "lora", "text-to-image"]
@@ -183,7 +195,7 @@ class GFlowNetDiffusionTrainer:
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
-        self.image_samples_hook = image_samples_hook
+        self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
         self.resume_path = self._resolve_resume_path() if config.resume_from else None
 
         project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
@@ -196,7 +208,7 @@ class GFlowNetDiffusionTrainer:
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
-                config=config.to_dict(),
+                config=tracker_config(config.to_dict()),
                 init_kwargs=config.tracker_kwargs,
             )
         if config.allow_tf32 and torch.cuda.is_available():
@@ -371,6 +383,8 @@ class GFlowNetDiffusionTrainer:
         for epoch in range(self.first_epoch, last_epoch):
             self.global_step = self.step(epoch, self.global_step)
         self.first_epoch = max(self.first_epoch, last_epoch)
+        if self.config.push_to_hub:
+            self.push_to_hub()
 
     def step(self, epoch: int, global_step: int) -> int:
         """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
@@ -378,6 +392,9 @@ class GFlowNetDiffusionTrainer:
         beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
         self.counters = WorkCounters()
         self.unet.eval()
+        reseed = getattr(self.prompt_fn, "reseed", None)
+        if callable(reseed):
+            reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
         samples, prompt_image_data = self._generate_samples(epoch)
 
         rewards = self.accelerator.gather(samples["rewards"]).cpu()
@@ -759,8 +776,80 @@ class GFlowNetDiffusionTrainer:
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, output_dir: Union[str, os.PathLike]) -> None:
-        """Save the trained LoRA (diffusers format, or the full UNet) and the flow network (``flow/``)."""
+    @property
+    def reward_name(self) -> str:
+        """Name of the reward function, for the model card (its ``name``, ``__name__`` or class name)."""
+        return callable_name(self.reward_fn)
+
+    @property
+    def prompt_name(self) -> str:
+        """Name of the prompt function, for the model card (its ``name``, ``__name__`` or class name)."""
+        return callable_name(self.prompt_fn)
+
+    def create_model_card(self, model_path: str, license: Optional[str] = None):
+        """The ``README.md`` model card of the current weights (a ``huggingface_hub.ModelCard``); ``model_path`` is
+        the Hub repository or local folder that the card's loading snippet points at."""
+        pipeline = self.sd_pipeline
+        return create_model_card(
+            self.config,
+            base_model=getattr(pipeline, "pretrained_model_name", "unknown"),
+            model_path=model_path,
+            use_lora=pipeline.use_lora,
+            reward_name=self.reward_name,
+            prompt_name=self.prompt_name,
+            lora_rank=getattr(pipeline, "lora_rank", None),
+            final_reward=self.reward_history[-1] if self.reward_history else None,
+            num_processes=self.accelerator.num_processes,
+            license=license,
+        )
+
+    def save_pretrained(
+        self, output_dir: Union[str, os.PathLike], repo_id: Optional[str] = None, license: Optional[str] = None
+    ) -> None:
+        """Save the trained LoRA in diffusers format (``pytorch_lora_weights.safetensors``; ``unet/`` for full
+        fine-tuning), the flow network (``flow/``) and a model card (``README.md``) into ``output_dir``.
+
+        Only the main process writes; call it on every process (it does not wait for the others). ``repo_id`` is
+        the Hub repository the card's loading snippet names (default: ``output_dir``).
+        """
+        if not self.accelerator.is_main_process:
+            return
+        output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
         self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
+        card = self.create_model_card(repo_id or output_dir, license=license)
+        card.save(os.path.join(output_dir, MODEL_CARD_NAME))
+
+    def push_to_hub(
+        self,
+        repo_id: Optional[str] = None,
+        *,
+        output_dir: Optional[Union[str, os.PathLike]] = None,
+        token: Optional[str] = None,
+        private: Optional[bool] = None,
+        license: Optional[str] = None,
+        commit_message: str = "Upload model trained with dag_trl",
+    ) -> Optional[str]:
+        """Save with :meth:`save_pretrained`, then upload exactly that folder to the Hub repository ``repo_id``.
+
+        ``repo_id`` defaults to ``config.hub_model_id``, else ``config.exp_name`` (in the token owner's namespace).
+        The folder is ``output_dir``, which must be empty or absent so that nothing else is uploaded, or by default
+        ``<logdir>/hub/<repo name>``, emptied first. Only the main process saves and pushes; it returns the commit
+        URL, the other processes ``None``. If the push fails (no token, no write access, no network), the local
+        save is kept and a [`~dag_trl.hub.HubPushError`] says where it is.
+        """
+        repo_id = repo_id or self.config.hub_model_id or self.config.exp_name
+        if not self.accelerator.is_main_process:
+            return None
+        if output_dir is None:
+            output_dir = os.path.join(self.config.logdir, "hub", repo_id.replace("/", "--"))
+            shutil.rmtree(output_dir, ignore_errors=True)
+        output_dir = os.fspath(output_dir)
+        if os.path.isdir(output_dir) and os.listdir(output_dir):
+            raise ValueError(
+                f"push_to_hub(output_dir={output_dir!r}): the folder is not empty, and every file in it would be "
+                "uploaded. Pass an empty or new folder, or leave output_dir unset."
+            )
+        self.save_pretrained(output_dir, repo_id=repo_id, license=license)
+        return push_folder_to_hub(output_dir, repo_id, token=token, private=private, commit_message=commit_message)
