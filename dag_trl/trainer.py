@@ -319,6 +319,10 @@ class GFlowNetDiffusionTrainer:
         return next(i for i, m in enumerate(models) if isinstance(self.accelerator.unwrap_model(m), FlowNetwork))
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # accelerate calls this hook on every process but saves model weights from the main one only; do the same,
+        # or processes sharing a filesystem write the same files at once.
+        if not self.accelerator.is_main_process:
+            return
         # accelerate passes its own model list here: leave it intact and drop the entries we save from `weights`.
         flow_index = self._find_flow(models)
         self.accelerator.unwrap_model(models[flow_index]).save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
