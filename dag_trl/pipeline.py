@@ -289,12 +289,12 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
         unet_dtype = self.unet.dtype
         if negative_prompt_embeds is None:
-            conditional = unet(latents.to(unet_dtype), timesteps, prompt_embeds).sample.float()
+            conditional = unet(latents.to(unet_dtype), timesteps, prompt_embeds.to(unet_dtype)).sample.float()
             return conditional, conditional
         output = unet(
             torch.cat([latents, latents]).to(unet_dtype),
             torch.cat([timesteps, timesteps]),
-            torch.cat([negative_prompt_embeds, prompt_embeds]),
+            torch.cat([negative_prompt_embeds, prompt_embeds]).to(unet_dtype),
         ).sample.float()
         unconditional, conditional = output.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional), conditional

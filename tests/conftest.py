@@ -117,3 +117,13 @@ def tiny_sd_path(tmp_path_factory) -> Path:
 def tiny_sd_v_prediction_path(tmp_path_factory) -> Path:
     """Same as ``tiny_sd_path`` with a v-prediction scheduler (the SD 2.x 768 px setting)."""
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state (mixed precision included); start every test without it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

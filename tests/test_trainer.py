@@ -46,6 +46,7 @@ class CyclingPrompts:
 
 
 def make_trainer(tmp_path, tiny_sd_path, reward=brightness, use_lora=True, **overrides):
+    torch.manual_seed(0)  # the LoRA's initialisation draws from the global generator
     pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=use_lora)
     trainer = GFlowNetDiffusionTrainer(tiny_config(tmp_path, **overrides), reward, CyclingPrompts(), pipeline)
     logged = []
@@ -328,3 +329,35 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
     else:
         assert counters.unet_forward_no_grad - sampling_forwards <= transitions // 2
     assert counters.flow_forwards < reference_counters.flow_forwards
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
+    tmp_path, tiny_sd_path, precision, dtype
+):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, mixed_precision=precision, num_epochs=1)
+    pipeline = trainer.sd_pipeline
+    assert pipeline.vae.dtype == pipeline.text_encoder.dtype == dtype
+    frozen = {p.dtype for n, p in pipeline.unet.named_parameters() if "lora_" not in n}
+    assert frozen == {dtype}
+    assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}
+    assert {p.dtype for p in trainer.flow_model.parameters()} == {torch.float32}
+    lora_before = [p.detach().clone() for p in pipeline.get_trainable_layers()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers()))
+    step_metrics = [values for _, values in logged if "loss_total" in values]
+    assert step_metrics and all(math.isfinite(v) for values in step_metrics for v in values.values())
+
+
+def test_asynchronous_rewards_give_the_same_samples_and_rewards(tmp_path, tiny_sd_path):
+    synchronous, _ = make_trainer(tmp_path / "sync", tiny_sd_path)
+    asynchronous, _ = make_trainer(tmp_path / "async", tiny_sd_path, async_reward_computation=True)
+    asynchronous.unet.load_state_dict(synchronous.unet.state_dict())
+    expected, _ = synchronous._generate_samples(epoch=0)
+    actual, _ = asynchronous._generate_samples(epoch=0)
+    assert expected["prompts"] == actual["prompts"]
+    torch.testing.assert_close(actual["latents"], expected["latents"])
+    torch.testing.assert_close(
+        actual["rewards"], brightness(asynchronous.sd_pipeline.decode(actual["latents"][:, -1]), None, None)[0]
+    )
+    torch.testing.assert_close(actual["rewards"], expected["rewards"])
