@@ -7,9 +7,12 @@ this module only decides what goes in them.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .config import GFlowNetConfig
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 HUB_TAGS = ("dag-trl", "gflownet", "diffusers", "lora", "text-to-image", "diffusers-training")
 PAPER_URL = "https://arxiv.org/abs/2406.00633"
@@ -108,7 +111,7 @@ def create_model_card(
     final_reward: Optional[dict[str, float]] = None,
     num_processes: int = 1,
     license: Optional[str] = None,
-) -> Any:
+) -> ModelCard:
     """Build the ``README.md`` model card of a DAG / DAG-KL run as a ``huggingface_hub.ModelCard``.
 
     Args:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
+from test_checkpoints import files_under
 from test_trainer import PROMPTS, brightness, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
@@ -21,25 +22,14 @@ LORA_FILES = {
 }
 
 
-def files_under(folder) -> set[str]:
-    return {
-        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-        for root, _, names in os.walk(folder)
-        for name in names
-    }
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sd_path) -> GFlowNetDiffusionTrainer:
-    """A LoRA trainer after one epoch (one optimiser step) with a named prompt set."""
-    tmp_path = tmp_path_factory.mktemp("hub")
+@pytest.fixture
+def trainer(tmp_path, tiny_sd_path) -> GFlowNetDiffusionTrainer:
+    """A LoRA trainer (one optimiser step per epoch) with a named prompt set, not trained yet."""
     config = tiny_config(
         tmp_path, num_epochs=1, sample_num_batches_per_epoch=1, exp_name="dag-test", hub_model_id="me/dag-test"
     )
     pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_rank=2)
-    trainer = GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="shapes"), pipeline)
-    trainer.train()
-    return trainer
+    return GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="shapes"), pipeline)
 
 
 @pytest.fixture
@@ -65,8 +55,8 @@ def recorded_push(monkeypatch):
     return calls
 
 
-def test_card_metadata_and_text_of_a_trained_lora(trained, tmp_path):
-    trainer = trained
+def test_card_metadata_and_text_of_a_trained_lora(trainer, tmp_path):
+    trainer.train()
     trainer.save_pretrained(tmp_path / "out", repo_id="me/dag-test")
     assert files_under(tmp_path / "out") == LORA_FILES
 
@@ -118,8 +108,8 @@ def test_card_of_a_dag_kl_full_finetune_from_a_hub_base_model():
     assert "No epoch was sampled" in text
 
 
-def test_push_to_hub_uploads_exactly_the_saved_files(trained, recorded_push, tmp_path):
-    url = trained.push_to_hub(output_dir=tmp_path / "push", private=True)
+def test_push_to_hub_uploads_exactly_the_saved_files(trainer, recorded_push, tmp_path):
+    url = trainer.push_to_hub(output_dir=tmp_path / "push", private=True)
 
     assert url == "https://huggingface.co/me/dag-test/commit/0123abc"
     (create, repo_id, create_kwargs), upload = recorded_push
@@ -132,25 +122,28 @@ def test_push_to_hub_uploads_exactly_the_saved_files(trained, recorded_push, tmp
     assert 'pipeline.load_lora_weights("me/dag-test")' in card.text
 
 
-def test_train_pushes_at_the_end_when_configured(trained, recorded_push, monkeypatch):
-    monkeypatch.setattr(trained.config, "push_to_hub", True)
-    monkeypatch.setattr(trained.config, "hub_model_id", None)
-    trained.train()  # the one epoch is done: nothing to train, only the push
+def test_train_pushes_at_the_end_when_configured(trainer, recorded_push, monkeypatch):
+    monkeypatch.setattr(trainer.config, "push_to_hub", True)
+    monkeypatch.setattr(trainer.config, "hub_model_id", None)
+    trainer.train()
     assert [call[:2] for call in recorded_push] == [("create_repo", "dag-test"), ("upload_folder", "me/dag-test")]
     folder = recorded_push[1][4]
-    assert folder == os.path.join(trained.config.logdir, "hub", "dag-test")
+    assert folder == os.path.join(trainer.config.logdir, "hub", "dag-test")
     assert recorded_push[1][3] == LORA_FILES
+    # The card pushed is the trained model's: it records the epoch's reward.
+    mean = trainer.reward_history[-1]["reward_mean"]
+    assert f"**{mean:.4f}**" in ModelCard.load(os.path.join(folder, "README.md")).text
 
 
-def test_push_refuses_a_non_empty_folder_before_writing(trained, recorded_push, tmp_path):
+def test_push_refuses_a_non_empty_folder_before_writing(trainer, recorded_push, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="the folder is not empty, and every file in it would be uploaded"):
-        trained.push_to_hub("me/x", output_dir=tmp_path / "busy")
+        trainer.push_to_hub("me/x", output_dir=tmp_path / "busy")
     assert files_under(tmp_path / "busy") == {"notes.txt"} and recorded_push == []
 
 
-def test_push_without_a_token_fails_after_the_local_save(trained, monkeypatch, tmp_path):
+def test_push_without_a_token_fails_after_the_local_save(trainer, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token either
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
@@ -161,7 +154,7 @@ def test_push_without_a_token_fails_after_the_local_save(trained, monkeypatch, t
     monkeypatch.setattr(HfApi, "create_repo", unexpected)
     folder = tmp_path / "kept"
     with pytest.raises(HubPushError, match="no Hugging Face token found") as error:
-        trained.push_to_hub("me/dag-test", output_dir=folder)
+        trainer.push_to_hub("me/dag-test", output_dir=folder)
     assert f"The model is saved in {str(folder)!r}" in str(error.value)
     assert f"`hf upload me/dag-test {folder}`" in str(error.value)
     assert files_under(folder) == LORA_FILES
@@ -187,12 +180,12 @@ def hub_answers_403(monkeypatch):
     huggingface_hub.set_client_factory(_http.default_client_factory)
 
 
-def test_push_refused_by_the_hub_raises_with_context_after_the_local_save(trained, hub_answers_403, tmp_path):
+def test_push_refused_by_the_hub_raises_with_context_after_the_local_save(trainer, hub_answers_403, tmp_path):
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = tmp_path / "kept"
     with pytest.raises(HubPushError, match="Pushing to the Hub repository 'someone/else' failed") as error:
-        trained.push_to_hub("someone/else", output_dir=folder)
+        trainer.push_to_hub("someone/else", output_dir=folder)
     assert isinstance(error.value.__cause__, HfHubHTTPError)
     assert error.value.__cause__.response.status_code == 403
     assert "You don't have the rights" in str(error.value)
