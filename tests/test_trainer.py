@@ -246,7 +246,9 @@ def test_bad_prompt_function_output(output, message):
 def test_constructor_rejects_wrong_types_and_missing_bitsandbytes(tmp_path, tiny_sd_path):
     pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
     config = tiny_config(tmp_path)
-    with pytest.raises(TypeError, match="reward_function must be callable, got str"):
+    with pytest.raises(TypeError, match="reward_function must be callable, got int"):
+        GFlowNetDiffusionTrainer(config, 42, CyclingPrompts(), pipeline)
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'; known rewards: .*aesthetic_score"):
         GFlowNetDiffusionTrainer(config, "aesthetic", CyclingPrompts(), pipeline)
     with pytest.raises(TypeError, match="sd_pipeline must be a GFlowNetStableDiffusionPipeline, got str"):
         GFlowNetDiffusionTrainer(config, brightness, CyclingPrompts(), "runwayml/stable-diffusion-v1-5")
