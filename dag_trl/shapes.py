@@ -452,7 +452,7 @@ colour_preference_reward.__doc__ = "The colour preference reward with ``DEFAULT_
 
 @dataclass(frozen=True)
 class ShapesBuildConfig:
-    """Training budget of :func:`build_shapes_model`; the defaults take about 5 minutes on two CPU cores.
+    """Training budget of :func:`build_shapes_model`; the defaults take about 7 minutes on two idle CPU cores.
 
     Smaller values (e.g. a few steps) give a quick, useless model with the same files, for tests of the plumbing.
     """
@@ -913,7 +913,7 @@ def get_shapes_model(
         except ShapesModelError as error:
             if target.exists():
                 logger.warning("%s Rebuilding it.", error)
-    logger.info("Building the shapes model into %s (about 5 minutes on 2 CPU cores).", target)
+    logger.info("Building the shapes model into %s (about 7 minutes on 2 idle CPU cores).", target)
     try:
         root.mkdir(parents=True, exist_ok=True)
         return build_shapes_model(target, seed, config, progress=progress, overwrite=True)

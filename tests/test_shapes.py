@@ -1,6 +1,6 @@
 """Tests of the coloured-shapes model: data, measurement, reward, cache, and the real model's prompt adherence.
 
-``test_real_model_follows_prompts`` needs the real build, which takes about 5 minutes on two CPU cores the first
+``test_real_model_follows_prompts`` needs the real build, which takes about 7 minutes on two idle CPU cores the first
 time; it is cached (``$DAG_TRL_CACHE`` or ``~/.cache/dag_trl``) and later runs reuse it.
 """
 
@@ -377,7 +377,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.fixture(scope="session")
 def shapes_model_path() -> Path:
-    """The real shapes model from the cache, built on first use (about 5 minutes on two CPU cores)."""
+    """The real shapes model from the cache, built on first use (about 7 minutes on two idle CPU cores)."""
     return shapes.get_shapes_model()
 
 
@@ -387,9 +387,10 @@ def test_real_model_follows_prompts(shapes_model_path: Path) -> None:
     images = shapes.sample_images(pipeline, prompts, seed=0, num_inference_steps=20, guidance_scale=5.0)
     adherence = shapes.prompt_adherence(images, prompts)
     # Chance is 1/7 for colours and 1/3 for shapes.
-    assert adherence["colour"] >= 0.8, adherence
-    assert adherence["background"] >= 0.8, adherence
-    assert adherence["shape"] >= 0.6, adherence
+    # The seed-0 build measured 99% colour, 100% background, 92% shape.
+    assert adherence["colour"] >= 0.9, adherence
+    assert adherence["background"] >= 0.9, adherence
+    assert adherence["shape"] >= 0.8, adherence
     # The build measured the same prompts and seeds (only the thread count may differ): its record describes the model.
     recorded = shapes.verify_shapes_model(shapes_model_path)["adherence"]
     for attribute in ("colour", "background", "shape"):
