@@ -96,6 +96,9 @@ REWARD_TEMPERATURE = 0.02
 # Bump when the data, architecture or training code changes, so that cached builds made by older code are rebuilt.
 BUILD_FORMAT_VERSION = 1
 MARKER_FILE = "dag_trl_shapes.json"
+# The default build, shipped in the package so that the main job and the tests need not spend minutes building it.
+PACKAGED_SEED = 0
+PACKAGED_MODEL = Path(__file__).resolve().parent / "assets" / f"shapes-seed{PACKAGED_SEED}"
 CACHE_ENV_VAR = "DAG_TRL_CACHE"
 
 ImagesLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
@@ -896,7 +899,10 @@ def get_shapes_model(
     config: ShapesBuildConfig | None = None,
     progress: bool = True,
 ) -> Path:
-    """The folder of the cached shapes model for ``(seed, config)``, building it first when needed.
+    """The folder of the shapes model for ``(seed, config)``, building it first when needed.
+
+    The default build (seed 0, default configuration) ships inside the package (5.5 MB, ``dag_trl/assets``), written
+    by exactly this build; it is used when its checksums verify.
 
     The cache lives in ``cache_dir`` (default :func:`default_cache_dir`) under a name that includes a hash of the
     build configuration. A cached folder that fails :func:`verify_shapes_model` (missing, interrupted, truncated or
@@ -904,6 +910,12 @@ def get_shapes_model(
     Raises :class:`ShapesModelError` when the cache folder cannot be written.
     """
     config = ShapesBuildConfig() if config is None else config
+    if not rebuild and seed == PACKAGED_SEED and config == ShapesBuildConfig():
+        try:
+            verify_shapes_model(PACKAGED_MODEL, seed, config)
+            return PACKAGED_MODEL
+        except ShapesModelError as error:
+            logger.warning("The shapes model shipped with dag_trl is unusable (%s) Using the cache instead.", error)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"shapes-seed{seed}-{config_hash(seed, config)[:12]}"
     if not rebuild:
