@@ -1,0 +1,537 @@
+"""The straightforward DAG loop against the trainer's optimised one, side by side on the same samples.
+
+    python benchmarks/benchmark_training.py --setting tiny-cpu [--repeats 3]
+    python benchmarks/benchmark_training.py --setting sd15-gpu [--sample-batches 2] [--mixed-precision bf16]
+
+Each repeat samples one epoch once (``trainer._generate_samples``), cuts it into windows (``trainer.windows``) and
+trains on those windows twice from the same starting weights and optimiser state: once with the product loop
+(``GFlowNetDiffusionTrainer.train_window``) and once with the per-transition oracle of the tests
+(``tests/reference_loop.py``). Both loops therefore see identical data, so their difference is the training loop
+alone; the sampling phase is common to both and is counted in each one's whole-epoch time. The loops alternate which
+runs first from repeat to repeat, and the figures reported are medians over repeats.
+
+Settings:
+
+- ``tiny-cpu``: the test suite's tiny pipeline (``tests/conftest.py``), a mean-brightness reward; about a minute on
+  two CPU cores.
+- ``sd15-gpu``: an SD1.5-architecture pipeline with random weights built from configs in code (no Hub), the paper's
+  batch sizes (sample 16, train 8, 50 steps, accumulation 4) and, as the reward, a randomly initialised CLIP
+  ViT-L/14 image tower with the LAION aesthetic head on 224 px images: the cost of the aesthetic scorer.
+
+Peak memory is CUDA's ``max_memory_allocated`` on a GPU; on CPU it is the process's peak resident set size (VmHWM)
+after resetting it through ``/proc/self/clear_refs`` before each phase, or, where that is not possible, getrusage's
+lifetime maximum RSS, which can only grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+from conftest import build_tiny_sd_pipeline, write_tiny_clip_tokenizer  # noqa: E402
+from reference_loop import reference_train_window  # noqa: E402
+
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer  # noqa: E402
+from dag_trl.trainer import WorkCounters  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square", "a cat on a mat", "a mountain lake at dawn"]
+LOOPS = ("straightforward", "optimised")
+SD15_TEXT_TOKENS = 77
+
+
+@dataclass
+class PhaseResult:
+    """One loop's training phase in one repeat."""
+
+    seconds: float
+    peak_memory_mib: float
+    memory_rise_mib: float
+    counters: WorkCounters
+
+
+@dataclass
+class Setting:
+    """Defaults that differ between the two settings."""
+
+    config: dict[str, Any]
+    pipeline_builder: Callable[[Path, argparse.Namespace], Path]
+    reward: str
+    device: str
+    mixed_precision: str
+    repeats: int
+    threads: int | None
+
+
+# ---------------------------------------------------------------------------------------------- pipelines and rewards
+
+
+def build_tiny(path: Path, args: argparse.Namespace) -> Path:
+    return build_tiny_sd_pipeline(path)
+
+
+def build_sd15(path: Path, args: argparse.Namespace) -> Path:
+    """Save an SD1.5-architecture ``StableDiffusionPipeline`` with random weights: the UNet, VAE and text encoder
+    widths of ``runwayml/stable-diffusion-v1-5`` (860M, 84M and 123M parameters), built offline from configs."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "_tokenizer_src", SD15_TEXT_TOKENS))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=SD15_TEXT_TOKENS,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=args.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=args.resolution,
+        scaling_factor=0.18215,
+    )
+    # The tiny test pipeline supplies the rest: SD1.5's DDIM noise schedule and the pipeline's component layout.
+    tiny = StableDiffusionPipeline.from_pretrained(
+        build_tiny_sd_pipeline(path / "_tiny"), safety_checker=None, requires_safety_checker=False
+    )
+    components = {**tiny.components, "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def brightness_reward(args: argparse.Namespace, device: torch.device) -> Callable:
+    def reward(images: torch.Tensor, prompts: tuple, metadata: tuple) -> tuple[torch.Tensor, dict]:
+        return images.mean(dim=(1, 2, 3)), {}
+
+    return reward
+
+
+def clip_aesthetic_reward(args: argparse.Namespace, device: torch.device) -> Callable:
+    """The aesthetic scorer's computation with random weights: CLIP ViT-L/14 image tower at 224 px (the real
+    reward's on-device preprocessing included) and the LAION MLP head on the normalised embedding."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from dag_trl.rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AestheticMLP, ImagePreprocessor
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    torch.manual_seed(1)
+    tower = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    )
+    tower = tower.eval().requires_grad_(False).to(device, dtype)
+    head = AestheticMLP(768).eval().requires_grad_(False).to(device)
+    preprocess = ImagePreprocessor(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, shortest_edge=224, crop_size=(224, 224))
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: tuple, metadata: tuple) -> tuple[torch.Tensor, dict]:
+        embeddings = tower(pixel_values=preprocess(images.to(device)).to(dtype)).image_embeds.float()
+        return head(embeddings / embeddings.norm(dim=-1, keepdim=True)).squeeze(-1), {}
+
+    return reward
+
+
+REWARDS = {"brightness": brightness_reward, "clip-aesthetic": clip_aesthetic_reward}
+SETTINGS = {
+    "tiny-cpu": Setting(
+        config=dict(
+            sample_num_steps=10,
+            sample_batch_size=4,
+            sample_num_batches_per_epoch=4,
+            train_batch_size=2,
+            train_gradient_accumulation_steps=2,
+            flow_block_out_channels=[8, 16],
+            flow_attention_heads=2,
+            flow_time_embedding_dim=8,
+        ),
+        pipeline_builder=build_tiny,
+        reward="brightness",
+        device="cpu",
+        mixed_precision="no",
+        repeats=3,
+        threads=1,
+    ),
+    "sd15-gpu": Setting(
+        config=dict(
+            sample_num_steps=50,
+            sample_batch_size=16,
+            sample_num_batches_per_epoch=2,
+            train_batch_size=8,
+            train_gradient_accumulation_steps=4,
+        ),
+        pipeline_builder=build_sd15,
+        reward="clip-aesthetic",
+        device="cuda",
+        mixed_precision="bf16",
+        repeats=1,
+        threads=None,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+class PeakMemory:
+    """Peak memory of one phase, and how far it rose above the level at the phase's start: CUDA's allocator peak,
+    or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.resettable_rss = False
+        self.start_mib = 0.0
+        if not self.cuda:
+            try:
+                self._clear_refs()
+                self.resettable_rss = True
+            except OSError:
+                pass
+
+    @property
+    def method(self) -> str:
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated, reset per phase; rise = peak - memory_allocated at the start"
+        if self.resettable_rss:
+            return (
+                "peak RSS (VmHWM of /proc/self/status), reset per phase via /proc/self/clear_refs; "
+                "rise = peak - RSS at the start"
+            )
+        return "getrusage ru_maxrss: the process's lifetime peak RSS, which cannot be reset (later phases include earlier)"
+
+    @staticmethod
+    def _clear_refs() -> None:
+        # Writing 5 resets the kernel's peak-RSS counter (VmHWM) of this process to its current RSS.
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+    @staticmethod
+    def _status_mib(key: str) -> float:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mib = torch.cuda.memory_allocated() / 2**20
+        elif self.resettable_rss:
+            self._clear_refs()
+            self.start_mib = self._status_mib("VmRSS")
+        else:
+            self.start_mib = self.peak_mib()
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.resettable_rss:
+            return self._status_mib("VmHWM")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class TrainingState:
+    """The trainable weights, optimiser state and weights version, to start both loops from the same point."""
+
+    def __init__(self, trainer: GFlowNetDiffusionTrainer) -> None:
+        self.parameters = [p.detach().clone() for p in self._trainable(trainer)]
+        self.optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+        self.weights_version = trainer.weights_version
+
+    @staticmethod
+    def _trainable(trainer: GFlowNetDiffusionTrainer) -> list[torch.nn.Parameter]:
+        return [p for p in itertools.chain(trainer.unet.parameters(), trainer.flow.parameters()) if p.requires_grad]
+
+    def restore(self, trainer: GFlowNetDiffusionTrainer) -> None:
+        with torch.no_grad():
+            for parameter, saved in zip(self._trainable(trainer), self.parameters):
+                parameter.copy_(saved)
+        trainer.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.weights_version = self.weights_version
+
+
+def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: float, epoch: int) -> WorkCounters:
+    """Train on every window with one loop; returns the training phase's work counters."""
+    trainer.counters = WorkCounters()
+    trainer.unet.train()
+    trainer.flow.train()
+    for window, kept in windows:
+        if name == "optimised":
+            trainer.train_window(window, kept, beta, epoch)
+        else:
+            reference_train_window(trainer, window, kept, beta, epoch, trainer.counters)
+    return trainer.counters
+
+
+def warmup_window(trainer: GFlowNetDiffusionTrainer, window: tuple[dict, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    """The first training batch of ``window`` with one kept transition per trajectory."""
+    samples, kept = window
+    rows = torch.arange(min(trainer.config.train_batch_size, kept.shape[0]))
+    return {key: trainer._take(value, rows) for key, value in samples.items()}, kept[rows, :1]
+
+
+def timed_phase(
+    name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: float, epoch: int, memory: PeakMemory
+) -> PhaseResult:
+    device = trainer.accelerator.device
+    memory.reset()
+    start = time.perf_counter()
+    counters = run_loop(name, trainer, windows, beta, epoch)
+    synchronise(device)
+    seconds = time.perf_counter() - start
+    peak = memory.peak_mib()
+    return PhaseResult(seconds, peak, peak - memory.start_mib, counters)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="tiny-cpu")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the setting's")
+    parser.add_argument("--repeats", type=int, help="timed repeats (default: 3 tiny-cpu, 1 sd15-gpu)")
+    parser.add_argument("--steps", type=int, help="DDIM steps per trajectory")
+    parser.add_argument("--sample-batch-size", type=int)
+    parser.add_argument("--sample-batches", type=int, help="sampling batches per epoch")
+    parser.add_argument("--train-batch-size", type=int)
+    parser.add_argument("--accumulation", type=int, help="train batches per optimiser step (window)")
+    parser.add_argument("--timestep-fraction", type=float, default=1.0)
+    parser.add_argument("--decode-batch-size", type=int, help="train_decode_batch_size (default: the config's)")
+    parser.add_argument("--klpf", type=float, default=-1.0, help="<= 0: DAG-DB; > 0: DAG-KL")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=512, help="sd15-gpu image size (multiple of 64)")
+    parser.add_argument("--reward", choices=["brightness", "clip-aesthetic"], help="default: per setting")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for tiny-cpu, whose networks are too small to split: on a shared machine "
+        "a second thread waits for a core held by another process, which made a tiny UNet forward 100x slower)",
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed transition-batch of each loop")
+    return parser.parse_args()
+
+
+def make_config(args: argparse.Namespace, setting: Setting, logdir: str) -> GFlowNetConfig:
+    overrides = {
+        "sample_num_steps": args.steps,
+        "sample_batch_size": args.sample_batch_size,
+        "sample_num_batches_per_epoch": args.sample_batches,
+        "train_batch_size": args.train_batch_size,
+        "train_gradient_accumulation_steps": args.accumulation,
+        "train_decode_batch_size": args.decode_batch_size,
+    }
+    values = dict(setting.config)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return GFlowNetConfig(
+        **values,
+        mixed_precision=args.mixed_precision,
+        train_gradient_checkpointing=args.gradient_checkpointing,
+        train_timestep_fraction=args.timestep_fraction,
+        train_klpf=args.klpf,
+        train_reward_exp=10.0,
+        train_reward_exp_anneal="none",
+        logdir=logdir,
+        save_freq=10**9,
+        accelerator_kwargs={"cpu": True} if args.device == "cpu" else {},
+    )
+
+
+def prompt_function() -> Callable[[], tuple[str, dict]]:
+    counter = itertools.count()
+
+    def next_prompt() -> tuple[str, dict]:
+        index = next(counter)
+        return PROMPTS[index % len(PROMPTS)], {"index": index}
+
+    return next_prompt
+
+
+def describe_machine(device: torch.device) -> str:
+    import diffusers
+    import transformers
+
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (
+        f"{hardware}; load average {load}\npython {platform.python_version()}, torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def report(
+    args: argparse.Namespace,
+    config: GFlowNetConfig,
+    sampling: list[float],
+    sampling_counters: WorkCounters,
+    results: dict[str, list[PhaseResult]],
+    memory: PeakMemory,
+) -> None:
+    trajectories = config.sample_batch_size * config.sample_num_batches_per_epoch
+    kept = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
+    transitions = trajectories * kept
+    # One transition-batch is one backward: train_batch_size transitions (the unit of the spec's per-step figures).
+    transition_batches = -(-trajectories // config.train_batch_size) * kept
+    sample_seconds = statistics.median(sampling)
+    print(
+        f"\n{trajectories} trajectories x {kept} kept transitions = {transitions} transitions per epoch, "
+        f"{transition_batches} transition-batches of {config.train_batch_size}; medians of {len(sampling)} repeat(s)"
+    )
+    print(f"sampling phase (shared): {sample_seconds:.2f} s; counters {asdict(sampling_counters)}")
+    header = f"{'loop':<16}{'sampling s':>11}{'training s':>11}{'epoch s':>9}{'ms/t-batch':>11}{'trans/s':>9}"
+    print(header + f"{'peak MiB':>10}{'rise MiB':>10}")
+    medians = {}
+    for name in LOOPS:
+        train = statistics.median(r.seconds for r in results[name])
+        peak = max(r.peak_memory_mib for r in results[name])
+        rise = max(r.memory_rise_mib for r in results[name])
+        medians[name] = train
+        print(
+            f"{name:<16}{sample_seconds:>11.2f}{train:>11.2f}{sample_seconds + train:>9.2f}"
+            f"{1000 * train / transition_batches:>11.1f}{transitions / train:>9.1f}{peak:>10.0f}{rise:>10.0f}"
+        )
+    print("training-phase counters (per epoch, in samples):")
+    for name in LOOPS:
+        print(f"  {name:<16}{asdict(results[name][-1].counters)}")
+    print("training times per repeat: " + "; ".join(f"{n} {[round(r.seconds, 2) for r in results[n]]}" for n in LOOPS))
+    reference, optimised = medians["straightforward"], medians["optimised"]
+    print(f"peak memory: {memory.method}")
+    print(f"speed-up, training phase: {reference / optimised:.2f}x")
+    print(f"speed-up, whole epoch:    {(sample_seconds + reference) / (sample_seconds + optimised):.2f}x")
+
+
+def main() -> None:
+    args = parse_arguments()
+    setting = SETTINGS[args.setting]
+    args.mixed_precision = args.mixed_precision or setting.mixed_precision
+    repeats = args.repeats or setting.repeats
+    args.threads = args.threads or setting.threads
+    args.device = setting.device if args.device == "auto" else args.device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            f"--setting {args.setting} needs a CUDA device and none is visible to torch {torch.__version__}. "
+            "Run it on a GPU machine, or add --device cpu (with e.g. --steps 2 --sample-batch-size 2 "
+            "--sample-batches 1 --resolution 128 --mixed-precision no) for a slow check of the code path."
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="dag-trl-bench-") as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        model_path = setting.pipeline_builder(tmp / "model", args)
+        pipeline = DefaultGFlowNetStableDiffusionPipeline(str(model_path), lora_rank=args.lora_rank)
+        config = make_config(args, setting, str(tmp / "logs"))
+        reward_choice = args.reward or setting.reward
+        reward = REWARDS[reward_choice](args, torch.device(args.device))
+        trainer = GFlowNetDiffusionTrainer(config, reward, prompt_function(), pipeline)
+        device = trainer.accelerator.device
+        print(f"setting {args.setting} on {device}: {describe_machine(device)}")
+        print(
+            f"reward {reward_choice}, mixed precision {config.mixed_precision}, gradient checkpointing "
+            f"{config.train_gradient_checkpointing}, LoRA rank {args.lora_rank}, steps {config.sample_num_steps}, "
+            f"sample {config.sample_batch_size} x {config.sample_num_batches_per_epoch}, train batch "
+            f"{config.train_batch_size}, accumulation {config.train_gradient_accumulation_steps}, decode batch "
+            f"{config.train_decode_batch_size}, {'DAG-KL' if config.is_dag_kl else 'DAG-DB'}; "
+            f"set-up {time.perf_counter() - start:.1f} s"
+        )
+
+        memory = PeakMemory(device)
+        beta = config.train_reward_exp
+        sampling: list[float] = []
+        results: dict[str, list[PhaseResult]] = {name: [] for name in LOOPS}
+        sampling_counters = WorkCounters()
+        for repeat in range(repeats):
+            trainer.counters = WorkCounters()
+            trainer.unet.eval()
+            start = time.perf_counter()
+            samples, _ = trainer._generate_samples(epoch=repeat)
+            synchronise(device)
+            sampling.append(time.perf_counter() - start)
+            sampling_counters = trainer.counters
+            windows = trainer.windows(samples, torch.Generator().manual_seed(repeat))
+            state = TrainingState(trainer)
+            if repeat == 0 and not args.no_warmup:
+                # One untimed transition-batch of each loop first: allocator growth and kernel selection are not loop
+                # cost, and a whole window of the GPU setting would take minutes.
+                for name in LOOPS:
+                    state.restore(trainer)
+                    run_loop(name, trainer, [warmup_window(trainer, windows[0])], beta, repeat)
+            # Alternate the order so neither loop always runs on a warmer (or more fragmented) process.
+            for name in LOOPS if repeat % 2 else LOOPS[::-1]:
+                state.restore(trainer)
+                results[name].append(timed_phase(name, trainer, windows, beta, repeat, memory))
+                print(f"repeat {repeat}: {name} training {results[name][-1].seconds:.2f} s", flush=True)
+            print(f"repeat {repeat}: sampling {sampling[-1]:.2f} s", flush=True)
+        report(args, config, sampling, sampling_counters, results, memory)
+        print(f"load average at the end: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
