@@ -119,6 +119,14 @@ def tiny_sd_v_prediction_path(tmp_path_factory) -> Path:
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def shapes_model_path() -> Path:
+    """The real built-in shapes model: the copy shipped in the package (built on first use if it is unusable)."""
+    from dag_trl.shapes import get_shapes_model
+
+    return get_shapes_model()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state (mixed precision included); start every test without it."""

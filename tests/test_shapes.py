@@ -375,10 +375,12 @@ def test_build_refuses_a_non_empty_folder(tmp_path: Path, capsys: pytest.Capture
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def shapes_model_path() -> Path:
-    """The real shapes model from the cache, built on first use (about 7 minutes on two idle CPU cores)."""
-    return shapes.get_shapes_model()
+def test_the_default_model_ships_in_the_package_and_verifies(shapes_model_path: Path) -> None:
+    assert shapes_model_path == shapes.PACKAGED_MODEL
+    record = shapes.verify_shapes_model(shapes_model_path, shapes.PACKAGED_SEED, shapes.ShapesBuildConfig())
+    assert record["seed"] == 0 and record["adherence"]["colour"] >= 0.9
+    on_disk = sum(f.stat().st_size for f in shapes_model_path.rglob("*") if f.is_file())
+    assert on_disk < 10 * 2**20  # the issue's limit for shipping a model inside the package
 
 
 def test_real_model_follows_prompts(shapes_model_path: Path) -> None:
