@@ -141,8 +141,9 @@ class GFlowNetConfig:
             the published hyper-parameters were tuned for) or `"sum"` (the true log-density).
         train_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
             Gradient checkpointing in the UNet (less memory, about 30% slower backward).
-        train_decode_batch_size (`int`, *optional*, defaults to `16`):
-            Largest batch the VAE decodes (and the reward scores) at once when computing intermediate rewards.
+        train_decode_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Largest batch the VAE decodes (and the reward scores) at once when computing intermediate rewards;
+            `None` uses `train_batch_size`, so that peak memory stays that of a training batch.
 
         > Flow network
 
@@ -210,7 +211,9 @@ class GFlowNetConfig:
     train_klpf: float = field(default=-1.0, metadata={"help": "<= 0: DAG-DB; > 0: DAG-KL weight."})
     train_log_prob_reduction: str = field(default="mean", metadata={"help": "'mean' (paper) or 'sum'."})
     train_gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing."})
-    train_decode_batch_size: int = field(default=16, metadata={"help": "Largest VAE decode / reward batch."})
+    train_decode_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Largest VAE decode / reward batch (default: train_batch_size)."}
+    )
 
     flow_block_out_channels: list[int] = field(
         default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Flow network down-block widths."}
@@ -233,6 +236,11 @@ class GFlowNetConfig:
         if self.train_flow_learning_rate is None:
             return self.train_learning_rate
         return self.train_flow_learning_rate
+
+    @property
+    def decode_batch_size(self) -> int:
+        """The largest decode / intermediate-reward batch (``train_decode_batch_size`` or ``train_batch_size``)."""
+        return self.train_decode_batch_size or self.train_batch_size
 
     @property
     def samples_per_epoch(self) -> int:
@@ -267,7 +275,6 @@ class GFlowNetConfig:
             "train_batch_size",
             "train_gradient_accumulation_steps",
             "train_num_inner_epochs",
-            "train_decode_batch_size",
             "max_workers",
             "flow_layers_per_block",
             "flow_attention_heads",
@@ -280,6 +287,10 @@ class GFlowNetConfig:
                 reject(name, "a number > 0")
         if self.train_flow_learning_rate is not None and not self.train_flow_learning_rate > 0:
             reject("train_flow_learning_rate", "a number > 0, or None to use train_learning_rate")
+        if self.train_decode_batch_size is not None and (
+            not isinstance(self.train_decode_batch_size, int) or self.train_decode_batch_size < 1
+        ):
+            reject("train_decode_batch_size", "an integer >= 1, or None to use train_batch_size")
         if not self.sample_eta > 0:
             reject("sample_eta", "a number > 0 (with eta = 0 DDIM is deterministic and has no log-probability)")
         if not 0 < self.train_timestep_fraction <= 1:

@@ -561,9 +561,9 @@ class GFlowNetDiffusionTrainer:
         self, window: dict[str, Any], states: list[tuple[int, int]], noise_preds: dict, epoch: int
     ) -> dict[tuple[int, int], float]:
         """Rewards of the decoded ``x0_hat`` of ``(trajectory, state)`` pairs, from given conditional noise
-        predictions, decoded and scored in batches of ``train_decode_batch_size``."""
+        predictions, decoded and scored in batches of ``config.decode_batch_size``."""
         rewards = {}
-        chunk = self.config.train_decode_batch_size
+        chunk = self.config.decode_batch_size
         for start in range(0, len(states), chunk):
             part = states[start : start + chunk]
             rows = torch.tensor([i for i, _ in part])
