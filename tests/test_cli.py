@@ -111,3 +111,26 @@ def test_summary_text_reports_before_after_and_colour_shift():
     assert "mean reward before: 0.2500" in text and "mean reward after:  0.7500" in text
     assert "red 0.25->0.50, blue 0.75->0.50" in text
     assert "prompt adherence after (full prompts): colour 0.85" in text
+
+
+def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_path):
+    output_dir = tmp_path / "main-job"
+    script_args, config = parse_arguments(
+        ["--output_dir", str(output_dir), "--num_epochs", "2", "--sample_num_steps", "6", "--eval_num_images", "8",
+         "--log_with", "tensorboard"]
+    )  # fmt: skip
+    summary = run(script_args, config)
+    assert script_args.pretrained_model == BUILTIN_MODEL and len(summary["reward_history"]) == 2
+    for name in ("before", "after"):
+        result = summary[name]
+        assert 0.0 <= result["reward_mean"] <= 1.0 and result["reward_std"] >= 0.0  # colour preference is in [0, 1]
+        assert sum(result["colour_distribution"].values()) == pytest.approx(1.0)
+        assert 0.0 <= result["adherence_full_prompts"]["colour"] <= 1.0
+        with Image.open(output_dir / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size == (4 * 128, 2 * (128 + 28))
+    assert json.loads((output_dir / "summary.json").read_text())["after"] == summary["after"]
+    with Image.open(output_dir / "reward_curve.png") as image:
+        assert image.format == "PNG" and image.size == (600, 400)
+    assert {"pytorch_lora_weights.safetensors", "flow", "README.md"} <= set(os.listdir(output_dir / "model"))
+    event_files = list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert event_files, sorted(str(p) for p in (output_dir / "logs").rglob("*"))
