@@ -216,7 +216,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         os.makedirs(script_args.output_dir, exist_ok=True)
         for name, result in (("before", before), ("after", after)):
             captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist())]
-            image_grid(result["images"], captions).save(os.path.join(script_args.output_dir, f"{name}.png"))
+            image_grid(result["images"], captions, columns=min(8, len(captions))).save(os.path.join(script_args.output_dir, f"{name}.png"))
         plot_reward_curve(trainer.reward_history, os.path.join(script_args.output_dir, "reward_curve.png"))
         trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
         with open(os.path.join(script_args.output_dir, "summary.json"), "w") as handle:

@@ -34,7 +34,7 @@ TINY_RECIPE = {
 def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_override_it():
     script_args, config = parse_arguments([])
     assert script_args.pretrained_model == BUILTIN_MODEL and script_args.reward == "shapes_colour_preference"
-    assert config.num_epochs == 12 and config.sample_num_steps == 20 and config.mixed_precision == "no"
+    assert config.num_epochs == 24 and config.sample_num_steps == 20 and config.mixed_precision == "no"
     _, config = parse_arguments(["--num_epochs", "3", "--train_klpf", "0.5"])
     assert config.num_epochs == 3 and config.is_dag_kl and config.sample_num_steps == 20
     # Any other model starts from the paper's settings.
@@ -63,7 +63,7 @@ def test_example_script_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, 
         with Image.open(output_dir / name) as image:
             image.verify()
         with Image.open(output_dir / name) as image:
-            assert image.format == "PNG" and image.size == (4 * 128, 2 * (128 + 28))  # 6 tiles in 4 columns
+            assert image.format == "PNG" and image.size == (6 * 128, 128 + 28)  # 6 tiles, one row of up to 8
     with Image.open(output_dir / "reward_curve.png") as image:
         assert image.format == "PNG"
     assert (output_dir / "model" / "pytorch_lora_weights.safetensors").is_file()
@@ -127,7 +127,7 @@ def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_p
         assert sum(result["colour_distribution"].values()) == pytest.approx(1.0)
         assert 0.0 <= result["adherence_full_prompts"]["colour"] <= 1.0
         with Image.open(output_dir / f"{name}.png") as image:
-            assert image.format == "PNG" and image.size == (4 * 128, 2 * (128 + 28))
+            assert image.format == "PNG" and image.size == (8 * 128, 128 + 28)
     assert json.loads((output_dir / "summary.json").read_text())["after"] == summary["after"]
     with Image.open(output_dir / "reward_curve.png") as image:
         assert image.format == "PNG" and image.size == (600, 400)
