@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import GFlowNetConfig
 from .flow_model import FlowNetwork
-from .hub import callable_name, create_model_card, push_folder_to_hub
+from .hub import HUB_TAGS, callable_name, create_model_card, push_folder_to_hub
 from .math import (
     ddim_step_with_logprob,
     detailed_balance_residual,
@@ -153,7 +153,7 @@ class GFlowNetDiffusionTrainer:
     run draws the prompts of the uninterrupted one.
     """
 
-    _tag_names = ["dag-trl", "gflownet", "diffusers", "lora", "text-to-image"]
+    _tag_names = list(HUB_TAGS)
 
     def __init__(
         self,

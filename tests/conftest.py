@@ -35,12 +35,28 @@ def write_tiny_clip_tokenizer(path: Path, model_max_length: int = TINY_MAX_TOKEN
     return path
 
 
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """A ``DDIMScheduler`` with Stable Diffusion's noise schedule and spacing (scaled-linear betas, leading spacing
+    with ``steps_offset=1``, ``abar[0]`` as the final alpha, no clipping)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build a randomly initialised, tiny ``StableDiffusionPipeline`` and ``save_pretrained`` it to ``path``.
 
     16x16 RGB images, 4x8x8 latents, a 2-layer CLIP text encoder of width 32; loads in well under a second.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -84,15 +100,7 @@ def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: i
         # A random decoder maps latents to nearly flat grey images; a larger output layer gives them contrast, so
         # image rewards (brightness, colour) depend on the latents enough for a learning check to be measurable.
         vae.decoder.conv_out.weight.mul_(10.0)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from conftest import sd_ddim_scheduler
 
 from dag_trl.math import (
     alphas_cumprod_at,
@@ -23,16 +23,8 @@ from dag_trl.math import (
 )
 
 
-def make_scheduler(prediction_type: str = "epsilon", steps: int = 10) -> DDIMScheduler:
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+def make_scheduler(prediction_type: str = "epsilon", steps: int = 10):
+    scheduler = sd_ddim_scheduler(prediction_type)
     scheduler.set_timesteps(steps)
     return scheduler
 
