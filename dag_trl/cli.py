@@ -1,7 +1,8 @@
 """``dag-trl train``: the main job. Aligns a Stable Diffusion model with DAG and reports what changed.
 
-Without arguments it runs offline on CPU: it builds (once, then cached) the small built-in shapes model of
-:mod:`dag_trl.shapes`, trains a LoRA on it with DAG towards the shapes colour-preference reward, and writes into
+Without arguments it runs offline on CPU: it loads the small built-in shapes model of :mod:`dag_trl.shapes` (shipped
+in the package, rebuilt if unusable), trains a LoRA on it with DAG towards the shapes colour-preference reward, and
+writes into
 ``--output_dir``: ``before.png`` / ``after.png`` (same prompts and noise, each image captioned with its prompt and
 reward), ``reward_curve.png``, ``summary.json``, the LoRA and flow network under ``model/`` and tensorboard logs.
 With ``--pretrained_model`` (a Hub id or local folder of any SD 1.x / 2.x model), ``--reward`` and ``--prompts``
@@ -120,7 +121,7 @@ def check_output_dir(script_args: ScriptArguments) -> None:
 
 
 def resolve_model(script_args: ScriptArguments) -> str:
-    """The folder or Hub id to load; the built-in model is built and cached on first use."""
+    """The folder or Hub id to load; for the built-in model, the shipped copy (or a cached rebuild)."""
     if script_args.pretrained_model != BUILTIN_MODEL:
         return script_args.pretrained_model
     from .shapes import get_shapes_model
@@ -218,7 +219,9 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         os.makedirs(script_args.output_dir, exist_ok=True)
         for name, result in (("before", before), ("after", after)):
             captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist())]
-            image_grid(result["images"], captions, columns=min(8, len(captions))).save(os.path.join(script_args.output_dir, f"{name}.png"))
+            image_grid(result["images"], captions, columns=min(8, len(captions))).save(
+                os.path.join(script_args.output_dir, f"{name}.png")
+            )
         plot_reward_curve(trainer.reward_history, os.path.join(script_args.output_dir, "reward_curve.png"))
         trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
         with open(os.path.join(script_args.output_dir, "summary.json"), "w") as handle:
