@@ -402,23 +402,14 @@ class GFlowNetDiffusionTrainer:
         samples, prompt_image_data = self._generate_samples(epoch)
 
         rewards = self.accelerator.gather(samples["rewards"]).cpu()
-        self.reward_history.append(
-            {
-                "epoch": epoch,
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                "beta": beta,
-            }
-        )
-        self.accelerator.log(
-            {
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                "beta": beta,
-                "epoch": epoch,
-            },
-            step=global_step,
-        )
+        epoch_metrics = {
+            "epoch": epoch,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "beta": beta,
+        }
+        self.reward_history.append(epoch_metrics)
+        self.accelerator.log(epoch_metrics, step=global_step)
         if self.image_samples_hook is not None and self.accelerator.is_main_process:
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
             self.image_samples_hook(prompt_image_data, global_step, tracker)
