@@ -550,7 +550,7 @@ class GFlowNetDiffusionTrainer:
 
     def _state_rewards(
         self, window: dict[str, Any], states: list[tuple[int, int]], noise_preds: dict, epoch: int
-    ) -> dict[tuple[int, int], float]:
+    ) -> dict[tuple[int, int], torch.Tensor]:
         """Rewards of the decoded ``x0_hat`` of ``(trajectory, state)`` pairs, from given conditional noise
         predictions, decoded and scored in batches of ``config.decode_batch_size``."""
         rewards = {}
@@ -598,8 +598,8 @@ class GFlowNetDiffusionTrainer:
         kept = torch.sort(kept, dim=1, descending=True).values
         kept_set = {(i, k) for i in range(kept.shape[0]) for k in kept[i].tolist()}
         # Rewards of the one-step predictions, keyed by (trajectory, state); state num_steps is terminal.
-        state_reward: dict[tuple[int, int], float] = {}
-        needed = sorted({(i, k) for i, k in kept_set} | {(i, k + 1) for i, k in kept_set if k + 1 < num_steps})
+        state_reward: dict[tuple[int, int], torch.Tensor] = {}
+        needed = sorted(kept_set | {(i, k + 1) for i, k in kept_set if k + 1 < num_steps})
         if window["weights_version"] == self.weights_version:
             recorded = {state: window["conditional_noise_preds"][state] for state in needed}
             state_reward.update(self._state_rewards(window, needed, recorded, epoch))
@@ -674,7 +674,7 @@ class GFlowNetDiffusionTrainer:
         window: dict[str, Any],
         rows: torch.Tensor,
         steps: torch.Tensor,
-        state_reward: dict[tuple[int, int], float],
+        state_reward: dict[tuple[int, int], torch.Tensor],
         beta: float,
         epoch: int,
     ) -> dict[str, Any]:
