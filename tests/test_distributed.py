@@ -37,6 +37,10 @@ def test_two_processes_train_one_epoch(tmp_path, tiny_sd_path):
     env["ACCELERATE_CONFIG_FILE"] = str(tmp_path / "no_accelerate_config.yaml")
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if result.returncode != 0 and "address already in use" in result.stderr.lower():
+        # free_port() releases the port before torchrun binds it; another process may take it in between.
+        command[command.index("--main_process_port") + 1] = str(free_port())
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-5000:]
 
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
