@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .hub import callable_name
+
 __all__ = [
     "RewardFunction",
     "ImagePreprocessor",
@@ -963,10 +965,6 @@ def imagereward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _reward_name(reward_fn: Any) -> str:
-    return getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", None) or type(reward_fn).__name__
-
-
 class WeightedSumReward(RewardFunction):
     """``sum_i w_i * r_i(images, prompts, metadata)``; ``info`` holds each unweighted part under its name and each
     part's own info under ``"<name>/<key>"``.
@@ -981,11 +979,11 @@ class WeightedSumReward(RewardFunction):
         self.parts: list[tuple[str, RewardCallable, float]] = []
         for reward, weight in items:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"weight of reward {_reward_name(reward)!r} must be a finite number; got {weight!r}")
+                raise ValueError(f"weight of reward {callable_name(reward)!r} must be a finite number; got {weight!r}")
             reward_fn = get_reward_fn(reward) if isinstance(reward, str) else reward
             if not callable(reward_fn):
                 raise ValueError(f"weighted_sum parts must be reward names or callables; got {reward!r}")
-            name = base = _reward_name(reward_fn)
+            name = base = callable_name(reward_fn)
             suffix = 1
             while any(name == existing for existing, _, _ in self.parts):
                 suffix += 1
