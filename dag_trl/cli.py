@@ -164,7 +164,8 @@ def evaluate(trainer, prompts: list[str], metadata: list[dict], seed: int, is_sh
         from .shapes import all_full_prompts, colour_distribution, prompt_adherence
 
         result["colour_distribution"] = colour_distribution(images)
-        full = all_full_prompts()[:: max(1, len(all_full_prompts()) // 42)]
+        every_full_prompt = all_full_prompts()
+        full = every_full_prompt[:: max(1, len(every_full_prompt) // 42)]
         result["adherence_full_prompts"] = prompt_adherence(sample_for_evaluation(trainer, full, seed + 1), full)
     return result
 

@@ -548,6 +548,14 @@ class GFlowNetDiffusionTrainer:
             return [value[i] for i in indices.tolist()]
         return value
 
+    @staticmethod
+    def _state_indices(window: dict[str, Any], states: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(trajectory rows, state indices)`` tensors of ``(trajectory, state)`` pairs, on the window's device."""
+        device = window["latents"].device
+        rows = torch.tensor([i for i, _ in states], device=device)
+        steps = torch.tensor([k for _, k in states], device=device)
+        return rows, steps
+
     def _state_rewards(
         self, window: dict[str, Any], states: list[tuple[int, int]], noise_preds: dict, epoch: int
     ) -> dict[tuple[int, int], torch.Tensor]:
@@ -557,11 +565,9 @@ class GFlowNetDiffusionTrainer:
         chunk = self.config.decode_batch_size
         for start in range(0, len(states), chunk):
             part = states[start : start + chunk]
-            rows = torch.tensor([i for i, _ in part])
-            steps = torch.tensor([k for _, k in part])
-            device = window["latents"].device
-            latents = window["latents"][rows.to(device), steps.to(device)]
-            timesteps = window["timesteps"][rows.to(device), steps.to(device)]
+            rows, steps = self._state_indices(window, part)
+            latents = window["latents"][rows, steps]
+            timesteps = window["timesteps"][rows, steps]
             predictions = torch.stack([noise_preds[state] for state in part])
             values = self._rewards_of_predictions(window, rows.tolist(), latents, timesteps, predictions, epoch)
             rewards.update(zip(part, values))
@@ -651,11 +657,9 @@ class GFlowNetDiffusionTrainer:
     def _fresh_state_rewards(self, window: dict[str, Any], states: list[tuple[int, int]], epoch: int) -> dict:
         """Rewards of states the window reaches but never leaves: one no-grad conditional forward each."""
         predictions = {}
-        device = window["latents"].device
         for start in range(0, len(states), self.config.train_batch_size):
             part = states[start : start + self.config.train_batch_size]
-            rows = torch.tensor([i for i, _ in part], device=device)
-            steps = torch.tensor([k for _, k in part], device=device)
+            rows, steps = self._state_indices(window, part)
             with torch.no_grad(), self._autocast():
                 _, conditional = self.sd_pipeline.predict_noise(
                     window["latents"][rows, steps],
