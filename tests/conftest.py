@@ -115,6 +115,47 @@ def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: i
     return path
 
 
+# Helpers shared by the trainer, checkpoint, hub and distributed tests.
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat"]
+
+
+def tiny_config(tmp_path, **overrides):
+    """A GFlowNetConfig sized for the tiny pipeline: 4 DDIM steps, batches of 2 to 4, float32."""
+    from dag_trl import GFlowNetConfig
+
+    kwargs = dict(
+        num_epochs=2,
+        sample_num_steps=4,
+        sample_batch_size=4,
+        sample_num_batches_per_epoch=2,
+        train_batch_size=2,
+        train_gradient_accumulation_steps=2,
+        mixed_precision="no",
+        flow_block_out_channels=[8, 16],
+        flow_attention_heads=2,
+        flow_time_embedding_dim=8,
+        train_reward_exp=10.0,
+        logdir=str(tmp_path / "logs"),
+        save_freq=100,
+    )
+    kwargs.update(overrides)
+    return GFlowNetConfig(**kwargs)
+
+
+def brightness(images, prompts, metadata):
+    """Mean pixel value: a reward with DDPO's contract that needs no model."""
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def files_under(folder) -> set[str]:
+    """Every file below ``folder``, as '/'-separated relative paths."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     """Folder of a tiny epsilon-prediction Stable Diffusion checkpoint, as ``save_pretrained`` writes it."""

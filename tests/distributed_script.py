@@ -18,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_trainer import brightness, tiny_config  # noqa: E402
+from conftest import brightness, tiny_config  # noqa: E402
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer  # noqa: E402
 from dag_trl.prompts import PromptList  # noqa: E402

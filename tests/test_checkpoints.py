@@ -7,20 +7,12 @@ import os
 
 import pytest
 import torch
-from test_trainer import PROMPTS, brightness, tiny_config
+from conftest import PROMPTS, brightness, files_under, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, FlowNetwork, GFlowNetDiffusionTrainer
 from dag_trl.prompts import PromptList
 
 FLOW_FILES = {"flow/config.json", "flow/diffusion_pytorch_model.safetensors"}
-
-
-def files_under(folder) -> set[str]:
-    return {
-        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-        for root, _, names in os.walk(folder)
-        for name in names
-    }
 
 
 def make_trainer(tmp_path, tiny_sd_path, use_lora=True, **overrides) -> GFlowNetDiffusionTrainer:

@@ -6,9 +6,8 @@ import importlib
 import os
 
 import pytest
+from conftest import PROMPTS, brightness, files_under, tiny_config
 from huggingface_hub import HfApi, ModelCard
-from test_checkpoints import files_under
-from test_trainer import PROMPTS, brightness, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
 from dag_trl.hub import HUB_TAGS, PAPER_BIBTEX, HubPushError, create_model_card

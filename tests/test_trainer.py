@@ -4,36 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import PROMPTS, brightness, tiny_config
 
-from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
 from dag_trl.math import ddim_step_with_logprob, reward_exponent
 from dag_trl.trainer import derive_seed, validate_prompt, validate_rewards
-
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat"]
-
-
-def tiny_config(tmp_path, **overrides) -> GFlowNetConfig:
-    kwargs = dict(
-        num_epochs=2,
-        sample_num_steps=4,
-        sample_batch_size=4,
-        sample_num_batches_per_epoch=2,
-        train_batch_size=2,
-        train_gradient_accumulation_steps=2,
-        mixed_precision="no",
-        flow_block_out_channels=[8, 16],
-        flow_attention_heads=2,
-        flow_time_embedding_dim=8,
-        train_reward_exp=10.0,
-        logdir=str(tmp_path / "logs"),
-        save_freq=100,
-    )
-    kwargs.update(overrides)
-    return GFlowNetConfig(**kwargs)
-
-
-def brightness(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3)), {}
 
 
 class CyclingPrompts:
