@@ -196,6 +196,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         pretrained_model_revision=script_args.pretrained_revision,
         use_lora=script_args.use_lora,
         lora_rank=script_args.lora_rank,
+        lora_init_seed=config.seed,
     )
     trainer = GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline)
     main = trainer.accelerator.is_main_process

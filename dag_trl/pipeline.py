@@ -138,6 +138,8 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         use_lora: train a LoRA (Hu et al., 2022) on the UNet's attention projections; else the whole UNet.
         lora_rank: LoRA rank (the paper: 4).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
+        lora_init_seed: seed of the LoRA initialisation (Gaussian ``A``, zero ``B``), drawn from a private random
+            state so that the same seed gives the same initial adapter in every run; the global one is untouched.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         use_lora: bool = True,
         lora_rank: int = 4,
         lora_alpha: Optional[float] = None,
+        lora_init_seed: int = 0,
     ):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -176,7 +179,10 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
                 init_lora_weights="gaussian",
                 target_modules=LORA_TARGET_MODULES,
             )
-            self.sd_pipeline.unet.add_adapter(lora_config)
+            # The UNet is still on the CPU here, so forking the CPU random state covers every draw.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(lora_init_seed)
+                self.sd_pipeline.unet.add_adapter(lora_config)
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -56,6 +56,22 @@ def test_full_unet_training_without_lora_and_custom_rank(tiny_sd_path):
         DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_rank=0)
 
 
+def test_lora_initialisation_follows_its_seed_and_leaves_the_global_random_state(tiny_sd_path):
+    def lora_down_weights(pipeline):
+        return {n: p.detach().clone() for n, p in pipeline.unet.named_parameters() if "lora_A" in n}
+
+    torch.manual_seed(1)
+    global_state = torch.get_rng_state()
+    first = lora_down_weights(DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_init_seed=3))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    torch.manual_seed(2)  # another global state must not change the adapter
+    again = lora_down_weights(DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_init_seed=3))
+    other = lora_down_weights(DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_init_seed=4))
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not any(torch.equal(first[name], other[name]) for name in first)
+
+
 def test_sampling_records_consistent_trajectories(lora_pipeline):
     output, embeds, negative = sample(lora_pipeline, ["a red circle", "a blue square"], steps=4)
     assert output.images.shape == (2, 3, 16, 16)
