@@ -10,6 +10,10 @@ from typing import Any, Optional
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REWARD_EXP_ANNEALS = ("linear", "none")
 LOG_PROB_REDUCTIONS = ("mean", "sum")
+# Accelerator arguments the trainer sets from the config; accelerator_kwargs must not repeat them.
+ACCELERATOR_ARGUMENTS_SET_BY_TRAINER = frozenset(
+    {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps"}
+)
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
 
 
@@ -47,7 +51,9 @@ class GFlowNetConfig:
         tracker_kwargs (`dict`, *optional*, defaults to `{}`):
             Keyword arguments for the tracker's `init` (for example `{"wandb": {"entity": "me"}}`).
         accelerator_kwargs (`dict`, *optional*, defaults to `{}`):
-            Extra keyword arguments for `accelerate.Accelerator`.
+            Extra keyword arguments for `accelerate.Accelerator` (for example `kwargs_handlers` or
+            `deepspeed_plugin`); not `log_with`, `mixed_precision`, `project_config` or
+            `gradient_accumulation_steps`, which come from the fields of this config.
         project_kwargs (`dict`, *optional*, defaults to `{}`):
             Extra keyword arguments for `accelerate.utils.ProjectConfiguration`.
         tracker_project_name (`str`, *optional*, defaults to `"dag_trl"`):
@@ -111,9 +117,11 @@ class GFlowNetConfig:
         train_adam_epsilon (`float`, *optional*, defaults to `1e-8`):
             AdamW epsilon.
         train_gradient_accumulation_steps (`int`, *optional*, defaults to `4`):
-            Training batches (each with all kept timesteps) accumulated per optimiser step.
+            Training batches (each with all kept timesteps) accumulated per optimiser step; accelerate accumulates
+            `train_gradient_accumulation_steps * num_train_timesteps` backward passes.
         train_max_grad_norm (`float`, *optional*, defaults to `1.0`):
-            Gradient-norm clip, applied to the UNet parameters and to the flow network separately.
+            Gradient-norm clip, applied to the UNet parameters and to the flow network separately (under
+            DeepSpeed: once, to the norm of both together).
         train_num_inner_epochs (`int`, *optional*, defaults to `1`):
             Passes over each epoch's samples.
         train_cfg (`bool`, *optional*, defaults to `True`):
@@ -243,6 +251,17 @@ class GFlowNetConfig:
         return self.train_decode_batch_size or self.train_batch_size
 
     @property
+    def num_train_timesteps(self) -> int:
+        """Transitions trained on per trajectory: ``max(1, int(sample_num_steps * train_timestep_fraction))``."""
+        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        """Backward passes accumulated into one optimiser step: one per training batch and kept timestep,
+        ``train_gradient_accumulation_steps * num_train_timesteps`` (accelerate's ``gradient_accumulation_steps``)."""
+        return self.train_gradient_accumulation_steps * self.num_train_timesteps
+
+    @property
     def samples_per_epoch(self) -> int:
         """Trajectories sampled per epoch and process."""
         return self.sample_batch_size * self.sample_num_batches_per_epoch
@@ -313,6 +332,12 @@ class GFlowNetConfig:
             reject("flow_block_out_channels", "a non-empty list of positive integers")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
+        reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
+        if reserved:
+            raise ValueError(
+                f"GFlowNetConfig.accelerator_kwargs sets {reserved}, which the trainer derives from other fields: "
+                "use log_with, mixed_precision, project_kwargs and train_gradient_accumulation_steps instead."
+            )
         window = self.train_batch_size * self.train_gradient_accumulation_steps
         if self.samples_per_epoch % window:
             raise ValueError(

@@ -15,6 +15,10 @@ with the same losses and gradients:
   been visited before; only states reached but never left within the window need a no-grad conditional forward;
 - the terminal state's forward-looking term is never computed (its log-flow is the true log-reward);
 - ``log P_B`` is recorded while sampling; with several processes, gradients synchronise once per window.
+
+Under DeepSpeed (ZeRO stages 0-2) the UNet and the flow network are handed to accelerate as one module
+(:class:`TrainableModules`), since DeepSpeed's engine takes one model, and the engine runs the clipping and the
+optimiser step at the end of each window.
 """
 
 from __future__ import annotations
@@ -131,6 +135,55 @@ class WorkCounters:
         return {f"counters/{name}": value for name, value in self.__dict__.items()}
 
 
+class TrainableModules(torch.nn.Module):
+    """The UNet and the flow network as one module, for engines that take a single model (DeepSpeed).
+
+    The trainer calls ``unet`` and ``flow`` directly; the container has no ``forward`` of its own.
+    """
+
+    def __init__(self, unet: torch.nn.Module, flow: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.flow = flow
+
+
+def configure_deepspeed(plugin: Any, config: GFlowNetConfig) -> None:
+    """Fill a DeepSpeed config's batch, accumulation and clipping entries from ``config``, before ``prepare``.
+
+    ``plugin`` is accelerate's ``DeepSpeedPlugin`` (from ``accelerate launch --config_file ...`` or
+    ``accelerator_kwargs``). Entries that are ``"auto"`` or absent get the trainer's values: one micro-batch is
+    ``train_batch_size`` transitions, an optimiser step accumulates ``config.backward_passes_per_step`` of them,
+    and ``train_max_grad_norm`` clips the global norm of the UNet and flow parameters together. An explicit
+    different value, and ZeRO stage 3 (which shards the parameters the trainer calls directly), raise
+    ``ValueError`` when the trainer is constructed, before anything is moved to the device or trained.
+    """
+    deepspeed_config = plugin.deepspeed_config
+    stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(
+            f"DeepSpeed zero_optimization.stage={stage!r} is not supported: expected 0, 1 or 2 (ZeRO-3 shards the "
+            "parameters, and the trainer calls the UNet and the flow network outside the engine)."
+        )
+    required = {
+        "train_micro_batch_size_per_gpu": (config.train_batch_size, "GFlowNetConfig.train_batch_size"),
+        "gradient_accumulation_steps": (
+            config.backward_passes_per_step,
+            f"GFlowNetConfig.train_gradient_accumulation_steps * num_train_timesteps = "
+            f"{config.train_gradient_accumulation_steps} * {config.num_train_timesteps}",
+        ),
+        "gradient_clipping": (config.train_max_grad_norm, "GFlowNetConfig.train_max_grad_norm"),
+    }
+    for key, (value, source) in required.items():
+        current = deepspeed_config.get(key, "auto")
+        if current == "auto":
+            deepspeed_config[key] = value
+        elif current != value:
+            raise ValueError(
+                f"The DeepSpeed config sets {key}={current!r}, but the trainer needs {value!r} ({source}): "
+                'set it to "auto" or leave it out.'
+            )
+
+
 class GFlowNetDiffusionTrainer:
     """Train a Stable Diffusion policy with DAG or DAG-KL (Zhang et al., 2024), the way TRL's ``DDPOTrainer`` is used.
 
@@ -164,7 +217,7 @@ class GFlowNetDiffusionTrainer:
         image_samples_hook: Optional[Callable] = None,
     ):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedType, ProjectConfiguration
 
         if not isinstance(config, GFlowNetConfig):
             raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
@@ -199,12 +252,18 @@ class GFlowNetDiffusionTrainer:
         self.resume_path = self._resolve_resume_path() if config.resume_from else None
 
         project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
+        # One optimiser step per window: accelerate averages the window's backward passes and, with several
+        # processes, synchronises gradients on the last one only (`accumulate` in `train_window`).
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
             project_config=project_config,
+            gradient_accumulation_steps=config.backward_passes_per_step,
             **config.accelerator_kwargs,
         )
+        self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.uses_deepspeed:
+            configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
@@ -247,7 +306,15 @@ class GFlowNetDiffusionTrainer:
             self.negative_prompt_embeds = sd_pipeline.encode_prompt([config.negative_prompts])
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
-        self.unet, self.flow, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, flow, self.optimizer)
+        if self.uses_deepspeed:
+            engine, self.optimizer = self.accelerator.prepare(TrainableModules(sd_pipeline.unet, flow), self.optimizer)
+            # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
+            # called directly, and `accelerator.backward` routes every backward pass through the engine.
+            self.unet, self.flow = engine.module.unet, engine.module.flow
+            self.prepared_models: tuple = (engine,)
+        else:
+            self.unet, self.flow, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, flow, self.optimizer)
+            self.prepared_models = (self.unet, self.flow)
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
         self.global_step = 0
@@ -323,6 +390,12 @@ class GFlowNetDiffusionTrainer:
         # or processes sharing a filesystem write the same files at once.
         if not self.accelerator.is_main_process:
             return
+        if self.uses_deepspeed:
+            # The engine's own checkpoint holds both networks and the optimiser; the files written here are the
+            # portable ones (diffusers LoRA, flow network) that `resume_from` checks for and other tools load.
+            self.sd_pipeline.save_pretrained(output_dir, unet=self.unet)
+            self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
+            return
         # accelerate passes its own model list here: leave it intact and drop the entries we save from `weights`.
         flow_index = self._find_flow(models)
         self.accelerator.unwrap_model(models[flow_index]).save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
@@ -331,6 +404,8 @@ class GFlowNetDiffusionTrainer:
         self.sd_pipeline.save_checkpoint(others, weights, output_dir)
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:
+        if self.uses_deepspeed:
+            return  # the engine's load_checkpoint has restored both networks and the optimiser
         flow = models.pop(self._find_flow(models))
         loaded = FlowNetwork.from_pretrained(os.path.join(input_dir, FLOW_FOLDER))
         self.accelerator.unwrap_model(flow).load_state_dict(loaded.state_dict())
@@ -347,7 +422,9 @@ class GFlowNetDiffusionTrainer:
             shutil.rmtree(temporary, ignore_errors=True)
             os.makedirs(temporary, exist_ok=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(temporary)
+        self.accelerator.save_state(temporary, **self._deepspeed_checkpoint_kwargs(saving=True))
+        # Every process writes into the folder (its RNG state, its DeepSpeed optimiser shard): rename it after all.
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             state = {
                 "epoch": epoch,
@@ -364,8 +441,14 @@ class GFlowNetDiffusionTrainer:
         self.accelerator.wait_for_everyone()
         return final
 
+    def _deepspeed_checkpoint_kwargs(self, saving: bool) -> dict[str, bool]:
+        """DeepSpeed's checkpoint of a LoRA run leaves out the frozen base UNet (it comes from the base model)."""
+        if not (self.uses_deepspeed and self.sd_pipeline.use_lora):
+            return {}
+        return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+
     def _load_checkpoint(self, path: str) -> None:
-        self.accelerator.load_state(path)
+        self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
         with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
             state = json.load(handle)
         self.first_epoch = state["epoch"] + 1
@@ -503,7 +586,12 @@ class GFlowNetDiffusionTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         factory = self.sd_pipeline.autocast
-        return factory() if factory is not None else self.accelerator.autocast()
+        if factory is not None:
+            return factory()
+        if self.uses_deepspeed and self.weight_dtype != torch.float32:
+            # DeepSpeed keeps 16-bit weights and leaves autocasting to the script; accelerate's autocast is a no-op.
+            return torch.autocast(self.accelerator.device.type, dtype=self.weight_dtype)
+        return self.accelerator.autocast()
 
     # ------------------------------------------------------------------ training
 
@@ -529,7 +617,7 @@ class GFlowNetDiffusionTrainer:
         config = self.config
         total, num_steps = samples["log_probs"].shape
         order = torch.randperm(total, generator=generator)
-        num_kept = max(1, int(num_steps * config.train_timestep_fraction))
+        num_kept = config.num_train_timesteps
         kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
         size = config.train_batch_size * config.train_gradient_accumulation_steps
         return [
@@ -617,42 +705,43 @@ class GFlowNetDiffusionTrainer:
         num_kept = kept.shape[1]
         batches = range(0, kept.shape[0], config.train_batch_size)
         num_backwards = len(batches) * num_kept
-        backward_index = 0
+        if num_backwards != config.backward_passes_per_step:
+            raise ValueError(
+                f"train_window got {len(batches)} batches x {num_kept} kept timesteps = {num_backwards} backward "
+                f"passes; the config accumulates {config.backward_passes_per_step} per optimiser step "
+                "(train_gradient_accumulation_steps * num_train_timesteps)."
+            )
         for start in batches:
             rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
             for column in range(num_kept):
-                backward_index += 1
-                sync = backward_index == num_backwards
-                with self._no_sync(not sync):
+                # accelerate divides each loss by the number of backward passes and synchronises on the last.
+                with self.accelerator.accumulate(*self.prepared_models):
                     parts = self._transition_loss(window, rows, kept[rows, column], state_reward, beta, epoch)
-                    loss = parts.pop("loss") / num_backwards
-                    self.accelerator.backward(loss)
+                    self.accelerator.backward(parts.pop("loss"))
                 for name, value in parts.items():
                     sums[name] += value / num_backwards
 
-        unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
-        # Unscale (fp16) once, then clip the two parameter groups separately, as the paper does.
-        self.accelerator.unscale_gradients()
-        grad_norm_unet = torch.nn.utils.clip_grad_norm_(unet_parameters, config.train_max_grad_norm)
-        grad_norm_flow = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), config.train_max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.weights_version += 1
         metrics = {
             name: self.accelerator.reduce(torch.tensor(value, device=device), "mean").item()
             for name, value in sums.items()
         }
-        metrics["grad_norm_unet"] = float(grad_norm_unet)
-        metrics["grad_norm_flow"] = float(grad_norm_flow)
+        if self.uses_deepspeed:
+            # The engine clipped the global norm of both networks and stepped inside the last backward pass.
+            metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_([], config.train_max_grad_norm))
+        else:
+            unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
+            # Unscale (fp16) once, then clip the two parameter groups separately, as the paper does.
+            self.accelerator.unscale_gradients()
+            metrics["grad_norm_unet"] = float(
+                torch.nn.utils.clip_grad_norm_(unet_parameters, config.train_max_grad_norm)
+            )
+            metrics["grad_norm_flow"] = float(
+                torch.nn.utils.clip_grad_norm_(self.flow.parameters(), config.train_max_grad_norm)
+            )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.weights_version += 1
         return metrics
-
-    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce on every backward of a window but the last."""
-        stack = contextlib.ExitStack()
-        if skip_sync and self.accelerator.num_processes > 1:
-            stack.enter_context(self.accelerator.no_sync(self.unet))
-            stack.enter_context(self.accelerator.no_sync(self.flow))
-        return stack
 
     def _fresh_state_rewards(self, window: dict[str, Any], states: list[tuple[int, int]], epoch: int) -> dict:
         """Rewards of states the window reaches but never leaves: one no-grad conditional forward each."""

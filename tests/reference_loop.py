@@ -45,7 +45,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
     kept = torch.sort(kept, dim=1, descending=True).values
     num_kept = kept.shape[1]
     batches = range(0, kept.shape[0], config.train_batch_size)
-    num_backwards = len(batches) * num_kept
+    assert len(batches) * num_kept == trainer.accelerator.gradient_accumulation_steps
     for start in batches:
         rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
         for column in range(num_kept):
@@ -97,7 +97,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             else:
                 residual = detailed_balance_residual(log_flow, step.log_probs, step.backward_log_probs, next_log_flow)
                 loss = residual**2 + config.train_unet_reg * regulariser
-            trainer.accelerator.backward(loss.mean() / num_backwards)
+            # The trainer's accelerator divides by its gradient_accumulation_steps, the number of backward passes per window (asserted above).
+            trainer.accelerator.backward(loss.mean())
 
     trainer.accelerator.unscale_gradients()
     unet_parameters = [p for p in trainer.unet.parameters() if p.requires_grad]

@@ -66,11 +66,21 @@ def test_hf_argument_parser_reads_command_line():
         ({"log_with": "neptune"}, "log_with='neptune' is invalid"),
         ({"sample_num_steps": 0}, "sample_num_steps=0 is invalid: expected an integer >= 1"),
         ({"flow_block_out_channels": [60, 64], "flow_attention_heads": 8}, "divisible by flow_attention_heads=8"),
+        ({"accelerator_kwargs": {"gradient_accumulation_steps": 2, "cpu": True}},
+         r"accelerator_kwargs sets \['gradient_accumulation_steps'\], which the trainer derives from other fields"),
     ],
 )  # fmt: skip
 def test_invalid_values_name_field_value_and_accepted(overrides, message):
     with pytest.raises(ValueError, match=message):
         GFlowNetConfig(**overrides)
+
+
+def test_backward_passes_per_step_counts_batches_times_kept_timesteps():
+    config = GFlowNetConfig(sample_num_steps=50, train_timestep_fraction=0.5, train_gradient_accumulation_steps=4)
+    assert config.num_train_timesteps == 25
+    assert config.backward_passes_per_step == 100
+    # A fraction that keeps less than one timestep still trains on one.
+    assert GFlowNetConfig(sample_num_steps=4, train_timestep_fraction=0.1).num_train_timesteps == 1
 
 
 def test_docs_config_reference_lists_every_field():

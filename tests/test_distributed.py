@@ -1,5 +1,9 @@
-"""Two CPU processes (accelerate launch, gloo DDP) train one epoch of the tiny pipeline: own prompts and noise per
-process, gathered rewards, one gradient all-reduce per optimiser step, identical parameters, one writer."""
+"""Two CPU processes (accelerate launch) train the tiny pipeline.
+
+DDP (gloo): own prompts and noise per process, gathered rewards, one gradient all-reduce per optimiser step,
+identical parameters, one writer. DeepSpeed ZeRO-2 (the shipped launch config): the trainer fills DeepSpeed's batch,
+accumulation and clipping settings, steps once per window, reaches DDP's parameters, and resumes exactly.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import files_under
+from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).with_name("distributed_script.py")
+TESTS = Path(__file__).parent
+DEEPSPEED_CONFIG = TESTS.parent / "examples" / "accelerate_configs" / "deepspeed_zero2.yaml"
 # 2 processes x (imports + one tiny epoch) on a shared 2-core machine; far above a normal run's 30-60 s.
 TIMEOUT_S = 600
 
@@ -23,19 +30,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_train_one_epoch(tmp_path, tiny_sd_path):
-    # accelerate 1.x launches several CPU processes only through torchrun (`--multi_gpu`; `--cpu` with
-    # --num_processes 2 starts one process unless MPI is set up); ACCELERATE_USE_CPU makes them gloo CPU workers.
+def launch(
+    launch_arguments: list[str], script: str, script_arguments: list[str], workdir: Path, env_overrides: dict
+) -> None:
+    """``accelerate launch`` two processes of ``tests/<script>``; fail with their stderr if they fail."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-        str(SCRIPT), str(tiny_sd_path), str(tmp_path),
+        sys.executable, "-m", "accelerate.commands.launch", *launch_arguments, "--num_processes", "2",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+        str(TESTS / script), *script_arguments,
     ]  # fmt: skip
     # No user accelerate config may change the launch; the library must be importable from this checkout.
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    env["ACCELERATE_CONFIG_FILE"] = str(tmp_path / "no_accelerate_config.yaml")
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", **env_overrides)
+    env["ACCELERATE_CONFIG_FILE"] = str(workdir / "no_accelerate_config.yaml")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     if result.returncode != 0 and "address already in use" in result.stderr.lower():
         # free_port() releases the port before torchrun binds it; another process may take it in between.
@@ -43,7 +50,30 @@ def test_two_processes_train_one_epoch(tmp_path, tiny_sd_path):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-5000:]
 
-    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+def load_ranks(folder: Path) -> list[dict]:
+    return [torch.load(folder / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_sd_path) -> Path:
+    """One epoch of tests/distributed_script.py on two gloo DDP processes; returns its output folder."""
+    output = tmp_path_factory.mktemp("ddp")
+    # accelerate 1.x launches several CPU processes only through torchrun (`--multi_gpu`; `--cpu` with
+    # --num_processes 2 starts one process unless MPI is set up); ACCELERATE_USE_CPU makes them gloo CPU workers.
+    launch(
+        ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+        "distributed_script.py",
+        [str(tiny_sd_path), str(output)],
+        output,
+        {"ACCELERATE_USE_CPU": "true"},
+    )
+    return output
+
+
+def test_two_processes_train_one_epoch(ddp_run):
+    tmp_path = ddp_run
+    ranks = load_ranks(ddp_run)
     first, second = ranks
     assert first["num_processes"] == second["num_processes"] == 2
     # Each process samples its own prompts and noise.
@@ -73,3 +103,75 @@ def test_two_processes_train_one_epoch(tmp_path, tiny_sd_path):
                 "random_states_1.pkl", "flow"}  # fmt: skip
     assert expected <= set(os.listdir(checkpoint))
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(tmp_path, tiny_sd_path, ddp_run):
+    def launch_deepspeed(output: Path, epochs: int, resume_from: str = "") -> list[dict]:
+        output.mkdir()
+        # The shipped launch config as users run it; DeepSpeed's CPU accelerator stands in for the GPUs.
+        launch(
+            ["--config_file", str(DEEPSPEED_CONFIG)],
+            "deepspeed_script.py",
+            [str(tiny_sd_path), str(output), str(epochs), *([resume_from] if resume_from else [])],
+            output,
+            {"DS_ACCELERATOR": "cpu"},
+        )
+        return load_ranks(output)
+
+    straight = launch_deepspeed(tmp_path / "straight", epochs=2)
+    for rank in straight:
+        assert rank["distributed_type"] == "DistributedType.DEEPSPEED" and rank["zero_stage"] == 2
+        assert rank["num_processes"] == 2
+        # Filled from the GFlowNetConfig: batches of train_batch_size=2, 2 batches x 4 timesteps per step, clip 0.9.
+        assert rank["deepspeed"] == {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 8,
+            "gradient_clipping": 0.9,
+        }
+        # One optimiser step per epoch's window, taken in the window's 8th backward pass.
+        assert rank["steps_after_backward"] == [0] * 7 + [1] + [1] * 7 + [2]
+        assert [set(m) & {"grad_norm", "grad_norm_unet"} for m in rank["step_metrics"]] == [{"grad_norm"}] * 2
+    first, second = straight
+    for epoch in (0, 1):
+        for group in ("unet", "flow"):
+            ours, theirs = (
+                first["parameters_after_epoch"][epoch][group],
+                second["parameters_after_epoch"][epoch][group],
+            )
+            assert ours.keys() == theirs.keys() and ours
+            assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+    # Same samples, same averaged gradient (no clipping at these norms): the step lands where DDP's did.
+    assert first["step_metrics"][0]["grad_norm"] < 0.9
+    ddp = load_ranks(ddp_run)[0]
+    for group in ("unet", "flow"):
+        reached = first["parameters_after_epoch"][0][group]
+        expected = {name.removeprefix("module."): value for name, value in ddp[group].items()}
+        assert reached.keys() == expected.keys()
+        for name in reached:
+            torch.testing.assert_close(reached[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # The checkpoint: DeepSpeed's model and per-process optimiser shards, without the frozen base UNet, next to
+    # the portable LoRA and flow network and the trainer state.
+    checkpoint = tmp_path / "straight" / "logs" / "checkpoints" / "checkpoint_0"
+    expected_files = {"pytorch_lora_weights.safetensors", "flow/diffusion_pytorch_model.safetensors",
+                      "trainer_state.json", "pytorch_model/mp_rank_00_model_states.pt",
+                      "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # fmt: skip
+    assert expected_files <= files_under(checkpoint)
+    module_state = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+    trained_names = {f"unet.{n}" for n in first["parameters_after_epoch"][0]["unet"]} | {
+        f"flow.{n}" for n in first["parameters_after_epoch"][0]["flow"]
+    }
+    assert set(module_state["module"]) == trained_names
+    lora = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    assert len(lora) == len(first["parameters_after_epoch"][0]["unet"])
+
+    # Resuming after epoch 0 in a new launch reproduces epoch 1 bit for bit (optimiser shards included).
+    resumed = launch_deepspeed(tmp_path / "resumed", epochs=2, resume_from=str(checkpoint))
+    for rank in resumed:
+        assert rank["first_epoch"] == 2 and list(rank["parameters_after_epoch"]) == [1]
+        assert rank["steps_after_backward"] == [1] * 7 + [2]
+        for group in ("unet", "flow"):
+            ours, theirs = rank["parameters_after_epoch"][1][group], first["parameters_after_epoch"][1][group]
+            assert all(torch.equal(ours[name], theirs[name]) for name in theirs)

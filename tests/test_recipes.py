@@ -61,7 +61,7 @@ def test_hpsv2_recipe_names_all_four_hpd_styles():
 
 @pytest.mark.parametrize(
     "name, distributed_type, num_processes",
-    [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8)],
+    [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8), ("deepspeed_zero2", "DEEPSPEED", 8)],
 )
 def test_accelerate_configs_load(name, distributed_type, num_processes):
     from accelerate.commands.config.config_args import ClusterConfig
@@ -71,3 +71,7 @@ def test_accelerate_configs_load(name, distributed_type, num_processes):
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (distributed_type, num_processes)
     # The precision is the recipe's (GFlowNetConfig.mixed_precision); the launcher must not impose another.
     assert yaml.safe_load(path.read_text())["mixed_precision"] == "no"
+    if config.deepspeed_config:
+        # ZeRO-2; batch size, accumulation and clipping are left to the trainer (configure_deepspeed).
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(config.deepspeed_config)

@@ -8,7 +8,7 @@ from conftest import PROMPTS, brightness, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
 from dag_trl.math import ddim_step_with_logprob, reward_exponent
-from dag_trl.trainer import derive_seed, validate_prompt, validate_rewards
+from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
 
 
 class CyclingPrompts:
@@ -338,3 +338,36 @@ def test_asynchronous_rewards_give_the_same_samples_and_rewards(tmp_path, tiny_s
         actual["rewards"], brightness(asynchronous.sd_pipeline.decode(actual["latents"][:, -1]), None, None)[0]
     )
     torch.testing.assert_close(actual["rewards"], expected["rewards"])
+
+
+def test_deepspeed_settings_come_from_the_config(tmp_path):
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = tiny_config(tmp_path, train_max_grad_norm=0.3)  # 2 batches x 4 timesteps per optimiser step
+    plugin = DeepSpeedPlugin(zero_stage=2)
+    configure_deepspeed(plugin, config)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 8
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.3
+    # Explicit values that agree are kept.
+    agreeing = DeepSpeedPlugin(zero_stage=1, gradient_accumulation_steps=8, gradient_clipping=0.3)
+    configure_deepspeed(agreeing, config)
+    assert agreeing.deepspeed_config["gradient_accumulation_steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "plugin_kwargs, message",
+    [
+        ({"zero_stage": 2, "gradient_accumulation_steps": 4},
+         r"sets gradient_accumulation_steps=4, but the trainer needs 8 \(GFlowNetConfig.train_gradient_accumulation_"
+         r"steps \* num_train_timesteps = 2 \* 4\): set it to \"auto\" or leave it out"),
+        ({"zero_stage": 2, "gradient_clipping": 1.0},
+         r"sets gradient_clipping=1.0, but the trainer needs 0.3 \(GFlowNetConfig.train_max_grad_norm\)"),
+        ({"zero_stage": 3}, r"zero_optimization.stage=3 is not supported: expected 0, 1 or 2"),
+    ],
+)  # fmt: skip
+def test_deepspeed_settings_the_trainer_cannot_honour_are_rejected(tmp_path, plugin_kwargs, message):
+    from accelerate.utils import DeepSpeedPlugin
+
+    with pytest.raises(ValueError, match=message):
+        configure_deepspeed(DeepSpeedPlugin(**plugin_kwargs), tiny_config(tmp_path, train_max_grad_norm=0.3))
