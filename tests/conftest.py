@@ -147,6 +147,19 @@ def brightness(images, prompts, metadata):
     return images.mean(dim=(1, 2, 3)), {}
 
 
+def make_resumable_trainer(tmp_path, tiny_sd_path, use_lora=True, **overrides):
+    """A trainer with one optimiser step per epoch (4 trajectories of 4 steps), a checkpoint per epoch and a
+    seedable prompt set, as resume needs."""
+    from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+    from dag_trl.prompts import PromptList
+
+    settings = dict(num_epochs=2, sample_num_batches_per_epoch=1, save_freq=1)
+    settings.update(overrides)
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=use_lora)
+    prompts = PromptList(PROMPTS, name="shapes", seed=0)
+    return GFlowNetDiffusionTrainer(tiny_config(tmp_path, **settings), brightness, prompts, pipeline)
+
+
 def files_under(folder) -> set[str]:
     """Every file below ``folder``, as '/'-separated relative paths."""
     return {

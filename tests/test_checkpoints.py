@@ -7,21 +7,11 @@ import os
 
 import pytest
 import torch
-from conftest import PROMPTS, brightness, files_under, tiny_config
+from conftest import PROMPTS, files_under, make_resumable_trainer
 
-from dag_trl import DefaultGFlowNetStableDiffusionPipeline, FlowNetwork, GFlowNetDiffusionTrainer
-from dag_trl.prompts import PromptList
+from dag_trl import FlowNetwork
 
 FLOW_FILES = {"flow/config.json", "flow/diffusion_pytorch_model.safetensors"}
-
-
-def make_trainer(tmp_path, tiny_sd_path, use_lora=True, **overrides) -> GFlowNetDiffusionTrainer:
-    """One optimiser step per epoch (4 trajectories of 4 steps); a seedable prompt set, as resume needs."""
-    settings = dict(num_epochs=2, sample_num_batches_per_epoch=1, save_freq=1)
-    settings.update(overrides)
-    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=use_lora)
-    prompts = PromptList(PROMPTS, name="shapes", seed=0)
-    return GFlowNetDiffusionTrainer(tiny_config(tmp_path, **settings), brightness, prompts, pipeline)
 
 
 def plain_pipeline(tiny_sd_path, **components):
@@ -65,7 +55,7 @@ def test_saved_weights_give_the_trained_images_in_plain_diffusers(tmp_path, tiny
     from diffusers import UNet2DConditionModel
 
     # A large learning rate so that one step moves the images well beyond the comparison tolerance.
-    trainer = make_trainer(tmp_path, tiny_sd_path, use_lora=use_lora, num_epochs=1, train_learning_rate=3e-2)
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, use_lora=use_lora, num_epochs=1, train_learning_rate=3e-2)
     trainer.train()
     trainer.save_pretrained(tmp_path / "saved")
 
@@ -88,14 +78,14 @@ def test_saved_weights_give_the_trained_images_in_plain_diffusers(tmp_path, tiny
 
 
 def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_sd_path):
-    straight = make_trainer(tmp_path / "straight", tiny_sd_path)
+    straight = make_resumable_trainer(tmp_path / "straight", tiny_sd_path)
     straight.train()
 
-    interrupted = make_trainer(tmp_path / "resumed", tiny_sd_path)
+    interrupted = make_resumable_trainer(tmp_path / "resumed", tiny_sd_path)
     interrupted.train(epochs=1)
     after_first_epoch = parameters(interrupted.unet)
     del interrupted
-    resumed = make_trainer(tmp_path / "resumed", tiny_sd_path, resume_from="latest")
+    resumed = make_resumable_trainer(tmp_path / "resumed", tiny_sd_path, resume_from="latest")
     assert resumed.resume_path == os.path.join(str(tmp_path / "resumed" / "logs"), "checkpoints", "checkpoint_0")
     assert (resumed.first_epoch, resumed.global_step) == (1, 1)
     assert_same_parameters(parameters(resumed.unet), after_first_epoch)  # the checkpoint loaded exactly
@@ -110,7 +100,7 @@ def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd_path, monkeypatch):
-    trainer = make_trainer(tmp_path, tiny_sd_path)
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path)
     trainer.train(epochs=1)
     saved = parameters(trainer.flow_model)
     checkpoints = tmp_path / "logs" / "checkpoints"
@@ -129,11 +119,11 @@ def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd
     (checkpoints / "checkpoint_7.tmp").mkdir()  # debris of another interrupted save
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1.tmp", "checkpoint_7.tmp"]
 
-    resumed = make_trainer(tmp_path, tiny_sd_path, resume_from="latest")
+    resumed = make_resumable_trainer(tmp_path, tiny_sd_path, resume_from="latest")
     assert resumed.resume_path.endswith("checkpoint_0") and resumed.first_epoch == 1
     assert_same_parameters(parameters(resumed.flow_model), saved)
     with pytest.raises(ValueError, match=r"is not a complete dag_trl checkpoint: missing \['trainer_state.json'\]"):
-        make_trainer(tmp_path, tiny_sd_path, resume_from=str(checkpoints / "checkpoint_1.tmp"))
+        make_resumable_trainer(tmp_path, tiny_sd_path, resume_from=str(checkpoints / "checkpoint_1.tmp"))
 
     # The next save of that epoch replaces the debris.
     monkeypatch.undo()
@@ -142,7 +132,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd
 
 
 def test_checkpoint_limit_deletes_the_oldest(tmp_path, tiny_sd_path):
-    trainer = make_trainer(tmp_path, tiny_sd_path, num_checkpoint_limit=2)
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_checkpoint_limit=2)
     for epoch in range(4):
         trainer.save_checkpoint(epoch)
     assert sorted(os.listdir(tmp_path / "logs" / "checkpoints")) == ["checkpoint_2", "checkpoint_3"]
@@ -150,7 +140,7 @@ def test_checkpoint_limit_deletes_the_oldest(tmp_path, tiny_sd_path):
 
 
 def test_checkpoint_folder_holds_the_whole_training_state(tmp_path, tiny_sd_path):
-    trainer = make_trainer(tmp_path, tiny_sd_path)
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path)
     path = trainer.save_checkpoint(0)
     files = files_under(path)
     # LoRA (diffusers format), flow network, optimiser, RNG states, our epoch / step counters.
@@ -171,5 +161,5 @@ def test_checkpoint_folder_holds_the_whole_training_state(tmp_path, tiny_sd_path
 def test_bad_resume_from_fails_before_training(tmp_path, tiny_sd_path, resume_from, message):
     resume_from = resume_from.format(tmp=tmp_path, sd=tiny_sd_path)
     with pytest.raises(ValueError, match=message):
-        make_trainer(tmp_path, tiny_sd_path, resume_from=resume_from)
+        make_resumable_trainer(tmp_path, tiny_sd_path, resume_from=resume_from)
     assert not (tmp_path / "logs").exists()  # nothing was set up, let alone trained

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from test_checkpoints import make_trainer
+from conftest import make_resumable_trainer
 
 from dag_trl.tracking import grid_caption, image_grid, log_image_samples, tracker_config
 
@@ -57,7 +57,7 @@ def read_wandb_history(run_file: str) -> list[dict]:
 def test_tensorboard_writes_scalars_and_the_sample_grid(tmp_path, tiny_sd_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = make_trainer(tmp_path, tiny_sd_path, num_epochs=1, save_freq=100, log_with="tensorboard")
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=1, save_freq=100, log_with="tensorboard")
     trainer.train()
     trainer.accelerator.end_training()
 
@@ -80,7 +80,7 @@ def test_wandb_offline_writes_scalars_and_the_sample_grid(tmp_path, tiny_sd_path
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = make_trainer(
+    trainer = make_resumable_trainer(
         tmp_path,
         tiny_sd_path,
         num_epochs=1,
