@@ -188,8 +188,6 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         config.logdir = os.path.join(script_args.output_dir, "logs")
 
     model_path = resolve_model(script_args)
-    # The LoRA's initialisation draws from the global generator: seed it so that a run is repeatable.
-    torch.manual_seed(config.seed)
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL
     pipeline = DefaultGFlowNetStableDiffusionPipeline(
         model_path,
