@@ -26,7 +26,9 @@ lifetime maximum RSS, which can only grow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import itertools
 import os
 import platform
@@ -317,10 +319,29 @@ def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: 
 
 
 def warmup_window(trainer: GFlowNetDiffusionTrainer, window: tuple[dict, torch.Tensor]) -> tuple[dict, torch.Tensor]:
-    """The first training batch of ``window`` with one kept transition per trajectory."""
+    """The first training batch of ``window`` with one kept transition per trajectory (train it inside
+    :func:`one_backward_per_step`)."""
     samples, kept = window
     rows = torch.arange(min(trainer.config.train_batch_size, kept.shape[0]))
     return {key: trainer._take(value, rows) for key, value in samples.items()}, kept[rows, :1]
+
+
+@contextlib.contextmanager
+def one_backward_per_step(trainer: GFlowNetDiffusionTrainer):
+    """Let the trainer step after a single backward pass, as the warm-up window has: the config and accelerate's
+    accumulation count say so while inside; afterwards both, and accelerate's accumulation counter, are restored."""
+    config, accumulation = trainer.config, trainer.accelerator.gradient_accumulation_steps
+    # max(1, int(steps * fraction)) keeps one timestep even where round-off puts the product just under 1.
+    trainer.config = dataclasses.replace(
+        config, train_gradient_accumulation_steps=1, train_timestep_fraction=1 / config.sample_num_steps
+    )
+    trainer.accelerator.gradient_accumulation_steps = 1
+    try:
+        yield
+    finally:
+        trainer.config = config
+        trainer.accelerator.gradient_accumulation_steps = accumulation
+        trainer.accelerator.step = 0
 
 
 def timed_phase(
@@ -522,7 +543,8 @@ def main() -> None:
                 # cost, and a whole window of the GPU setting would take minutes.
                 for name in LOOPS:
                     state.restore(trainer)
-                    run_loop(name, trainer, [warmup_window(trainer, windows[0])], beta, repeat)
+                    with one_backward_per_step(trainer):
+                        run_loop(name, trainer, [warmup_window(trainer, windows[0])], beta, repeat)
             # Alternate the order so neither loop always runs on a warmer (or more fragmented) process.
             for name in LOOPS if repeat % 2 else LOOPS[::-1]:
                 state.restore(trainer)
