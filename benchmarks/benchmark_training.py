@@ -329,7 +329,7 @@ def warmup_window(trainer: GFlowNetDiffusionTrainer, window: tuple[dict, torch.T
 @contextlib.contextmanager
 def one_backward_per_step(trainer: GFlowNetDiffusionTrainer):
     """Let the trainer step after a single backward pass, as the warm-up window has: the config and accelerate's
-    accumulation count say so while inside; afterwards both, and accelerate's accumulation counter, are restored."""
+    accumulation count say so while inside; afterwards both are restored."""
     config, accumulation = trainer.config, trainer.accelerator.gradient_accumulation_steps
     # max(1, int(steps * fraction)) keeps one timestep even where round-off puts the product just under 1.
     trainer.config = dataclasses.replace(
@@ -341,7 +341,6 @@ def one_backward_per_step(trainer: GFlowNetDiffusionTrainer):
     finally:
         trainer.config = config
         trainer.accelerator.gradient_accumulation_steps = accumulation
-        trainer.accelerator.step = 0
 
 
 def timed_phase(

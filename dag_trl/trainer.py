@@ -711,6 +711,9 @@ class GFlowNetDiffusionTrainer:
                 f"passes; the config accumulates {config.backward_passes_per_step} per optimiser step "
                 "(train_gradient_accumulation_steps * num_train_timesteps)."
             )
+        # The window is one accumulation cycle: start accelerate's counter at its first backward pass, whatever an
+        # earlier cycle (or a checkpoint of a run with other window sizes) left there.
+        self.accelerator.step = 0
         for start in batches:
             rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
             for column in range(num_kept):

@@ -339,6 +339,21 @@ def test_asynchronous_rewards_give_the_same_samples_and_rewards(tmp_path, tiny_s
     torch.testing.assert_close(actual["rewards"], expected["rewards"])
 
 
+def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_says(tmp_path, tiny_sd_path):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, num_epochs=1)
+    assert trainer.accelerator.gradient_accumulation_steps == 2 * 4  # batches per window x kept timesteps
+    samples, _ = trainer._generate_samples(epoch=0)
+    (window, kept), _ = trainer.windows(samples, torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in trainer.flow.parameters()]
+    trainer.accelerator.step = 5  # e.g. restored from a checkpoint of a run with another window size
+    trainer.train_window(window, kept, beta=1.0, epoch=0)
+    assert trainer.accelerator.sync_gradients  # the window's last backward pass closed the cycle...
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.flow.parameters()))  # ...and the step ran
+    with pytest.raises(ValueError, match=r"got 1 batches x 4 kept timesteps = 4 backward passes; the config "
+                                         r"accumulates 8 per optimiser step"):  # fmt: skip
+        trainer.train_window({k: trainer._take(v, torch.arange(2)) for k, v in window.items()}, kept[:2], 1.0, 0)
+
+
 def test_deepspeed_settings_come_from_the_config(tmp_path):
     from accelerate.utils import DeepSpeedPlugin
 
