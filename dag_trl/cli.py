@@ -51,7 +51,8 @@ class ScriptArguments:
         prompt_kwargs (`dict` or JSON `str`, defaults to `{}`):
             Keyword arguments of the prompt-set factory.
         output_dir (`str`, defaults to `"runs/dag"`):
-            Folder for pictures, summary, model and logs; it must not exist unless `overwrite` is set.
+            Folder for pictures, summary, model and logs; it must not exist unless `overwrite` is set or the run
+            resumes (`resume_from`).
         overwrite (`bool`, defaults to `False`):
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
@@ -110,10 +111,11 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
     return script_args, config
 
 
-def check_output_dir(script_args: ScriptArguments) -> None:
-    """Refuse to write into an existing, non-empty output folder unless ``--overwrite`` is given."""
+def check_output_dir(script_args: ScriptArguments, config: GFlowNetConfig) -> None:
+    """Refuse to write into an existing, non-empty output folder unless ``--overwrite`` is given or the run resumes
+    (``--resume_from``), which continues in its own folder."""
     path = script_args.output_dir
-    if os.path.isdir(path) and os.listdir(path) and not script_args.overwrite:
+    if os.path.isdir(path) and os.listdir(path) and not (script_args.overwrite or config.resume_from):
         raise SystemExit(
             f"output_dir={path!r} exists and is not empty: pass --overwrite to write into it, or choose another "
             "--output_dir."
@@ -176,8 +178,9 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     from .prompts import get_prompt_fn
     from .reporting import image_grid, plot_reward_curve
     from .rewards import get_reward_fn
+    from .trainer import resolve_resume_from
 
-    check_output_dir(script_args)
+    check_output_dir(script_args, config)
     # Resolve names before any model is loaded, so a typo fails in a second.
     reward_fn = get_reward_fn(script_args.reward, **script_args.reward_kwargs)
     prompt_fn = get_prompt_fn(script_args.prompts, **script_args.prompt_kwargs)
@@ -186,6 +189,8 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     )
     if config.logdir == GFlowNetConfig.__dataclass_fields__["logdir"].default:
         config.logdir = os.path.join(script_args.output_dir, "logs")
+    if config.resume_from:
+        resolve_resume_from(config)  # a wrong folder fails here, not after loading the model
 
     model_path = resolve_model(script_args)
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL

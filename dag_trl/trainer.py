@@ -135,6 +135,49 @@ class WorkCounters:
         return {f"counters/{name}": value for name, value in self.__dict__.items()}
 
 
+def checkpoint_dir(config: GFlowNetConfig) -> str:
+    """The folder holding a run's checkpoints: ``<logdir>/checkpoints``."""
+    return os.path.join(config.logdir, "checkpoints")
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``folder`` as ``(epoch, path)``, oldest first; ``.tmp`` folders of interrupted saves
+    are ignored."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit():
+            if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
+                found.append((int(name[len("checkpoint_") :]), path))
+    return sorted(found)
+
+
+def resolve_resume_from(config: GFlowNetConfig) -> str:
+    """The checkpoint folder ``config.resume_from`` names (``"latest"``: the newest under ``<logdir>/checkpoints``),
+    checked to be one this library wrote. Cheap: call it before loading any model."""
+    resume_from = os.path.normpath(os.path.expanduser(config.resume_from))
+    if config.resume_from == "latest":
+        checkpoints = list_checkpoints(checkpoint_dir(config))
+        if not checkpoints:
+            raise ValueError(
+                f"GFlowNetConfig.resume_from='latest' found no checkpoint under {checkpoint_dir(config)!r}."
+            )
+        resume_from = checkpoints[-1][1]
+    if not os.path.isdir(resume_from):
+        raise ValueError(f"GFlowNetConfig.resume_from={config.resume_from!r}: no such folder.")
+    required = [TRAINER_STATE_NAME, FLOW_FOLDER]
+    missing = [name for name in required if not os.path.exists(os.path.join(resume_from, name))]
+    if missing:
+        raise ValueError(
+            f"GFlowNetConfig.resume_from={config.resume_from!r} is not a complete dag_trl checkpoint: "
+            f"missing {missing} (expected a folder written by GFlowNetDiffusionTrainer, e.g. "
+            f"{os.path.join(checkpoint_dir(config), 'checkpoint_0')!r})."
+        )
+    return resume_from
+
+
 class TrainableModules(torch.nn.Module):
     """The UNet and the flow network as one module, for engines that take a single model (DeepSpeed).
 
@@ -249,7 +292,7 @@ class GFlowNetDiffusionTrainer:
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
         self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
-        self.resume_path = self._resolve_resume_path() if config.resume_from else None
+        self.resume_path = resolve_resume_from(config) if config.resume_from else None
 
         project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
         # One optimiser step per window: accelerate averages the window's backward passes and, with several
@@ -264,6 +307,8 @@ class GFlowNetDiffusionTrainer:
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.uses_deepspeed:
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+        if self.resume_path is not None:
+            self._check_resumable(self.resume_path)
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
@@ -346,41 +391,34 @@ class GFlowNetDiffusionTrainer:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.config.logdir, "checkpoints")
-
-    def _resolve_resume_path(self) -> str:
-        """The checkpoint folder ``resume_from`` names, checked before any training: it must be one we wrote."""
-        resume_from = os.path.normpath(os.path.expanduser(self.config.resume_from))
-        if self.config.resume_from == "latest":
-            checkpoints = self._list_checkpoints()
-            if not checkpoints:
-                raise ValueError(
-                    f"GFlowNetConfig.resume_from='latest' found no checkpoint under {self.checkpoint_dir!r}."
-                )
-            resume_from = checkpoints[-1][1]
-        if not os.path.isdir(resume_from):
-            raise ValueError(f"GFlowNetConfig.resume_from={self.config.resume_from!r}: no such folder.")
-        required = [TRAINER_STATE_NAME, FLOW_FOLDER]
-        missing = [name for name in required if not os.path.exists(os.path.join(resume_from, name))]
-        if missing:
-            raise ValueError(
-                f"GFlowNetConfig.resume_from={self.config.resume_from!r} is not a complete dag_trl checkpoint: "
-                f"missing {missing} (expected a folder written by GFlowNetDiffusionTrainer, e.g. "
-                f"{os.path.join(self.checkpoint_dir, 'checkpoint_0')!r})."
-            )
-        return resume_from
+        return checkpoint_dir(self.config)
 
     def _list_checkpoints(self) -> list[tuple[int, str]]:
-        """Complete checkpoints as ``(epoch, path)``, oldest first; ``.tmp`` folders of interrupted saves are ignored."""
-        if not os.path.isdir(self.checkpoint_dir):
-            return []
-        found = []
-        for name in os.listdir(self.checkpoint_dir):
-            path = os.path.join(self.checkpoint_dir, name)
-            if name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit():
-                if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
-                    found.append((int(name[len("checkpoint_") :]), path))
-        return sorted(found)
+        return list_checkpoints(self.checkpoint_dir)
+
+    def _check_resumable(self, path: str) -> None:
+        """Refuse, before any training, a checkpoint this run cannot load: written with or without DeepSpeed, by
+        another number of processes, or for a LoRA where this run trains the whole UNet (or the reverse)."""
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+            state = json.load(handle)
+        this_run = {
+            "deepspeed": self.uses_deepspeed,
+            "num_processes": self.accelerator.num_processes,
+            "use_lora": self.sd_pipeline.use_lora,
+        }
+        for key, value in this_run.items():
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"GFlowNetConfig.resume_from={self.config.resume_from!r} was written with {key}={state[key]!r}, "
+                    f"but this run has {key}={value!r}: resume with the launch settings and pipeline of that run."
+                )
+        # accelerate's files: the optimiser state, or DeepSpeed's engine folder.
+        needed = "pytorch_model" if self.uses_deepspeed else "optimizer.bin"
+        if not os.path.exists(os.path.join(path, needed)):
+            raise ValueError(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r} has no {needed!r}: it is not a complete "
+                f"checkpoint of a {'DeepSpeed' if self.uses_deepspeed else 'non-DeepSpeed'} run."
+            )
 
     def _find_flow(self, models: list) -> int:
         return next(i for i, m in enumerate(models) if isinstance(self.accelerator.unwrap_model(m), FlowNetwork))
@@ -431,6 +469,10 @@ class GFlowNetDiffusionTrainer:
                 "global_step": self.global_step,
                 "weights_version": self.weights_version,
                 "reward_history": self.reward_history,
+                # What a resumed run must match (_check_resumable).
+                "deepspeed": self.uses_deepspeed,
+                "num_processes": self.accelerator.num_processes,
+                "use_lora": self.sd_pipeline.use_lora,
             }
             with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
                 json.dump(state, handle)
@@ -729,8 +771,11 @@ class GFlowNetDiffusionTrainer:
             for name, value in sums.items()
         }
         if self.uses_deepspeed:
-            # The engine clipped the global norm of both networks and stepped inside the last backward pass.
-            metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_([], config.train_max_grad_norm))
+            # The engine clipped the global norm of both networks and stepped inside the last backward pass. Its
+            # optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain float32 AdamW.
+            grad_norm = self.prepared_models[0].get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
         else:
             unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
             # Unscale (fp16) once, then clip the two parameter groups separately, as the paper does.

@@ -3,7 +3,9 @@ uninterrupted run, interrupted saves, the checkpoint limit, and bad ``resume_fro
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +165,27 @@ def test_bad_resume_from_fails_before_training(tmp_path, tiny_sd_path, resume_fr
     with pytest.raises(ValueError, match=message):
         make_resumable_trainer(tmp_path, tiny_sd_path, resume_from=resume_from)
     assert not (tmp_path / "logs").exists()  # nothing was set up, let alone trained
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_lora": False}, r"was written with use_lora=False, but this run has use_lora=True"),
+        ({"num_processes": 2}, r"was written with num_processes=2, but this run has num_processes=1"),
+        ({"deepspeed": True}, r"was written with deepspeed=True, but this run has deepspeed=False"),
+        ({}, r"has no 'optimizer.bin': it is not a complete checkpoint of a non-DeepSpeed run"),
+    ],
+    ids=["full-unet-checkpoint", "other-process-count", "deepspeed-checkpoint", "no-optimiser-state"],
+)
+def test_checkpoint_of_another_kind_of_run_is_refused_before_training(tmp_path, tiny_sd_path, change, message):
+    checkpoint = Path(make_resumable_trainer(tmp_path / "first", tiny_sd_path).save_checkpoint(0))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert {key: state[key] for key in ("deepspeed", "num_processes", "use_lora")} == {
+        "deepspeed": False, "num_processes": 1, "use_lora": True
+    }  # fmt: skip
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, **change}))
+    if not change:
+        (checkpoint / "optimizer.bin").unlink()
+    with pytest.raises(ValueError, match=message):
+        make_resumable_trainer(tmp_path / "second", tiny_sd_path, resume_from=str(checkpoint))
+    assert not (tmp_path / "second" / "logs").exists()

@@ -38,7 +38,7 @@ def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_overrid
     _, config = parse_arguments(["--num_epochs", "3", "--train_klpf", "0.5"])
     assert config.num_epochs == 3 and config.is_dag_kl and config.sample_num_steps == 20
     # Any other model starts from the paper's settings.
-    script_args, config = parse_arguments(["--pretrained_model", "runwayml/stable-diffusion-v1-5"])
+    script_args, config = parse_arguments(["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
     assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
 
 
@@ -71,12 +71,15 @@ def test_example_script_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, 
     assert sorted(os.listdir(output_dir / "logs" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
 
 
-def test_existing_output_dir_is_not_overwritten_without_the_flag(tmp_path):
+def test_existing_output_dir_is_not_overwritten_without_the_flag_unless_the_run_resumes(tmp_path):
     (tmp_path / "old.txt").write_text("keep me")
+    _, config = parse_arguments([])
     with pytest.raises(SystemExit, match="exists and is not empty: pass --overwrite"):
-        check_output_dir(ScriptArguments(output_dir=str(tmp_path)))
-    check_output_dir(ScriptArguments(output_dir=str(tmp_path), overwrite=True))
-    check_output_dir(ScriptArguments(output_dir=str(tmp_path / "new")))
+        check_output_dir(ScriptArguments(output_dir=str(tmp_path)), config)
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path), overwrite=True), config)
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path / "new")), config)
+    _, resuming = parse_arguments(["--resume_from", "latest"])
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path)), resuming)
 
 
 def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
@@ -87,6 +90,10 @@ def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
         run(script_args, config)
     script_args.reward, script_args.prompts = "jpeg_compressibility", "animals"
     with pytest.raises(ValueError, match="unknown prompt function 'animals'"):
+        run(script_args, config)
+    script_args.prompts = "simple_animals"
+    config.resume_from = "latest"
+    with pytest.raises(ValueError, match=r"resume_from='latest' found no checkpoint under '.*out/logs/checkpoints'"):
         run(script_args, config)
     assert not (tmp_path / "out").exists()
 
