@@ -12,7 +12,7 @@ REWARD_EXP_ANNEALS = ("linear", "none")
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 # Accelerator arguments the trainer sets from the config; accelerator_kwargs must not repeat them.
 ACCELERATOR_ARGUMENTS_SET_BY_TRAINER = frozenset(
-    {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps"}
+    {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps", "gradient_accumulation_plugin"}
 )
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
 
@@ -53,7 +53,7 @@ class GFlowNetConfig:
         accelerator_kwargs (`dict`, *optional*, defaults to `{}`):
             Extra keyword arguments for `accelerate.Accelerator` (for example `kwargs_handlers` or
             `deepspeed_plugin`); not `log_with`, `mixed_precision`, `project_config` or
-            `gradient_accumulation_steps`, which come from the fields of this config.
+            `gradient_accumulation_steps` (or `_plugin`), which come from the fields of this config.
         project_kwargs (`dict`, *optional*, defaults to `{}`):
             Extra keyword arguments for `accelerate.utils.ProjectConfiguration`.
         tracker_project_name (`str`, *optional*, defaults to `"dag_trl"`):
@@ -68,8 +68,8 @@ class GFlowNetConfig:
             Keep at most this many checkpoints; the oldest are deleted.
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):
             Precision of the frozen weights and the UNet forward: `"no"`, `"fp16"` or `"bf16"`. Trainable
-            parameters (LoRA, flow network) stay in float32, and the DDIM means and log-probabilities are always
-            computed in float32.
+            parameters (LoRA, flow network) stay in float32 (under DeepSpeed: 16-bit copies, with float32 masters in
+            the optimiser), and the DDIM means and log-probabilities are always computed in float32.
         allow_tf32 (`bool`, *optional*, defaults to `True`):
             Allow TF32 matrix multiplications on Ampere and newer GPUs.
         resume_from (`str`, *optional*, defaults to `""`):

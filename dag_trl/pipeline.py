@@ -113,8 +113,9 @@ class GFlowNetStableDiffusionPipeline(ABC):
     def set_progress_bar_config(self, *args: Any, **kwargs: Any) -> None: ...
 
     @abstractmethod
-    def save_pretrained(self, output_dir: Union[str, os.PathLike]) -> None:
-        """Save the trained weights: the LoRA in diffusers format, or the whole UNet."""
+    def save_pretrained(self, output_dir: Union[str, os.PathLike], unet: Optional[torch.nn.Module] = None) -> None:
+        """Save the trained weights of ``unet`` (default: this pipeline's): the LoRA in diffusers format, or the
+        whole UNet. The trainer passes the UNet it trains, which may be a wrapped copy."""
 
     @abstractmethod
     def get_trainable_layers(self) -> list[torch.nn.Parameter]: ...

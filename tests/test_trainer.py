@@ -225,7 +225,7 @@ def test_constructor_rejects_wrong_types_and_missing_bitsandbytes(tmp_path, tiny
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'; known rewards: .*aesthetic_score"):
         GFlowNetDiffusionTrainer(config, "aesthetic", CyclingPrompts(), pipeline)
     with pytest.raises(TypeError, match="sd_pipeline must be a GFlowNetStableDiffusionPipeline, got str"):
-        GFlowNetDiffusionTrainer(config, brightness, CyclingPrompts(), "runwayml/stable-diffusion-v1-5")
+        GFlowNetDiffusionTrainer(config, brightness, CyclingPrompts(), "stable-diffusion-v1-5/stable-diffusion-v1-5")
     # bitsandbytes is not installed on CPU CI machines: there, the error must say how to get it.
     try:
         import bitsandbytes  # noqa: F401
