@@ -204,18 +204,13 @@ def push_folder_to_hub(
 ) -> str:
     """Create ``repo_id`` if needed and upload every file of ``folder`` to it; returns the commit URL.
 
-    Raises [`HubPushError`] (with the original error as its cause) when there is no token or the Hub refuses, with
-    the local folder and the command that retries the upload in the message.
+    When the Hub refuses (no token: 401; no write access: 403; ...) or cannot be reached, raises [`HubPushError`]
+    from huggingface_hub's error, adding the local folder, the command that retries the upload and, without a
+    token, how to log in.
     """
     from huggingface_hub import HfApi, get_token
 
-    retry = f"The model is saved in {folder!r}; upload it later with `hf upload {repo_id} {folder}`."
     token = token or get_token()
-    if token is None:
-        raise HubPushError(
-            f"Cannot push to the Hub repository {repo_id!r}: no Hugging Face token found (log in with "
-            f"`hf auth login` or set HF_TOKEN). {retry}"
-        )
     api = HfApi(token=token)
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -223,5 +218,11 @@ def push_folder_to_hub(
     # The HTTP layer differs across huggingface_hub versions (requests, httpx, httpx2) and so do its exception
     # classes; whatever stopped the push, the user needs to know that the local save is intact.
     except Exception as error:
-        raise HubPushError(f"Pushing to the Hub repository {repo_id!r} failed: {error}. {retry}") from error
+        login = (
+            " No Hugging Face token was found: log in with `hf auth login` or set HF_TOKEN." if token is None else ""
+        )
+        raise HubPushError(
+            f"Pushing to the Hub repository {repo_id!r} failed: {error}.{login} The model is saved in {folder!r}; "
+            f"upload it later with `hf upload {repo_id} {folder}`."
+        ) from error
     return str(getattr(commit, "commit_url", commit))
