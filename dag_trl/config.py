@@ -38,9 +38,10 @@ class GFlowNetConfig:
         > General
 
         exp_name (`str`, defaults to the running script's name):
-            Name of the experiment, used in tracker runs and checkpoint folders.
+            Name of the experiment: the default Hub repository name (`push_to_hub` without `hub_model_id`) and the
+            tracker run name when `run_name` is empty.
         run_name (`str`, *optional*, defaults to `""`):
-            Name of this run for the trackers.
+            Name of this run in wandb and trackio (`tracker_kwargs` can override it); empty: `exp_name`.
         seed (`int`, *optional*, defaults to `0`):
             Seed for parameter initialisation. Sampling noise and shuffling use seeds derived from `(seed, process
             index, epoch)`: every process draws different trajectories, and a resumed run repeats what the

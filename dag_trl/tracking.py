@@ -22,6 +22,19 @@ MAX_GRID_IMAGES = 16
 GRID_PADDING = 2
 
 
+# Trackers whose init takes the run's display name as `name`.
+NAMED_RUN_TRACKERS = ("wandb", "trackio")
+
+
+def tracker_init_kwargs(tracker_kwargs: dict[str, dict], run_name: str) -> dict[str, dict]:
+    """``tracker_kwargs`` (accelerate's ``init_kwargs``, per tracker) with the run named ``run_name`` in wandb and
+    trackio, unless ``tracker_kwargs`` names it already; the input is not modified."""
+    merged = {tracker: dict(kwargs) for tracker, kwargs in tracker_kwargs.items()}
+    for tracker in NAMED_RUN_TRACKERS:
+        merged.setdefault(tracker, {}).setdefault("name", run_name)
+    return merged
+
+
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every entry a bool, int, float or str, as all of accelerate's trackers accept.
 

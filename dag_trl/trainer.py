@@ -51,7 +51,7 @@ from .math import (
     reward_exponent,
 )
 from .pipeline import GFlowNetStableDiffusionPipeline
-from .tracking import log_image_samples, tracker_config
+from .tracking import log_image_samples, tracker_config, tracker_init_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class GFlowNetDiffusionTrainer:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
                 config=tracker_config(config.to_dict()),
-                init_kwargs=config.tracker_kwargs,
+                init_kwargs=tracker_init_kwargs(config.tracker_kwargs, config.run_name or config.exp_name),
             )
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True

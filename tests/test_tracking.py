@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_resumable_trainer
 
-from dag_trl.tracking import grid_caption, image_grid, log_image_samples, tracker_config
+from dag_trl.tracking import grid_caption, image_grid, log_image_samples, tracker_config, tracker_init_kwargs
 
 STEP_SCALARS = {
     "loss_total", "loss_db", "loss_kl", "regulariser", "log_prob_forward", "log_prob_backward", "flow",
@@ -86,8 +86,10 @@ def test_wandb_offline_writes_scalars_and_the_sample_grid(tmp_path, tiny_sd_path
         num_epochs=1,
         save_freq=100,
         log_with="wandb",
+        run_name="colour-run",
         tracker_kwargs={"wandb": {"dir": str(tmp_path / "wandb")}},
     )
+    assert trainer.accelerator.get_tracker("wandb", unwrap=True).name == "colour-run"
     trainer.train()
     trainer.accelerator.end_training()
     wandb.teardown()  # the offline run file is written by wandb's service process: wait for it to flush
@@ -117,6 +119,17 @@ def test_image_grid_places_tiles_row_major_with_padding():
     assert (grid[0] == 0).all() and (grid[:, 0] == 0).all()
     assert (grid[6:10, 15:21] == 0).all()  # the sixth cell is empty
     assert image_grid(torch.rand(20, 3, 2, 2), padding=0).shape == (8, 8, 3)  # at most 16 tiles: 4 x 4
+
+
+def test_runs_are_named_in_wandb_and_trackio_unless_the_tracker_kwargs_name_them():
+    user_kwargs = {"wandb": {"entity": "me", "name": "mine"}, "tensorboard": {"flush_secs": 5}}
+    assert tracker_init_kwargs(user_kwargs, "run-1") == {
+        "wandb": {"entity": "me", "name": "mine"},
+        "tensorboard": {"flush_secs": 5},
+        "trackio": {"name": "run-1"},
+    }
+    assert user_kwargs["wandb"] == {"entity": "me", "name": "mine"} and "trackio" not in user_kwargs
+    assert tracker_init_kwargs({}, "run-2") == {"wandb": {"name": "run-2"}, "trackio": {"name": "run-2"}}
 
 
 def test_grid_caption_and_tracker_config():
