@@ -87,7 +87,8 @@ class GFlowNetConfig:
         sample_num_steps (`int`, *optional*, defaults to `50`):
             Number of DDIM steps per trajectory.
         sample_eta (`float`, *optional*, defaults to `1.0`):
-            DDIM eta; must be > 0 (with eta = 0 the policy is deterministic and has no log-probability).
+            DDIM eta, in (0, 1]: with eta = 0 the policy is deterministic and has no log-probability, and above 1
+            the DDIM mean is undefined at some steps.
         sample_guidance_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale.
         sample_batch_size (`int`, *optional*, defaults to `16`):
@@ -190,7 +191,7 @@ class GFlowNetConfig:
 
     negative_prompts: str = field(default="", metadata={"help": "Negative prompt for classifier-free guidance."})
     sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps per trajectory."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, > 0."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta, in (0, 1]."})
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
     sample_batch_size: int = field(default=16, metadata={"help": "Trajectories per sampling batch and process."})
     sample_num_batches_per_epoch: int = field(default=4, metadata={"help": "Sampling batches per epoch and process."})
@@ -311,8 +312,12 @@ class GFlowNetConfig:
             not isinstance(self.train_decode_batch_size, int) or self.train_decode_batch_size < 1
         ):
             reject("train_decode_batch_size", "an integer >= 1, or None to use train_batch_size")
-        if not self.sample_eta > 0:
-            reject("sample_eta", "a number > 0 (with eta = 0 DDIM is deterministic and has no log-probability)")
+        if not 0 < self.sample_eta <= 1:
+            reject(
+                "sample_eta",
+                "a number in (0, 1] (with eta = 0 DDIM is deterministic and has no log-probability; above 1 its "
+                "mean is undefined at some steps)",
+            )
         if not 0 < self.train_timestep_fraction <= 1:
             reject("train_timestep_fraction", "a number in (0, 1]")
         if not self.train_reward_exp >= 0:

@@ -64,20 +64,21 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
     """The DDIM timestep ``s`` that follows ``t``: ``t - num_train_timesteps // num_inference_steps``.
 
-    At the last step this is negative; :func:`alphas_cumprod_at` maps it to ``final_alpha_cumprod``.
+    At the last step this is negative; :func:`alphas_cumprod_at` maps it to ``abar[0]``.
     """
     return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
 
 def alphas_cumprod_at(scheduler, timestep: torch.Tensor) -> torch.Tensor:
-    """``abar[t]`` in float32 for each entry of ``timestep``; negative timesteps give ``final_alpha_cumprod``.
+    """``abar[t]`` in float32 for each entry of ``timestep``; negative timesteps (after the last step) give
+    ``abar[0]``.
 
-    ``final_alpha_cumprod`` is ``abar[0]`` for Stable Diffusion (``set_alpha_to_one=False``), as in the reference.
+    That is diffusers' ``set_alpha_to_one=False`` (Stable Diffusion's setting, and the reference's), whatever the
+    scheduler says: with ``abar = 1`` after the last step, that step would be deterministic (variance 0) and its
+    log-probability undefined.
     """
     alphas_cumprod = scheduler.alphas_cumprod.to(device=timestep.device, dtype=torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=timestep.device, dtype=torch.float32)
-    gathered = alphas_cumprod[timestep.clamp(min=0).long()]
-    return torch.where(timestep >= 0, gathered, final)
+    return alphas_cumprod[timestep.clamp(min=0).long()]
 
 
 def original_sample_and_noise(
@@ -161,7 +162,7 @@ def ddim_step_with_logprob(
         model_output: the (guided) UNet output at ``(sample, timestep)``, any float dtype.
         timestep: ``t``, an int or a ``(B,)`` tensor (timesteps may differ per sample).
         sample: ``x_t``.
-        eta: DDIM eta, > 0.
+        eta: DDIM eta, in (0, 1].
         prev_sample: a given ``x_s`` to score instead of sampling one.
         generator: generator(s) for the noise ``z``.
         prev_timestep: ``s``; defaults to ``t - num_train_timesteps // num_inference_steps``.
@@ -170,8 +171,11 @@ def ddim_step_with_logprob(
     Returns:
         A [`DDIMStepOutput`] whose tensors are float32.
     """
-    if not eta > 0:
-        raise ValueError(f"eta={eta!r} is invalid: expected a number > 0 (with eta = 0 DDIM has no log-probability).")
+    if not 0 < eta <= 1:
+        raise ValueError(
+            f"eta={eta!r} is invalid: expected a number in (0, 1] (with eta = 0 DDIM has no log-probability; above 1 "
+            "the mean's sqrt(1 - abar_s - sigma^2) can be the root of a negative number)."
+        )
     batch_size = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch_size)
     if prev_timestep is None:

@@ -51,7 +51,8 @@ def test_hf_argument_parser_reads_command_line():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"sample_eta": 0.0}, "GFlowNetConfig.sample_eta=0.0 is invalid: expected a number > 0"),
+        ({"sample_eta": 0.0}, r"GFlowNetConfig.sample_eta=0.0 is invalid: expected a number in \(0, 1\]"),
+        ({"sample_eta": 1.5}, r"GFlowNetConfig.sample_eta=1.5 is invalid: expected a number in \(0, 1\]"),
         ({"train_timestep_fraction": 0.0}, r"train_timestep_fraction=0.0 is invalid: expected a number in \(0, 1\]"),
         ({"train_timestep_fraction": 1.5}, r"train_timestep_fraction=1.5 is invalid: expected a number in \(0, 1\]"),
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8' is invalid: expected one of 'no', 'fp16', 'bf16'"),

@@ -46,6 +46,25 @@ def test_timesteps_are_sd_leading_spacing_and_last_step_uses_alphas_cumprod_0():
     assert alphas[1].item() == pytest.approx(scheduler.alphas_cumprod[0].item())
 
 
+def test_last_step_is_stochastic_even_if_the_scheduler_sets_alpha_to_one():
+    # A DDIM config converted from another scheduler may say set_alpha_to_one=True (abar = 1 after the last step),
+    # which would make the last step deterministic; the policy keeps abar[0], as Stable Diffusion's config does.
+    from diffusers import DDIMScheduler
+
+    stable_diffusion = make_scheduler()
+    to_one = DDIMScheduler.from_config(stable_diffusion.config, set_alpha_to_one=True)
+    to_one.set_timesteps(10)
+    assert to_one.final_alpha_cumprod.item() == 1.0
+    generator = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    last = stable_diffusion.timesteps[-1]
+    steps = [ddim_step_with_logprob(s, output, last, sample, generator=torch.Generator().manual_seed(1))
+             for s in (stable_diffusion, to_one)]  # fmt: skip
+    assert torch.isfinite(steps[1].log_probs).all()
+    torch.testing.assert_close(steps[1].log_probs, steps[0].log_probs)
+    torch.testing.assert_close(steps[1].latents, steps[0].latents)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gaussian_log_prob_matches_torch_distributions(reduction):
     torch.manual_seed(0)
@@ -169,8 +188,10 @@ def test_bfloat16_inputs_give_float32_results_equal_to_float32_math():
 
 def test_eta_zero_and_unknown_names_are_rejected():
     scheduler = make_scheduler()
-    with pytest.raises(ValueError, match=r"eta=0.0 is invalid: expected a number > 0"):
+    with pytest.raises(ValueError, match=r"eta=0.0 is invalid: expected a number in \(0, 1\]"):
         ddim_step_with_logprob(scheduler, torch.zeros(1, 4, 2, 2), 981, torch.zeros(1, 4, 2, 2), eta=0.0)
+    with pytest.raises(ValueError, match=r"eta=1.5 is invalid: expected a number in \(0, 1\]"):
+        ddim_step_with_logprob(scheduler, torch.zeros(1, 4, 2, 2), 981, torch.zeros(1, 4, 2, 2), eta=1.5)
     with pytest.raises(ValueError, match="log_prob_reduction='max' is invalid"):
         ddim_step_with_logprob(
             scheduler, torch.zeros(1, 4, 2, 2), 981, torch.zeros(1, 4, 2, 2), log_prob_reduction="max"
