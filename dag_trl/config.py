@@ -127,7 +127,9 @@ class GFlowNetConfig:
         train_num_inner_epochs (`int`, *optional*, defaults to `1`):
             Passes over each epoch's samples.
         train_cfg (`bool`, *optional*, defaults to `True`):
-            Use classifier-free guidance when recomputing the policy's noise prediction during training.
+            Use classifier-free guidance when recomputing the policy's noise prediction during training. Off, with
+            `sample_guidance_scale` != 1, transitions sampled by the guided policy are scored under the conditional
+            one (as the reference code allows): the DAG-KL ratio then starts away from 1.
         train_adv_clip_max (`float`, *optional*, defaults to `5.0`):
             DAG-KL: clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`.
         train_clip_range (`float`, *optional*, defaults to `1e-4`):
