@@ -1,7 +1,9 @@
-"""Train the tiny pipeline under DeepSpeed on every process of an ``accelerate launch``; each process dumps what it saw.
+"""Train the tiny pipeline under DeepSpeed on every process of an ``accelerate launch``; each process dumps what it
+saw.
 
 Run by tests/test_distributed.py with examples/accelerate_configs/deepspeed_zero2.yaml and 2 CPU processes as
-``deepspeed_script.py <tiny_sd_path> <output_dir> <epochs> [<resume_from>]``: trains up to ``<epochs>`` epochs with a
+``deepspeed_script.py <tiny_sd_path> <output_dir> <lora|full> <epochs> [<resume_from>]``: trains a LoRA or the whole
+UNet up to ``<epochs>`` epochs with a
 checkpoint after each, and writes ``<output_dir>/rank<i>.pt`` with the DeepSpeed settings the trainer filled in, the
 engine's optimiser-step count after every backward pass, the step and epoch metrics, and the trained parameters after
 every epoch.
@@ -26,7 +28,7 @@ from dag_trl.prompts import PromptList  # noqa: E402
 PROMPTS = [f"a photo of the letter {letter}" for letter in "abcdefghijklmnopqrstuvwxyz"]
 
 
-def main(tiny_sd_path: str, output_dir: str, epochs: int, resume_from: str | None) -> None:
+def main(tiny_sd_path: str, output_dir: str, use_lora: bool, epochs: int, resume_from: str | None) -> None:
     config = tiny_config(
         Path(output_dir),
         num_epochs=epochs,
@@ -37,7 +39,7 @@ def main(tiny_sd_path: str, output_dir: str, epochs: int, resume_from: str | Non
         # Without CUDA, accelerate picks no process-group backend for DeepSpeed; name the CPU one.
         accelerator_kwargs={"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]},
     )
-    pipeline = DefaultGFlowNetStableDiffusionPipeline(tiny_sd_path)
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(tiny_sd_path, use_lora=use_lora)
     trainer = GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="letters", seed=0), pipeline)
     engine = trainer.prepared_models[0]
 
@@ -94,4 +96,4 @@ def main(tiny_sd_path: str, output_dir: str, epochs: int, resume_from: str | Non
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "lora", int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)

@@ -97,7 +97,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             else:
                 residual = detailed_balance_residual(log_flow, step.log_probs, step.backward_log_probs, next_log_flow)
                 loss = residual**2 + config.train_unet_reg * regulariser
-            # The trainer's accelerator divides by its gradient_accumulation_steps, the number of backward passes per window (asserted above).
+            # The trainer's accelerator divides by its gradient_accumulation_steps: the window's backward passes
+            # (asserted above).
             trainer.accelerator.backward(loss.mean())
 
     trainer.accelerator.unscale_gradients()

@@ -105,20 +105,28 @@ def test_two_processes_train_one_epoch(ddp_run):
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(tmp_path, tiny_sd_path, ddp_run):
-    def launch_deepspeed(output: Path, epochs: int, resume_from: str = "") -> list[dict]:
-        output.mkdir()
-        # The shipped launch config as users run it; DeepSpeed's CPU accelerator stands in for the GPUs.
-        launch(
-            ["--config_file", str(DEEPSPEED_CONFIG)],
-            "deepspeed_script.py",
-            [str(tiny_sd_path), str(output), str(epochs), *([resume_from] if resume_from else [])],
-            output,
-            {"DS_ACCELERATOR": "cpu"},
-        )
-        return load_ranks(output)
+def launch_deepspeed(tiny_sd_path, output: Path, use_lora: bool, epochs: int, resume_from: str = "") -> list[dict]:
+    """tests/deepspeed_script.py on two processes under the shipped ZeRO-2 launch config; returns what each saw."""
+    output.mkdir()
+    # The launch config as users run it; DeepSpeed's CPU accelerator stands in for the GPUs.
+    launch(
+        ["--config_file", str(DEEPSPEED_CONFIG)],
+        "deepspeed_script.py",
+        [
+            str(tiny_sd_path),
+            str(output),
+            "lora" if use_lora else "full",
+            str(epochs),
+            *([resume_from] if resume_from else []),
+        ],
+        output,
+        {"DS_ACCELERATOR": "cpu"},
+    )
+    return load_ranks(output)
 
-    straight = launch_deepspeed(tmp_path / "straight", epochs=2)
+
+def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(tmp_path, tiny_sd_path, ddp_run):
+    straight = launch_deepspeed(tiny_sd_path, tmp_path / "straight", use_lora=True, epochs=2)
     for rank in straight:
         assert rank["distributed_type"] == "DistributedType.DEEPSPEED" and rank["zero_stage"] == 2
         assert rank["num_processes"] == 2
@@ -168,10 +176,31 @@ def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(t
     assert len(lora) == len(first["parameters_after_epoch"][0]["unet"])
 
     # Resuming after epoch 0 in a new launch reproduces epoch 1 bit for bit (optimiser shards included).
-    resumed = launch_deepspeed(tmp_path / "resumed", epochs=2, resume_from=str(checkpoint))
+    resumed = launch_deepspeed(
+        tiny_sd_path, tmp_path / "resumed", use_lora=True, epochs=2, resume_from=str(checkpoint)
+    )
     for rank in resumed:
         assert rank["first_epoch"] == 2 and list(rank["parameters_after_epoch"]) == [1]
         assert rank["steps_after_backward"] == [1] * 7 + [2]
         for group in ("unet", "flow"):
             ours, theirs = rank["parameters_after_epoch"][1][group], first["parameters_after_epoch"][1][group]
             assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_deepspeed_full_finetune_checkpoints_the_whole_unet_and_resumes_exactly(tmp_path, tiny_sd_path):
+    straight = launch_deepspeed(tiny_sd_path, tmp_path / "straight", use_lora=False, epochs=2)
+    first = straight[0]["parameters_after_epoch"]
+    checkpoint = tmp_path / "straight" / "logs" / "checkpoints" / "checkpoint_0"
+    # Every UNet parameter is trained, so DeepSpeed's module state holds all of them, and unet/ is the portable copy.
+    module_state = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert {name for name in module_state["module"] if name.startswith("unet.")} == {
+        f"unet.{name}" for name in first[0]["unet"]
+    }
+    assert "unet/diffusion_pytorch_model.safetensors" in files_under(checkpoint)
+    resumed = launch_deepspeed(
+        tiny_sd_path, tmp_path / "resumed", use_lora=False, epochs=2, resume_from=str(checkpoint)
+    )
+    for group in ("unet", "flow"):
+        ours, theirs = resumed[0]["parameters_after_epoch"][1][group], first[1][group]
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert any(not torch.equal(first[0]["unet"][n], first[1]["unet"][n]) for n in first[0]["unet"])  # epoch 1 trained
