@@ -2,8 +2,9 @@
 
 Run by tests/test_distributed.py as ``accelerate launch --multi_gpu --num_processes 2 ... distributed_script.py
 <tiny_sd_path> <output_dir>`` with ``ACCELERATE_USE_CPU=true`` (gloo on the CPU). Writes ``<output_dir>/rank<i>.pt``
-with the process's prompts, initial noise and rewards, its parameters after training, which backward passes synchronised gradients, and where it wrote the flow
-network; the main process also writes ``<output_dir>/final`` with ``save_pretrained`` (called on every process).
+with the process's prompts, initial noise and rewards, its parameters after training, which backward passes
+synchronised gradients, and where it wrote the flow network; the main process also writes ``<output_dir>/final``
+with ``save_pretrained`` (called on every process).
 """
 
 from __future__ import annotations
