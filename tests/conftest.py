@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# trackio reads its store's folder once, when imported: point it away from the user's cache before any test does
+# (removed at exit; atexit runs this after the handlers trackio registers later).
+if "TRACKIO_DIR" not in os.environ:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="dag_trl_tests_trackio_")
+    atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 # Tiny pipelines are small enough that extra threads only add scheduling noise on 2-core CI machines.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

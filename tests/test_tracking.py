@@ -1,4 +1,5 @@
-"""Trackers: wandb (offline) and TensorBoard files hold the expected scalars and the sample grid; grid layout."""
+"""Trackers: wandb (offline), TensorBoard and trackio files hold the expected scalars and the sample grid; grid
+layout; run names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import glob
 import json
 import os
 import struct
-import sys
 import types
 
 import pytest
@@ -142,21 +142,38 @@ def test_grid_caption_and_tracker_config():
     }  # fmt: skip
 
 
-def test_trackio_gets_a_captioned_image_and_other_trackers_nothing(monkeypatch):
-    made = []
+def test_trackio_writes_scalars_and_the_captioned_sample_grid(tmp_path, tiny_sd_path):
+    import sqlite3
+    from pathlib import Path
 
-    def trackio_image(value, caption=None):
-        made.append((value.shape, caption))
-        return "trackio-image"
+    from PIL import Image
 
-    monkeypatch.setitem(sys.modules, "trackio", types.SimpleNamespace(Image=trackio_image))
-    logged = []
-    tracker = types.SimpleNamespace(name="trackio", log=lambda values, step: logged.append((values, step)))
+    store = Path(os.environ["TRACKIO_DIR"])  # trackio's local store (SQLite + media files), set in conftest
+    project = f"dag-test-{tmp_path.name}"  # one database per test run, should the store be shared
+    trainer = make_resumable_trainer(
+        tmp_path, tiny_sd_path, num_epochs=1, save_freq=100, log_with="trackio", run_name="colour-run",
+        tracker_project_name=project,
+    )  # fmt: skip
+    trainer.train()
+    trainer.accelerator.end_training()
+
+    with sqlite3.connect(store / f"{project}.db") as database:
+        rows = [(run, step, json.loads(metrics))
+                for run, step, metrics in database.execute("select run_name, step, metrics from metrics")]  # fmt: skip
+    assert {run for run, _, _ in rows} == {"colour-run"}
+    logged = set().union(*(metrics for _, _, metrics in rows))
+    assert STEP_SCALARS | EPOCH_SCALARS | COUNTERS <= logged
+    first = next(metrics for _, step, metrics in rows if "reward_mean" in metrics)
+    assert first["reward_mean"] == pytest.approx(trainer.reward_history[0]["reward_mean"])
+    [(step, samples)] = [(step, metrics["samples"]) for _, step, metrics in rows if "samples" in metrics]
+    assert step == 0 and samples["_type"] == "trackio.image"
+    assert samples["caption"].startswith("0: ") and samples["caption"].count("\n") == 3  # one line per tile
+    with Image.open(store / "media" / samples["file_path"]) as grid:
+        assert grid.size == (GRID_SIDE, GRID_SIDE)
+
+
+def test_trackers_without_image_support_get_no_sample_grid():
     data = [[torch.rand(2, 3, 16, 16), ["a cat", "a dog"], [{}, {}], torch.tensor([1.0, 2.0]), {}]]
-    log_image_samples(data, 5, tracker)
-    assert logged == [({"samples": "trackio-image"}, 5)]
-    assert made == [((20, 2 * 18 + 2, 3), "0: a cat (reward 1)\n1: a dog (reward 2)")]
-
     other = types.SimpleNamespace(name="mlflow", log=lambda *args, **kwargs: pytest.fail("nothing to log"))
     log_image_samples(data, 5, other)
     log_image_samples(data, 5, None)
