@@ -2,6 +2,8 @@
 
     python examples/scripts/dag.py                                        # offline shapes model on CPU
     accelerate launch examples/scripts/dag.py --config examples/recipes/sd15_aesthetic.yaml
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml examples/scripts/dag.py \
+        --config examples/recipes/sd15_aesthetic.yaml --use_lora false       # ZeRO-2 full fine-tuning
     python examples/scripts/dag.py --config recipe.yaml --num_epochs 10   # flags override the YAML
 
 Every GFlowNetConfig field is a flag; see `python examples/scripts/dag.py --help`.
