@@ -2,10 +2,12 @@
 
 A prompt function follows the contract of DDPO (Black et al. 2023) and TRL's ``DDPOTrainer``: calling it with no
 arguments returns ``(prompt, metadata)``, a string and a dict that is handed to the reward function with the image.
-Each one here draws uniformly, with replacement, from a fixed prompt set using its own ``random.Random``, so a run
-is reproducible under ``seed`` and independent of the global ``random`` state.
+Each one here draws uniformly, with replacement, from a fixed prompt set using its own random generator (a
+``random.Random``; numpy's for ``shapes``), so a run is reproducible under ``seed`` and independent of the global
+random state; ``reseed(seed)`` restarts it.
 
-Prompt sets: ``simple_animals`` (DDPO's 45 animals), the ImageNet-1k class names (``imagenet_all``,
+Prompt sets: ``shapes`` (the built-in shapes model's, see :class:`dag_trl.shapes.ShapePrompts`), ``simple_animals``
+(DDPO's 45 animals), the ImageNet-1k class names (``imagenet_all``,
 ``imagenet_animals`` = classes 0-397, ``imagenet_dogs`` = classes 151-268, the slices DDPO and DAG use),
 ``drawbench`` (Saharia et al. 2022, the Imagen paper's 200 prompts), ``hpd`` (the HPDv2 benchmark prompts of Wu et
 al. 2023, styles photo / paintings / anime / concept-art), and any dataset column or prompt file.
@@ -264,11 +266,11 @@ def hpd(
 
 
 def shapes(prompt_set: str = "shape", seed: int | None = None) -> Callable[[], tuple[str, Any]]:
-    """Prompts of the built-in shapes model (see :func:`dag_trl.shapes.make_prompt_fn`); ``"shape"`` leaves colours
+    """Prompts of the built-in shapes model (see :class:`dag_trl.shapes.ShapePrompts`); ``"shape"`` leaves colours
     open, ``"shape_on_background"`` fixes the background, ``"full"`` fixes everything."""
-    from .shapes import make_prompt_fn
+    from .shapes import ShapePrompts
 
-    return make_prompt_fn(prompt_set, seed=0 if seed is None else seed)
+    return ShapePrompts(prompt_set, seed=0 if seed is None else seed)
 
 
 _PROMPT_FNS: dict[str, Callable[..., Any]] = {

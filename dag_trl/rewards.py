@@ -1139,11 +1139,25 @@ def remote_reward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shapes_colour_preference(weights: Mapping[str, float] | None = None) -> RewardCallable:
-    """The built-in shapes model's colour-preference reward (see :func:`dag_trl.shapes.make_colour_preference_reward`)."""
-    from .shapes import make_colour_preference_reward
+class ShapesColourPreference(RewardFunction):
+    """The built-in shapes model's colour-preference reward (see
+    :func:`dag_trl.shapes.make_colour_preference_reward`), with the input checks of every :class:`RewardFunction`."""
 
-    return make_colour_preference_reward(weights)
+    name = "shapes_colour_preference"
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        from .shapes import make_colour_preference_reward
+
+        self._reward = make_colour_preference_reward(weights)
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        return self._reward(images, prompts, metadata)
+
+
+def shapes_colour_preference(weights: Mapping[str, float] | None = None) -> ShapesColourPreference:
+    """The built-in shapes model's colour-preference reward: 1 for a red or yellow shape by default (``weights``:
+    colour name -> weight)."""
+    return ShapesColourPreference(weights)
 
 
 _REWARDS: dict[str, Callable[..., RewardCallable]] = {

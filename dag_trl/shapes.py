@@ -20,7 +20,7 @@ Models") on synthetic data and saves it as a diffusers ``StableDiffusionPipeline
   the shape) and names the shape's colour, the background's colour (nearest palette colour of the median pixel) and
   the shape's kind (the circle, square or triangle template, inscribed in the shape's bounding box, with the highest
   IoU). :func:`prompt_adherence`, :func:`colour_distribution`, :func:`colour_preference_reward` and
-  :func:`make_prompt_fn` build on it.
+  :class:`ShapePrompts` build on it.
 
 Command line: ``python -m dag_trl.shapes build --output DIR [--seed 0]`` builds into ``DIR``;
 ``python -m dag_trl.shapes get`` prints the cached model's folder, building it first when needed.
@@ -261,7 +261,7 @@ def all_full_prompts() -> list[str]:
     ]
 
 
-def make_prompt_fn(prompt_set: str = "shape", seed: int = 0) -> Callable[[], tuple[str, dict[str, str]]]:
+class ShapePrompts:
     """A seeded prompt function with DDPO's contract: each call returns ``(prompt, metadata)``.
 
     ``metadata`` holds the attributes the prompt specifies (see :func:`parse_prompt`). Prompt sets:
@@ -270,21 +270,31 @@ def make_prompt_fn(prompt_set: str = "shape", seed: int = 0) -> Callable[[], tup
       which is where a colour reward has something to reshape.
     * ``"shape_on_background"``: e.g. ``"a circle on a blue background"``; the shape's colour is left open.
     * ``"full"``: e.g. ``"a red circle on a blue background"``, every attribute fixed (for adherence checks).
-    """
-    if prompt_set not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt_set {prompt_set!r}; expected one of {PROMPT_SETS}.")
-    rng = np.random.default_rng(seed)
 
-    def prompt_fn() -> tuple[str, dict[str, str]]:
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        if prompt_set == "shape":
+    ``reseed(seed)`` restarts the draws, as for every prompt set in :mod:`dag_trl.prompts`: the trainer reseeds per
+    process and epoch, so that processes draw different prompts and a resumed run draws the uninterrupted one's.
+    """
+
+    name = "shapes"
+
+    def __init__(self, prompt_set: str = "shape", seed: int = 0) -> None:
+        if prompt_set not in PROMPT_SETS:
+            raise ValueError(f"unknown prompt_set {prompt_set!r}; expected one of {PROMPT_SETS}.")
+        self.prompt_set = prompt_set
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the draws from ``seed``."""
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> tuple[str, dict[str, str]]:
+        shape = SHAPES[int(self.rng.integers(len(SHAPES)))]
+        if self.prompt_set == "shape":
             prompt = make_prompt(shape)
         else:
-            colour, background = _draw_colours(rng)
-            prompt = make_prompt(shape, colour if prompt_set == "full" else None, background)
+            colour, background = _draw_colours(self.rng)
+            prompt = make_prompt(shape, colour if self.prompt_set == "full" else None, background)
         return prompt, parse_prompt(prompt)
-
-    return prompt_fn
 
 
 # ----------------------------------------------------------------------------------------------------------------------

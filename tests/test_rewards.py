@@ -131,9 +131,10 @@ GOOD = torch.rand(2, 3, 8, 8)
         (GOOD, ["a", "b"], {"k": 1}, "metadata must be None or a list or tuple of 2 dicts; got dict"),
     ],
 )
-def test_bad_inputs_raise_clear_errors(images, prompts, metadata, message):
+@pytest.mark.parametrize("reward_name", ["jpeg_compressibility", "shapes_colour_preference"])
+def test_bad_inputs_raise_clear_errors(images, prompts, metadata, message, reward_name):
     with pytest.raises(ValueError, match=message):
-        R.jpeg_compressibility()(images, prompts, metadata)
+        R.get_reward_fn(reward_name)(images, prompts, metadata)
 
 
 def test_model_rewards_check_inputs_before_loading_weights():

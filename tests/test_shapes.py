@@ -105,21 +105,25 @@ def test_parse_prompt_inverts_make_prompt() -> None:
         shapes.parse_prompt("a orange circle")
 
 
-def test_prompt_fn_is_seeded_and_returns_matching_metadata() -> None:
+def test_prompt_fn_is_seeded_reseedable_and_returns_matching_metadata() -> None:
     for prompt_set, keys in [("shape", {"shape"}), ("shape_on_background", {"shape", "background"})]:
-        first = [shapes.make_prompt_fn(prompt_set, seed=7)() for _ in range(1)]
-        fn_a, fn_b = shapes.make_prompt_fn(prompt_set, seed=7), shapes.make_prompt_fn(prompt_set, seed=8)
+        first = [shapes.ShapePrompts(prompt_set, seed=7)() for _ in range(1)]
+        fn_a, fn_b = shapes.ShapePrompts(prompt_set, seed=7), shapes.ShapePrompts(prompt_set, seed=8)
         draws_a = [fn_a() for _ in range(40)]
         assert draws_a[0] == first[0]
         assert draws_a != [fn_b() for _ in range(40)]
         for prompt, metadata in draws_a:
             assert metadata == shapes.parse_prompt(prompt) and set(metadata) == keys
         assert {metadata["shape"] for _, metadata in draws_a} == set(SHAPES)
-    full_prompt, full_metadata = shapes.make_prompt_fn("full", seed=0)()
+    reseeded = shapes.ShapePrompts("shape_on_background", seed=8)
+    [reseeded() for _ in range(5)]
+    reseeded.reseed(7)
+    assert [reseeded() for _ in range(40)] == draws_a  # the seed-7 draws of the loop's last prompt set
+    full_prompt, full_metadata = shapes.ShapePrompts("full", seed=0)()
     assert set(full_metadata) == {"shape", "colour", "background"}
     assert full_metadata["colour"] != full_metadata["background"]
     with pytest.raises(ValueError, match="unknown prompt_set"):
-        shapes.make_prompt_fn("animals")
+        shapes.ShapePrompts("animals")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
