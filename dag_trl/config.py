@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -167,6 +168,17 @@ class GFlowNetConfig:
             Attention heads of the flow network's cross-attention.
         flow_time_embedding_dim (`int`, *optional*, defaults to `64`):
             Width of the sinusoidal timestep embedding; an MLP maps it to 4x this width (64 -> 256 -> 256).
+
+        > DDPO compatibility
+
+        per_prompt_stat_tracking (`bool`, *optional*, defaults to `False`):
+            Accepted so that DDPO scripts run unchanged, and otherwise unused: DDPO normalises rewards per prompt
+            into advantages, while DAG-DB trains on the rewards themselves and DAG-KL uses leave-one-out baselines.
+            `True` warns that it is ignored.
+        per_prompt_stat_tracking_buffer_size (`int`, *optional*, defaults to `16`):
+            DDPO's per-prompt buffer size; unused (see `per_prompt_stat_tracking`).
+        per_prompt_stat_tracking_min_count (`int`, *optional*, defaults to `16`):
+            DDPO's per-prompt minimum count; unused (see `per_prompt_stat_tracking`).
     """
 
     exp_name: str = field(default_factory=_default_exp_name, metadata={"help": "Name of the experiment."})
@@ -233,6 +245,12 @@ class GFlowNetConfig:
     flow_layers_per_block: int = field(default=1, metadata={"help": "Resnet layers per flow down block."})
     flow_attention_heads: int = field(default=8, metadata={"help": "Flow network attention heads."})
     flow_time_embedding_dim: int = field(default=64, metadata={"help": "Flow network sinusoidal embedding width."})
+
+    per_prompt_stat_tracking: bool = field(
+        default=False, metadata={"help": "DDPO's per-prompt reward normalisation; accepted and ignored (warns)."}
+    )
+    per_prompt_stat_tracking_buffer_size: int = field(default=16, metadata={"help": "DDPO compatibility; unused."})
+    per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "DDPO compatibility; unused."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -302,6 +320,8 @@ class GFlowNetConfig:
             "flow_layers_per_block",
             "flow_attention_heads",
             "flow_time_embedding_dim",
+            "per_prompt_stat_tracking_buffer_size",
+            "per_prompt_stat_tracking_min_count",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 reject(name, "an integer >= 1")
@@ -340,6 +360,12 @@ class GFlowNetConfig:
             reject("flow_block_out_channels", "a non-empty list of positive integers")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
+        if self.per_prompt_stat_tracking:
+            warnings.warn(
+                "GFlowNetConfig.per_prompt_stat_tracking=True is ignored: DAG has no per-prompt reward normalisation "
+                "(DAG-DB trains on the rewards, DAG-KL uses leave-one-out baselines).",
+                stacklevel=3,
+            )
         reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
         if reserved:
             raise ValueError(

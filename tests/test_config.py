@@ -15,7 +15,8 @@ DDPO_FIELDS = [
     "mixed_precision", "allow_tf32", "seed", "num_epochs", "log_with", "tracker_kwargs", "tracker_project_name",
     "logdir", "save_freq", "num_checkpoint_limit", "resume_from", "async_reward_computation", "max_workers",
     "negative_prompts", "push_to_hub", "accelerator_kwargs", "project_kwargs", "train_use_8bit_adam",
-    "train_adam_beta1", "train_adam_beta2", "train_adam_weight_decay", "train_adam_epsilon",
+    "train_adam_beta1", "train_adam_beta2", "train_adam_weight_decay", "train_adam_epsilon", "exp_name", "run_name",
+    "per_prompt_stat_tracking", "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count",
 ]  # fmt: skip
 
 
@@ -25,6 +26,15 @@ def test_keeps_ddpo_field_names_and_documents_every_field():
     doc = GFlowNetConfig.__doc__
     undocumented = [name for name in names if not re.search(rf"^\s+{name} \(", doc, re.MULTILINE)]
     assert undocumented == []
+
+
+def test_ddpo_settings_a_ported_script_passes_are_accepted_and_the_unused_one_says_so():
+    # TRL's example DDPO script turns per-prompt statistics on; DAG has no use for them.
+    with pytest.warns(UserWarning, match=r"per_prompt_stat_tracking=True is ignored: DAG has no per-prompt"):
+        config = GFlowNetConfig(per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=32)
+    assert config.per_prompt_stat_tracking_buffer_size == 32
+    with pytest.raises(ValueError, match=r"per_prompt_stat_tracking_min_count=0 is invalid: expected an integer >= 1"):
+        GFlowNetConfig(per_prompt_stat_tracking_min_count=0)
 
 
 def test_defaults_are_the_papers_settings():

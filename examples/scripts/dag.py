@@ -6,7 +6,7 @@
         --config examples/recipes/sd15_aesthetic.yaml --use_lora false       # ZeRO-2 full fine-tuning
     python examples/scripts/dag.py --config recipe.yaml --num_epochs 10   # flags override the YAML
 
-Every GFlowNetConfig field is a flag; see `python examples/scripts/dag.py --help`.
+Every GFlowNetConfig field is a flag (the three *_kwargs dicts: YAML only); see `python examples/scripts/dag.py --help`.
 """
 
 from dag_trl.cli import parse_arguments, run
