@@ -51,8 +51,8 @@ class ScriptArguments:
         prompt_kwargs (`dict` or JSON `str`, defaults to `{}`):
             Keyword arguments of the prompt-set factory.
         output_dir (`str`, defaults to `"runs/dag"`):
-            Folder for pictures, summary, model and logs; it must be absent or empty unless `overwrite` is set or the run
-            resumes (`resume_from`).
+            Folder for pictures, summary, model and logs; it must be absent or empty unless `overwrite` is set or
+            the run resumes (`resume_from`).
         overwrite (`bool`, defaults to `False`):
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):

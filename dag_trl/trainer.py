@@ -971,8 +971,8 @@ class GFlowNetDiffusionTrainer:
 
         ``repo_id`` defaults to ``config.hub_model_id``, else ``config.exp_name`` (in the token owner's namespace).
         The folder is ``output_dir``, which must be empty or absent so that nothing else is uploaded, or by default
-        ``<logdir>/hub/<repo_id with "/" as "--">``, emptied first. Only the main process saves and pushes; it returns the commit
-        URL, the other processes ``None``. If the push fails (no token, no write access, no network), the local
+        ``<logdir>/hub/<repo_id with "/" as "--">``, emptied first. Only the main process saves and pushes; it
+        returns the commit URL, the other processes ``None``. If the push fails (no token, no write access, no network), the local
         save is kept and a [`~dag_trl.hub.HubPushError`] says where it is.
         """
         repo_id = repo_id or self.config.hub_model_id or self.config.exp_name
