@@ -393,9 +393,6 @@ class GFlowNetDiffusionTrainer:
     def checkpoint_dir(self) -> str:
         return checkpoint_dir(self.config)
 
-    def _list_checkpoints(self) -> list[tuple[int, str]]:
-        return list_checkpoints(self.checkpoint_dir)
-
     def _check_resumable(self, path: str) -> None:
         """Refuse, before any training, a checkpoint this run cannot load: written with or without DeepSpeed, by
         another number of processes, or for a LoRA where this run trains the whole UNet (or the reverse)."""
@@ -431,8 +428,7 @@ class GFlowNetDiffusionTrainer:
         if self.uses_deepspeed:
             # The engine's own checkpoint holds both networks and the optimiser; the files written here are the
             # portable ones (diffusers LoRA, flow network) that `resume_from` checks for and other tools load.
-            self.sd_pipeline.save_pretrained(output_dir, unet=self.unet)
-            self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
+            self._save_trained_weights(output_dir)
             return
         # accelerate passes its own model list here: leave it intact and drop the entries we save from `weights`.
         flow_index = self._find_flow(models)
@@ -478,7 +474,7 @@ class GFlowNetDiffusionTrainer:
                 json.dump(state, handle)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
-            for _, old in self._list_checkpoints()[: -self.config.num_checkpoint_limit]:
+            for _, old in list_checkpoints(self.checkpoint_dir)[: -self.config.num_checkpoint_limit]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
@@ -952,10 +948,14 @@ class GFlowNetDiffusionTrainer:
             return
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
-        self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
+        self._save_trained_weights(output_dir)
         card = self.create_model_card(repo_id or output_dir, license=license)
         card.save(os.path.join(output_dir, MODEL_CARD_NAME))
+
+    def _save_trained_weights(self, output_dir: str) -> None:
+        """The UNet's trained weights (diffusers LoRA or ``unet/``) and the flow network (``flow/``)."""
+        self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
+        self.flow_model.save_pretrained(os.path.join(output_dir, FLOW_FOLDER))
 
     def push_to_hub(
         self,

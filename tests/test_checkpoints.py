@@ -12,6 +12,7 @@ import torch
 from conftest import PROMPTS, files_under, make_resumable_trainer
 
 from dag_trl import FlowNetwork
+from dag_trl.trainer import list_checkpoints
 
 FLOW_FILES = {"flow/config.json", "flow/diffusion_pytorch_model.safetensors"}
 
@@ -138,7 +139,7 @@ def test_checkpoint_limit_deletes_the_oldest(tmp_path, tiny_sd_path):
     for epoch in range(4):
         trainer.save_checkpoint(epoch)
     assert sorted(os.listdir(tmp_path / "logs" / "checkpoints")) == ["checkpoint_2", "checkpoint_3"]
-    assert [epoch for epoch, _ in trainer._list_checkpoints()] == [2, 3]
+    assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [2, 3]
 
 
 def test_checkpoint_folder_holds_the_whole_training_state(tmp_path, tiny_sd_path):
