@@ -2,9 +2,10 @@
 
     python benchmarks/benchmark_rewards.py [--batch 8] [--size 512] [--repeats 5]
 
-No Hub access is assumed: the model-based rewards run on tiny random models of the real classes (built with the
-test suite's builders) that keep the real input size, 224 px, so the on-device preprocessing (resize from 512 px,
-crop, normalise) is measured at full cost while the model forward passes are not representative of ViT-L/H.
+No Hub access is assumed: the model-based rewards run on tiny random models of the real classes (built with
+:mod:`dag_trl.testing.tiny_models`) that keep the real input size, 224 px, so the on-device preprocessing (resize
+from 512 px, crop, normalise) is measured at full cost while the model forward passes are not representative of
+ViT-L/H.
 The JPEG rewards are the real thing. ``remote_reward`` talks to a local 127.0.0.1 server that answers constant
 scores, so it measures the PNG encoding and HTTP round trip. HPSv2 needs the ``hpsv2`` extra (open_clip).
 """
@@ -15,22 +16,20 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-from transformers import AutoProcessor
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_rewards import build_tiny_clip, build_tiny_imagereward, smooth_images, to_pil  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
 
 from dag_trl import rewards as R  # noqa: E402
+from dag_trl.testing.images import smooth_images, to_pil  # noqa: E402
+from dag_trl.testing.tiny_models import build_tiny_clip, build_tiny_imagereward  # noqa: E402
 
 
 class _ConstantScores(BaseHTTPRequestHandler):

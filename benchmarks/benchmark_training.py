@@ -6,14 +6,14 @@
 Each repeat samples one epoch once (``trainer._generate_samples``), cuts it into windows (``trainer.windows``) and
 trains on those windows twice from the same starting weights and optimiser state: once with the product loop
 (``GFlowNetDiffusionTrainer.train_window``) and once with the per-transition oracle of the tests
-(``tests/reference_loop.py``). Both loops therefore see identical data, so their difference is the training loop
-alone; the sampling phase is common to both and is counted in each one's whole-epoch time. The loops alternate which
-runs first from repeat to repeat, and the figures reported are medians over repeats.
+(:mod:`dag_trl.testing.reference_loop`). Both loops therefore see identical data, so their difference is the
+training loop alone; the sampling phase is common to both and is counted in each one's whole-epoch time. The loops
+alternate which runs first from repeat to repeat, and the figures reported are medians over repeats.
 
 Settings:
 
-- ``tiny-cpu``: the test suite's tiny pipeline (``tests/conftest.py``), a mean-brightness reward; about a minute on
-  two CPU cores.
+- ``tiny-cpu``: the test suite's tiny pipeline (:data:`dag_trl.testing.tiny_models.TINY_SD`), a mean-brightness
+  reward; about a minute on two CPU cores.
 - ``sd15-gpu``: an SD1.5-architecture pipeline with random weights built from configs in code (no Hub), the paper's
   batch sizes (sample 16, train 8, 50 steps, accumulation 4) and, as the reward, a randomly initialised CLIP
   ViT-L/14 image tower with the LAION aesthetic head on 224 px images: the cost of the aesthetic scorer.
@@ -43,19 +43,37 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-from conftest import build_tiny_sd_pipeline, write_tiny_clip_tokenizer  # noqa: E402
-from reference_loop import reference_train_window  # noqa: E402
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer  # noqa: E402
-from dag_trl.trainer import WorkCounters  # noqa: E402
+from dag_trl.testing.reference_loop import reference_train_window  # noqa: E402
+from dag_trl.testing.tiny_models import SDArchitecture, build_tiny_sd_pipeline  # noqa: E402
+from dag_trl.trainer import WorkCounters, get_objective_class  # noqa: E402
+from dag_trl.trainer.trainer import take_rows  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a cat on a mat", "a mountain lake at dawn"]
 LOOPS = ("straightforward", "optimised")
-SD15_TEXT_TOKENS = 77
+# The UNet, VAE and text encoder widths of runwayml/stable-diffusion-v1-5 (860M, 84M and 123M parameters), with a
+# character-level tokenizer; its image_size is the --resolution.
+SD15_ARCHITECTURE = SDArchitecture(
+    image_size=512,
+    vae_block_out_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_decoder_gain=1.0,
+    text_hidden_size=768,
+    text_intermediate_size=3072,
+    text_num_layers=12,
+    text_num_heads=12,
+    text_vocab_size=49408,
+    max_tokens=77,
+    unet_block_out_channels=(320, 640, 1280, 1280),
+    unet_layers_per_block=2,
+    unet_down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    unet_up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    unet_attention_head_dim=8,
+    norm_num_groups=32,
+)
 
 
 @dataclass
@@ -89,56 +107,9 @@ def build_tiny(path: Path, args: argparse.Namespace) -> Path:
 
 
 def build_sd15(path: Path, args: argparse.Namespace) -> Path:
-    """Save an SD1.5-architecture ``StableDiffusionPipeline`` with random weights: the UNet, VAE and text encoder
-    widths of ``runwayml/stable-diffusion-v1-5`` (860M, 84M and 123M parameters), built offline from configs."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "_tokenizer_src", SD15_TEXT_TOKENS))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=SD15_TEXT_TOKENS,
-            hidden_act="quick_gelu",
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=args.resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=args.resolution,
-        scaling_factor=0.18215,
-    )
-    # The tiny test pipeline supplies the rest: SD1.5's DDIM noise schedule and the pipeline's component layout.
-    tiny = StableDiffusionPipeline.from_pretrained(
-        build_tiny_sd_pipeline(path / "_tiny"), safety_checker=None, requires_safety_checker=False
-    )
-    components = {**tiny.components, "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
-    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
-    return path
+    """Save an SD1.5-architecture ``StableDiffusionPipeline`` with random weights, built offline from configs."""
+    architecture = dataclasses.replace(SD15_ARCHITECTURE, image_size=args.resolution)
+    return build_tiny_sd_pipeline(path, architecture=architecture)
 
 
 def brightness_reward(args: argparse.Namespace, device: torch.device) -> Callable:
@@ -294,7 +265,11 @@ class TrainingState:
 
     @staticmethod
     def _trainable(trainer: GFlowNetDiffusionTrainer) -> list[torch.nn.Parameter]:
-        return [p for p in itertools.chain(trainer.unet.parameters(), trainer.flow.parameters()) if p.requires_grad]
+        return [
+            p
+            for p in itertools.chain(trainer.unet.parameters(), trainer.objective_model.parameters())
+            if p.requires_grad
+        ]
 
     def restore(self, trainer: GFlowNetDiffusionTrainer) -> None:
         with torch.no_grad():
@@ -309,7 +284,7 @@ def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: 
     """Train on every window with one loop; returns the training phase's work counters."""
     trainer.counters = WorkCounters()
     trainer.unet.train()
-    trainer.flow.train()
+    trainer.objective_model.train()
     for window, kept in windows:
         if name == "optimised":
             trainer.train_window(window, kept, beta, epoch)
@@ -323,7 +298,7 @@ def warmup_window(trainer: GFlowNetDiffusionTrainer, window: tuple[dict, torch.T
     :func:`one_backward_per_step`)."""
     samples, kept = window
     rows = torch.arange(min(trainer.config.train_batch_size, kept.shape[0]))
-    return {key: trainer._take(value, rows) for key, value in samples.items()}, kept[rows, :1]
+    return {key: take_rows(value, rows) for key, value in samples.items()}, kept[rows, :1]
 
 
 @contextlib.contextmanager
@@ -456,7 +431,7 @@ def report(
     trajectories = config.sample_batch_size * config.sample_num_batches_per_epoch
     kept = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
     transitions = trajectories * kept
-    # One transition-batch is one backward: train_batch_size transitions (the unit of the spec's per-step figures).
+    # One transition-batch is one backward: train_batch_size transitions (the unit of the per-step figures below).
     transition_batches = -(-trajectories // config.train_batch_size) * kept
     sample_seconds = statistics.median(sampling)
     print(
@@ -518,7 +493,7 @@ def main() -> None:
             f"{config.train_gradient_checkpointing}, LoRA rank {args.lora_rank}, steps {config.sample_num_steps}, "
             f"sample {config.sample_batch_size} x {config.sample_num_batches_per_epoch}, train batch "
             f"{config.train_batch_size}, accumulation {config.train_gradient_accumulation_steps}, decode batch "
-            f"{config.train_decode_batch_size}, {'DAG-KL' if config.is_dag_kl else 'DAG-DB'}; "
+            f"{config.train_decode_batch_size}, {get_objective_class(config.objective_name).display_name}; "
             f"set-up {time.perf_counter() - start:.1f} s"
         )
 

@@ -1,17 +1,18 @@
 """dag_trl: GFlowNet alignment of text-to-image diffusion models (DAG and DAG-KL, Zhang et al. 2024, arXiv 2406.00633)."""
 
 from .config import GFlowNetConfig
-from .flow_model import FlowNetwork
-from .hub import HubPushError, create_model_card, push_folder_to_hub
-from .math import DDIMStepOutput, ddim_step_with_logprob
-from .pipeline import (
+from .io.hub import HubPushError, create_model_card, push_folder_to_hub
+from .io.tracking import log_image_samples
+from .models import (
     DefaultGFlowNetStableDiffusionPipeline,
+    FlowNetwork,
     GFlowNetPipelineOutput,
     GFlowNetStableDiffusionPipeline,
+    PromptEmbeddings,
 )
 from .prompts import available_prompt_fns, get_prompt_fn
 from .rewards import available_rewards, get_reward_fn
-from .tracking import log_image_samples
+from .samplers import DDIMStepOutput, ddim_step_with_logprob
 from .trainer import GFlowNetDiffusionTrainer
 
 __version__ = "0.1.0.dev0"
@@ -25,6 +26,7 @@ __all__ = [
     "GFlowNetPipelineOutput",
     "GFlowNetStableDiffusionPipeline",
     "HubPushError",
+    "PromptEmbeddings",
     "available_prompt_fns",
     "available_rewards",
     "create_model_card",

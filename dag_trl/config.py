@@ -146,6 +146,14 @@ class GFlowNetConfig:
         train_unet_reg (`float`, *optional*, defaults to `1.0`):
             Weight of the proximal regulariser, the mean squared difference between the current and the sampled
             guided noise predictions.
+        train_log_z_learning_rate (`float`, *optional*, defaults to `0.1`):
+            RTB: learning rate of the log-partition estimate `log Z(c)`. Far above the LoRA's, because `log Z` must
+            travel from 0 to its value (about `log E_prior[exp(beta R)]`, a few nats) within a short run.
+        train_objective (`str` or `None`, *optional*, defaults to `None`):
+            The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
+            the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
+            pretrained model), or another name registered in `dag_trl.trainer.objectives.OBJECTIVES`. `None` picks by `train_klpf`: DAG-KL when it is
+            positive, else DAG-DB.
         train_klpf (`float`, *optional*, defaults to `-1.0`):
             `<= 0`: DAG-DB (the UNet is trained through the detailed-balance loss). `> 0`: DAG-KL, the weight of the
             KL-based (REINFORCE with a leave-one-out baseline, PPO-clipped) policy gradient.
@@ -172,13 +180,14 @@ class GFlowNetConfig:
         > DDPO compatibility
 
         per_prompt_stat_tracking (`bool`, *optional*, defaults to `False`):
-            Accepted so that DDPO scripts run unchanged, and otherwise unused: DDPO normalises rewards per prompt
-            into advantages, while DAG-DB trains on the rewards themselves and DAG-KL uses leave-one-out baselines.
-            `True` warns that it is ignored.
+            With `train_objective="ddpo"`: standardise each prompt's rewards by the statistics of its latest
+            rewards (else by the whole epoch's). Other objectives have no per-prompt normalisation (DAG-DB trains on
+            the rewards themselves, DAG-KL uses leave-one-out baselines): there `True` warns that it is ignored.
         per_prompt_stat_tracking_buffer_size (`int`, *optional*, defaults to `16`):
-            DDPO's per-prompt buffer size; unused (see `per_prompt_stat_tracking`).
+            DDPO: how many of a prompt's latest rewards its statistics use.
         per_prompt_stat_tracking_min_count (`int`, *optional*, defaults to `16`):
-            DDPO's per-prompt minimum count; unused (see `per_prompt_stat_tracking`).
+            DDPO: a prompt's rewards are standardised by the whole epoch's statistics until its buffer holds this
+            many.
     """
 
     exp_name: str = field(default_factory=_default_exp_name, metadata={"help": "Name of the experiment."})
@@ -232,6 +241,10 @@ class GFlowNetConfig:
     train_reward_exp: float = field(default=100.0, metadata={"help": "Reward exponent beta, >= 0."})
     train_reward_exp_anneal: str = field(default="linear", metadata={"help": "'linear' or 'none'."})
     train_unet_reg: float = field(default=1.0, metadata={"help": "Weight of the proximal regulariser."})
+    train_log_z_learning_rate: float = field(default=0.1, metadata={"help": "RTB: learning rate of log Z(c)."})
+    train_objective: Optional[str] = field(
+        default=None, metadata={"help": "'dag_db', 'dag_kl', 'ddpo'; None: 'dag_kl' if train_klpf > 0 else 'dag_db'."}
+    )
     train_klpf: float = field(default=-1.0, metadata={"help": "<= 0: DAG-DB; > 0: DAG-KL weight."})
     train_log_prob_reduction: str = field(default="mean", metadata={"help": "'mean' (paper) or 'sum'."})
     train_gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing."})
@@ -247,18 +260,20 @@ class GFlowNetConfig:
     flow_time_embedding_dim: int = field(default=64, metadata={"help": "Flow network sinusoidal embedding width."})
 
     per_prompt_stat_tracking: bool = field(
-        default=False, metadata={"help": "DDPO's per-prompt reward normalisation; accepted and ignored (warns)."}
+        default=False, metadata={"help": "DDPO: per-prompt reward standardisation (other objectives: ignored)."}
     )
-    per_prompt_stat_tracking_buffer_size: int = field(default=16, metadata={"help": "DDPO compatibility; unused."})
-    per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "DDPO compatibility; unused."})
+    per_prompt_stat_tracking_buffer_size: int = field(default=16, metadata={"help": "DDPO: rewards kept per prompt."})
+    per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "DDPO: rewards before per-prompt."})
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
-    def is_dag_kl(self) -> bool:
-        """Whether the UNet is trained with the KL-based gradient (DAG-KL) rather than detailed balance (DAG-DB)."""
-        return self.train_klpf > 0
+    def objective_name(self) -> str:
+        """The objective this config trains with: ``train_objective``, or by ``train_klpf`` when that is ``None``."""
+        if self.train_objective is not None:
+            return self.train_objective
+        return "dag_kl" if self.train_klpf > 0 else "dag_db"
 
     @property
     def flow_learning_rate(self) -> float:
@@ -325,7 +340,13 @@ class GFlowNetConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 reject(name, "an integer >= 1")
-        for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "train_adv_clip_max"):
+        for name in (
+            "train_learning_rate",
+            "train_adam_epsilon",
+            "train_max_grad_norm",
+            "train_adv_clip_max",
+            "train_log_z_learning_rate",
+        ):
             if not getattr(self, name) > 0:
                 reject(name, "a number > 0")
         if self.train_flow_learning_rate is not None and not self.train_flow_learning_rate > 0:
@@ -352,18 +373,18 @@ class GFlowNetConfig:
             reject("train_adam_beta1", "a number in [0, 1)")
         if not 0 <= self.train_adam_beta2 < 1:
             reject("train_adam_beta2", "a number in [0, 1)")
-        if self.is_dag_kl and self.train_batch_size < 2:
-            reject("train_batch_size", "at least 2 with DAG-KL (train_klpf > 0): the leave-one-out baseline needs 2")
+        self._validate_objective()
         if not self.flow_block_out_channels or any(
             not isinstance(c, int) or c < 1 for c in self.flow_block_out_channels
         ):
             reject("flow_block_out_channels", "a non-empty list of positive integers")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
-        if self.per_prompt_stat_tracking:
+        if self.per_prompt_stat_tracking and self.objective_name != "ddpo":
             warnings.warn(
-                "GFlowNetConfig.per_prompt_stat_tracking=True is ignored: DAG has no per-prompt reward normalisation "
-                "(DAG-DB trains on the rewards, DAG-KL uses leave-one-out baselines).",
+                f"GFlowNetConfig.per_prompt_stat_tracking=True is ignored with train_objective={self.objective_name!r}: "
+                "only DDPO normalises rewards per prompt (DAG-DB trains on the rewards, DAG-KL uses leave-one-out "
+                "baselines); set train_objective='ddpo' for DDPO.",
                 stacklevel=3,
             )
         reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
@@ -380,6 +401,19 @@ class GFlowNetConfig:
                 f"multiple of train_batch_size * train_gradient_accumulation_steps = {self.train_batch_size} * "
                 f"{self.train_gradient_accumulation_steps} = {window}, so that every optimiser step sees whole batches."
             )
+
+    def _validate_objective(self) -> None:
+        from .trainer.objectives import get_objective_class
+
+        objective = get_objective_class(self.objective_name)
+        dag_kl = self.train_klpf > 0
+        if self.train_objective in ("dag_db", "dag_kl") and (self.train_objective == "dag_kl") != dag_kl:
+            raise ValueError(
+                f"GFlowNetConfig.train_objective={self.train_objective!r} conflicts with train_klpf={self.train_klpf!r}: "
+                "DAG-KL needs a positive train_klpf (its policy-gradient weight) and DAG-DB a non-positive one; set "
+                "train_klpf accordingly or leave train_objective unset."
+            )
+        objective.validate_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dictionary (for trackers and model cards)."""

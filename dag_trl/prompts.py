@@ -1,16 +1,17 @@
 """Prompt functions for diffusion alignment.
 
-A prompt function follows the contract of DDPO (Black et al. 2023) and TRL's ``DDPOTrainer``: calling it with no
-arguments returns ``(prompt, metadata)``, a string and a dict that is handed to the reward function with the image.
-Each one here draws uniformly, with replacement, from a fixed prompt set using its own random generator (a
-``random.Random``; numpy's for ``shapes``), so a run is reproducible under ``seed`` and independent of the global
-random state; ``reseed(seed)`` restarts it.
+A prompt function follows the contract of DDPO (Black et al. 2023, arXiv 2305.13301) and TRL's ``DDPOTrainer``:
+calling it with no arguments returns ``(prompt, metadata)``, a string and a dict that is handed to the reward
+function with the image. Each one here draws uniformly, with replacement, from a fixed prompt set using its own
+``random.Random``, so a run is reproducible under ``seed`` and independent of the global random state;
+``reseed(seed)`` restarts it.
 
-Prompt sets: ``shapes`` (the built-in shapes model's, see :class:`dag_trl.shapes.ShapePrompts`), ``simple_animals``
-(DDPO's 45 animals), the ImageNet-1k class names (``imagenet_all``,
+Prompt sets: ``simple_animals`` (DDPO's 45 animals), the ImageNet-1k class names (``imagenet_all``,
 ``imagenet_animals`` = classes 0-397, ``imagenet_dogs`` = classes 151-268, the slices DDPO and DAG use),
 ``drawbench`` (Saharia et al. 2022, the Imagen paper's 200 prompts), ``hpd`` (the HPDv2 benchmark prompts of Wu et
 al. 2023, styles photo / paintings / anime / concept-art), and any dataset column or prompt file.
+:data:`PROMPTS` maps each name to its function; ``PROMPTS.register(name, factory)`` adds one (the shapes demo
+registers its ``shapes`` prompts this way).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+from .registry import Registry
+
 __all__ = [
+    "PROMPTS",
+    "PromptCallable",
     "PromptFunction",
     "PromptList",
     "simple_animals",
@@ -99,6 +104,13 @@ class PromptList(PromptFunction):
         return f"PromptList(name={self.name!r}, size={len(self.prompts)})"
 
 
+# What a prompt set builds: any callable returning ``(prompt, metadata)``, e.g. a PromptList.
+PromptCallable = Callable[[], tuple[str, Any]]
+
+# Each prompt set is registered under the name of its function, so that the name takes that function's arguments.
+PROMPTS: Registry[PromptCallable] = Registry("prompt set")
+
+
 @functools.cache
 def load_asset_lines(filename: str) -> tuple[str, ...]:
     """Non-empty, stripped lines of a text file shipped in ``dag_trl/assets``."""
@@ -106,6 +118,7 @@ def load_asset_lines(filename: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+@PROMPTS.register("simple_animals")
 def simple_animals(seed: int | None = None) -> PromptList:
     """DDPO's 45 common animal names ("cat", "dog", ...), the prompt set of its aesthetic-score experiments."""
     return PromptList(load_asset_lines("simple_animals.txt"), name="simple_animals", seed=seed)
@@ -118,16 +131,19 @@ def _imagenet(low: int, high: int, name: str, seed: int | None) -> PromptList:
     return PromptList(classes, metadata, name=name, seed=seed)
 
 
+@PROMPTS.register("imagenet_all")
 def imagenet_all(seed: int | None = None) -> PromptList:
     """All 1000 ImageNet-1k class names; metadata holds ``class_index``."""
     return _imagenet(0, 1000, "imagenet_all", seed)
 
 
+@PROMPTS.register("imagenet_animals")
 def imagenet_animals(seed: int | None = None) -> PromptList:
     """ImageNet classes 0-397 (the animals), as in DDPO and DAG."""
     return _imagenet(0, 398, "imagenet_animals", seed)
 
 
+@PROMPTS.register("imagenet_dogs")
 def imagenet_dogs(seed: int | None = None) -> PromptList:
     """ImageNet classes 151-268 (the dog breeds)."""
     return _imagenet(151, 269, "imagenet_dogs", seed)
@@ -155,6 +171,7 @@ def _load_dataset(path: str, split: str) -> Any:
     return datasets.load_dataset(path, split=split)
 
 
+@PROMPTS.register("from_dataset")
 def from_dataset(
     dataset: Any,
     column: str = "prompt",
@@ -185,6 +202,7 @@ def from_dataset(
     return PromptList(prompts, metadata, name=label, seed=seed)
 
 
+@PROMPTS.register("from_file")
 def from_file(path: str | os.PathLike, column: str = "prompt", seed: int | None = None) -> PromptList:
     """Prompts from a local file: ``.txt`` (one prompt per non-empty line), ``.json`` (a list of strings), or a
     table (csv/tsv/jsonl/parquet, or a json list of records) whose ``column`` holds the prompts.
@@ -209,6 +227,7 @@ def from_file(path: str | os.PathLike, column: str = "prompt", seed: int | None 
     return from_dataset(path, column=column, name=path, seed=seed)
 
 
+@PROMPTS.register("drawbench")
 def drawbench(
     path: str = "sayakpaul/drawbench",
     split: str = "train",
@@ -226,6 +245,7 @@ def drawbench(
     return prompts
 
 
+@PROMPTS.register("hpd")
 def hpd(
     styles: str | Sequence[str] = HPD_STYLES,
     path: str = "zhwang/HPDv2",
@@ -265,45 +285,16 @@ def hpd(
     return PromptList(prompts, metadata, name="hpd", seed=seed)
 
 
-def shapes(prompt_set: str = "shape", seed: int | None = None) -> Callable[[], tuple[str, Any]]:
-    """Prompts of the built-in shapes model (see :class:`dag_trl.shapes.ShapePrompts`); ``"shape"`` leaves colours
-    open, ``"shape_on_background"`` fixes the background, ``"full"`` fixes everything."""
-    from .shapes import ShapePrompts
-
-    return ShapePrompts(prompt_set, seed=0 if seed is None else seed)
-
-
-_PROMPT_FNS: dict[str, Callable[..., Any]] = {
-    "shapes": shapes,
-    "simple_animals": simple_animals,
-    "imagenet_all": imagenet_all,
-    "imagenet_animals": imagenet_animals,
-    "imagenet_dogs": imagenet_dogs,
-    "drawbench": drawbench,
-    "hpd": hpd,
-    "from_dataset": from_dataset,
-    "from_file": from_file,
-}
-
-
 def available_prompt_fns() -> list[str]:
-    """The names :func:`get_prompt_fn` accepts."""
-    return sorted(_PROMPT_FNS)
+    """The names :func:`get_prompt_fn` accepts, sorted."""
+    return PROMPTS.names()
 
 
-def get_prompt_fn(name: str | Callable[[], tuple[str, Any]], **kwargs: Any) -> Callable[[], tuple[str, Any]]:
+def get_prompt_fn(name: str | PromptCallable, **kwargs: Any) -> PromptCallable:
     """Build a prompt function by name, passing ``kwargs`` (e.g. ``seed``) to it; a callable is returned unchanged.
 
-    ``get_prompt_fn("imagenet_animals", seed=0)``, ``get_prompt_fn("from_file", path="prompts.txt")``.
+    ``get_prompt_fn("imagenet_animals", seed=0)``, ``get_prompt_fn("from_file", path="prompts.txt")``. An unknown
+    name raises ``ValueError`` listing the known ones; keyword arguments the function does not take raise
+    ``TypeError`` listing the ones it does.
     """
-    if callable(name) and not isinstance(name, str):
-        if kwargs:
-            raise ValueError(
-                f"keyword arguments {sorted(kwargs)} cannot be applied to an already built prompt function"
-            )
-        return name
-    if name not in _PROMPT_FNS:
-        raise ValueError(
-            f"unknown prompt function {name!r}; known prompt functions: {', '.join(available_prompt_fns())}"
-        )
-    return _PROMPT_FNS[name](**kwargs)
+    return PROMPTS.resolve(name, **kwargs)

@@ -1,12 +1,11 @@
-"""Shared fixtures: a tiny Stable Diffusion pipeline built offline, saved and reloaded like a Hub checkpoint."""
+"""Shared fixtures: a tiny Stable Diffusion pipeline built offline (:mod:`dag_trl.testing.tiny_models`), saved and
+reloaded like a Hub checkpoint, and the real shapes model."""
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 
@@ -24,103 +23,20 @@ if "TRACKIO_DIR" not in os.environ:
 # Tiny pipelines are small enough that extra threads only add scheduling noise on 2-core CI machines.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-TINY_TEXT_HIDDEN_SIZE = 32
-TINY_MAX_TOKENS = 24
-TINY_IMAGE_SIZE = 16
-TINY_LATENT_SIZE = 8
+# After the environment above: huggingface_hub reads HF_HUB_OFFLINE when dag_trl first imports it. Tests import
+# the builders from here too (``from conftest import sd_ddim_scheduler``).
+from dag_trl.testing.tiny_models import (  # noqa: E402
+    TINY_SD,
+    build_tiny_sd_pipeline,
+    sd_ddim_scheduler,  # noqa: F401
+    write_tiny_clip_tokenizer,  # noqa: F401
+)
 
-
-def write_tiny_clip_tokenizer(path: Path, model_max_length: int = TINY_MAX_TOKENS) -> Path:
-    """Write a character-level CLIP BPE vocabulary (no merges) that a ``CLIPTokenizer`` can load from disk."""
-    from transformers import CLIPTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    symbols = string.ascii_lowercase + string.digits + ",.!?'-"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(symbols) + [s + "</w>" for s in symbols]
-    (path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer.from_pretrained(path, model_max_length=model_max_length).save_pretrained(path)
-    return path
-
-
-def sd_ddim_scheduler(prediction_type: str = "epsilon"):
-    """A ``DDIMScheduler`` with Stable Diffusion's noise schedule and spacing (scaled-linear betas, leading spacing
-    with ``steps_offset=1``, ``abar[0]`` as the final alpha, no clipping)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-
-
-def build_tiny_sd_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Build a randomly initialised, tiny ``StableDiffusionPipeline`` and ``save_pretrained`` it to ``path``.
-
-    16x16 RGB images, 4x8x8 latents, a 2-layer CLIP text encoder of width 32; loads in well under a second.
-    """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "_tokenizer_src"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_TEXT_HIDDEN_SIZE,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=TINY_MAX_TOKENS,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=TINY_LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_TEXT_HIDDEN_SIZE,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_IMAGE_SIZE,
-    )
-    with torch.no_grad():
-        # A random decoder maps latents to nearly flat grey images; a larger output layer gives them contrast, so
-        # image rewards (brightness, colour) depend on the latents enough for a learning check to be measurable.
-        vae.decoder.conv_out.weight.mul_(10.0)
-    scheduler = sd_ddim_scheduler(prediction_type)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(path)
-    return path
+# The tiny pipeline's sizes, for tests that build inputs for it.
+TINY_TEXT_HIDDEN_SIZE = TINY_SD.text_hidden_size
+TINY_MAX_TOKENS = TINY_SD.max_tokens
+TINY_IMAGE_SIZE = TINY_SD.image_size
+TINY_LATENT_SIZE = TINY_SD.latent_size
 
 
 # Helpers shared by the trainer, checkpoint, hub and distributed tests.
@@ -192,7 +108,7 @@ def tiny_sd_v_prediction_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shapes_model_path() -> Path:
     """The real built-in shapes model: the copy shipped in the package (built on first use if it is unusable)."""
-    from dag_trl.shapes import get_shapes_model
+    from dag_trl.demo.shapes import get_shapes_model
 
     return get_shapes_model()
 
@@ -205,3 +121,34 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class RecordingTracker:
+    """An accelerate tracker that keeps what the trainer logs, as ``(step, values)`` pairs, in ``logged``."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self):
+        self.logged: list[tuple] = []
+
+    @property
+    def tracker(self) -> list[tuple]:
+        return self.logged
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.logged.append((None, {"config": dict(values)}))
+
+    def log(self, values: dict, step=None, **kwargs) -> None:
+        self.logged.append((step, dict(values)))
+
+    def finish(self) -> None:
+        return None
+
+
+def record_logs(trainer) -> list[tuple]:
+    """Attach a :class:`RecordingTracker` to ``trainer``'s accelerator (beside any real tracker) and return its log,
+    which fills as ``accelerator.log`` is called."""
+    recorder = RecordingTracker()
+    trainer.accelerator.trackers.append(recorder)
+    return recorder.logged

@@ -67,7 +67,7 @@ def main(tiny_sd_path: str, output_dir: str, use_lora: bool, epochs: int, resume
         global_step = step(epoch, global_step)
         parameters_after_epoch[epoch] = {
             "unet": {n: p.detach().cpu().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad},
-            "flow": {n: p.detach().cpu().clone() for n, p in trainer.flow_model.named_parameters()},
+            "flow": {n: p.detach().cpu().clone() for n, p in trainer.unwrapped_objective_model.named_parameters()},
         }
         return global_step
 

@@ -64,12 +64,12 @@ def main(tiny_sd_path: str, output_dir: str) -> None:
         return allreduce_hook(state, bucket)
 
     trainer.accelerator.backward = counting_backward
-    for model in (trainer.unet, trainer.flow):
+    for model in (trainer.unet, trainer.objective_model):
         model.register_comm_hook(dist.group.WORLD, counting_allreduce)
 
     # Checkpoints and save_pretrained both write the flow network through this method.
     writes = []
-    flow = trainer.flow_model
+    flow = trainer.unwrapped_objective_model
     save_flow = flow.save_pretrained
     flow.save_pretrained = lambda folder, **kwargs: (writes.append(os.fspath(folder)), save_flow(folder, **kwargs))
 
@@ -83,7 +83,7 @@ def main(tiny_sd_path: str, output_dir: str) -> None:
             "rewards": seen["rewards"].cpu(),
             "reward_history": trainer.reward_history,
             "unet": {n: p.detach().cpu() for n, p in trainer.unet.named_parameters() if p.requires_grad},
-            "flow": {n: p.detach().cpu() for n, p in trainer.flow_model.named_parameters()},
+            "flow": {n: p.detach().cpu() for n, p in trainer.unwrapped_objective_model.named_parameters()},
             "backwards": backwards[0],
             "synced_at": sorted(set(synced)),
             "flow_writes": writes,

@@ -53,6 +53,7 @@ def assert_same_parameters(first: dict, second: dict) -> None:
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_saved_weights_give_the_trained_images_in_plain_diffusers(tmp_path, tiny_sd_path, use_lora):
     from diffusers import UNet2DConditionModel
@@ -77,9 +78,10 @@ def test_saved_weights_give_the_trained_images_in_plain_diffusers(tmp_path, tiny
     assert (base_images - trained_images).abs().max() > 1e-2  # training changed what the saved weights reproduce
 
     flow = FlowNetwork.from_pretrained(tmp_path / "saved" / "flow")
-    assert_same_parameters(parameters(flow), parameters(trainer.flow_model))
+    assert_same_parameters(parameters(flow), parameters(trainer.unwrapped_objective_model))
 
 
+@pytest.mark.integration
 def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_sd_path):
     straight = make_resumable_trainer(tmp_path / "straight", tiny_sd_path)
     straight.train()
@@ -97,15 +99,18 @@ def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_
     trainable = {n: p for n, p in parameters(resumed.unet).items() if "lora_" in n}
     assert any(not torch.equal(p, after_first_epoch[n]) for n, p in trainable.items())  # epoch 1 trained
     assert_same_parameters(parameters(resumed.unet), parameters(straight.unet))
-    assert_same_parameters(parameters(resumed.flow_model), parameters(straight.flow_model))
+    assert_same_parameters(
+        parameters(resumed.unwrapped_objective_model), parameters(straight.unwrapped_objective_model)
+    )
     assert resumed.global_step == straight.global_step == 2
     assert resumed.reward_history == straight.reward_history
 
 
+@pytest.mark.integration
 def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd_path, monkeypatch):
     trainer = make_resumable_trainer(tmp_path, tiny_sd_path)
     trainer.train(epochs=1)
-    saved = parameters(trainer.flow_model)
+    saved = parameters(trainer.unwrapped_objective_model)
     checkpoints = tmp_path / "logs" / "checkpoints"
     real_save_state = trainer.accelerator.save_state
 
@@ -115,7 +120,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd
 
     monkeypatch.setattr(trainer.accelerator, "save_state", save_state_then_die)
     with torch.no_grad():
-        for parameter in trainer.flow_model.parameters():
+        for parameter in trainer.unwrapped_objective_model.parameters():
             parameter.add_(1.0)  # what the dying save wrote differs from checkpoint_0
     with pytest.raises(RuntimeError, match="killed while saving"):
         trainer.save_checkpoint(1)
@@ -124,7 +129,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint_usable(tmp_path, tiny_sd
 
     resumed = make_resumable_trainer(tmp_path, tiny_sd_path, resume_from="latest")
     assert resumed.resume_path.endswith("checkpoint_0") and resumed.first_epoch == 1
-    assert_same_parameters(parameters(resumed.flow_model), saved)
+    assert_same_parameters(parameters(resumed.unwrapped_objective_model), saved)
     with pytest.raises(ValueError, match=r"is not a complete dag_trl checkpoint: missing \['trainer_state.json'\]"):
         make_resumable_trainer(tmp_path, tiny_sd_path, resume_from=str(checkpoints / "checkpoint_1.tmp"))
 
@@ -168,6 +173,7 @@ def test_bad_resume_from_fails_before_training(tmp_path, tiny_sd_path, resume_fr
     assert not (tmp_path / "logs").exists()  # nothing was set up, let alone trained
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "change, message",
     [

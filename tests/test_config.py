@@ -30,7 +30,9 @@ def test_keeps_ddpo_field_names_and_documents_every_field():
 
 def test_ddpo_settings_a_ported_script_passes_are_accepted_and_the_unused_one_says_so():
     # TRL's example DDPO script turns per-prompt statistics on; DAG has no use for them.
-    with pytest.warns(UserWarning, match=r"per_prompt_stat_tracking=True is ignored: DAG has no per-prompt"):
+    with pytest.warns(
+        UserWarning, match=r"per_prompt_stat_tracking=True is ignored with train_objective='dag_db': only DDPO"
+    ):
         config = GFlowNetConfig(per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=32)
     assert config.per_prompt_stat_tracking_buffer_size == 32
     with pytest.raises(ValueError, match=r"per_prompt_stat_tracking_min_count=0 is invalid: expected an integer >= 1"):
@@ -43,7 +45,7 @@ def test_defaults_are_the_papers_settings():
     assert (config.train_batch_size, config.train_gradient_accumulation_steps) == (8, 4)
     assert config.train_learning_rate == 3e-4 and config.flow_learning_rate == 3e-4
     assert config.train_reward_exp == 100.0 and config.train_reward_exp_anneal == "linear"
-    assert config.train_unet_reg == 1.0 and not config.is_dag_kl
+    assert config.train_unet_reg == 1.0 and config.objective_name == "dag_db"
     assert config.sample_eta == 1.0 and config.sample_guidance_scale == 5.0
     assert config.train_log_prob_reduction == "mean" and config.mixed_precision == "bf16"
     assert GFlowNetConfig(train_flow_learning_rate=1e-3).flow_learning_rate == 1e-3
@@ -53,7 +55,7 @@ def test_hf_argument_parser_reads_command_line():
     (config,) = HfArgumentParser(GFlowNetConfig).parse_args_into_dataclasses(
         ["--train_klpf", "0.5", "--flow_block_out_channels", "32", "64", "--train_cfg", "false", "--num_epochs", "3"]
     )
-    assert config.is_dag_kl and config.train_klpf == 0.5
+    assert config.objective_name == "dag_kl" and config.train_klpf == 0.5
     assert config.flow_block_out_channels == [32, 64]
     assert config.train_cfg is False and config.num_epochs == 3
 

@@ -18,6 +18,9 @@ import torch
 from conftest import files_under
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.distributed
+
+
 TESTS = Path(__file__).parent
 DEEPSPEED_CONFIG = TESTS.parent / "examples" / "accelerate_configs" / "deepspeed_zero2.yaml"
 # 2 processes x (imports + one tiny epoch) on a shared 2-core machine; far above a normal run's 30-60 s.
@@ -169,7 +172,7 @@ def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(t
     assert expected_files <= files_under(checkpoint)
     module_state = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
     trained_names = {f"unet.{n}" for n in first["parameters_after_epoch"][0]["unet"]} | {
-        f"flow.{n}" for n in first["parameters_after_epoch"][0]["flow"]
+        f"objective_model.{n}" for n in first["parameters_after_epoch"][0]["flow"]
     }
     assert set(module_state["module"]) == trained_names
     lora = load_file(checkpoint / "pytorch_lora_weights.safetensors")

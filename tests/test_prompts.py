@@ -110,9 +110,11 @@ def test_hpd_from_local_folder_with_styles(tmp_path):
 
 def test_bad_prompt_sources_raise_clear_errors(tmp_path):
     with pytest.raises(
-        ValueError, match=r"unknown prompt function 'animals'; known prompt functions: drawbench, .*simple_animals"
+        ValueError, match=r"unknown prompt set 'animals'; known prompt sets: drawbench, .*simple_animals"
     ):
         P.get_prompt_fn("animals")
+    with pytest.raises(TypeError, match=r"cannot build prompt set 'imagenet_dogs': .*'sed'; .*arguments: seed$"):
+        P.get_prompt_fn("imagenet_dogs", sed=1)
     with pytest.raises(ValueError, match="column 'prompt' not found in 'dataset'; available columns: \\['caption'\\]"):
         P.from_dataset(datasets.Dataset.from_dict({"caption": ["x"]}))
     with pytest.raises(ValueError, match="pick a split first"):
@@ -128,3 +130,12 @@ def test_bad_prompt_sources_raise_clear_errors(tmp_path):
         P.from_file(tmp_path / "prompts.yaml")
     prompt_fn = P.simple_animals()
     assert P.get_prompt_fn(prompt_fn) is prompt_fn
+    with pytest.raises(ValueError, match="cannot be applied to an already built prompt set"):
+        P.get_prompt_fn(prompt_fn, seed=1)
+
+
+def test_prompt_set_names_are_their_functions():
+    # The registered factory is the public function itself, so a name takes exactly that function's arguments.
+    names = ["drawbench", "from_dataset", "from_file", "hpd", "imagenet_all", "imagenet_animals", "imagenet_dogs"]
+    for name in [*names, "simple_animals"]:
+        assert P.PROMPTS.factory(name) is getattr(P, name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import sys
 import threading
 import time
 import types
+import typing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,25 +18,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_tiny_clip_tokenizer
 from PIL import Image
 
+import dag_trl.demo.shapes  # noqa: F401  (registers the demo's shapes_colour_preference reward)
 from dag_trl import rewards as R
+from dag_trl.rewards import clip as clip_rewards
+from dag_trl.testing.images import smooth_images, to_pil
+from dag_trl.testing.tiny_models import (
+    VIT_DEPTH,
+    VIT_IMAGE,
+    build_tiny_clip,
+    build_tiny_imagereward,
+    tiny_blip_text_config,
+)
 
 PROMPTS = ["a cat", "a dog on a sofa", "a red car", "an owl"]
-
-
-def smooth_images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Images in [0, 1] with structure at a few scales (like decoded samples), not i.i.d. pixel noise."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 3, 6, 6, generator=generator)
-    fine = torch.rand(batch, 3, height, width, generator=generator)
-    return (0.8 * F.interpolate(coarse, size=(height, width), mode="bilinear") + 0.2 * fine).clamp(0, 1)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
 
 
 def level_difference(ours: torch.Tensor, reference: torch.Tensor, std) -> torch.Tensor:
@@ -45,43 +43,6 @@ def level_difference(ours: torch.Tensor, reference: torch.Tensor, std) -> torch.
 # ------------------------------------------------------------------------------------------------------------------
 # Tiny models
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def build_tiny_clip(path: Path, image_size: int = 32, shortest_edge: int = 40, patch_size: int = 8) -> Path:
-    """Save a random CLIPModel + CLIPProcessor (resize shortest edge, centre crop ``image_size``) as a Hub-style
-    folder. Also used by benchmarks/benchmark_rewards.py.
-    """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(path / "_tokenizer"))
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=24,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(path)
-    crop_size = {"height": image_size, "width": image_size}
-    image_processor = CLIPImageProcessor(size={"shortest_edge": shortest_edge}, crop_size=crop_size)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +106,20 @@ def test_model_rewards_check_inputs_before_loading_weights():
     assert not reward._loaded
 
 
+LIBRARY_REWARDS = (
+    "aesthetic_score", "clip_score", "hpsv2", "imagereward", "jpeg_compressibility", "jpeg_incompressibility",
+    "pickscore", "remote_reward", "weighted_sum",
+)  # fmt: skip
+
+
 def test_unknown_reward_name_lists_the_known_ones():
     with pytest.raises(ValueError) as excinfo:
         R.get_reward_fn("aesthetics")
     message = str(excinfo.value)
-    assert "'aesthetics'" in message
-    for name in ("aesthetic_score", "clip_score", "hpsv2", "imagereward", "jpeg_compressibility", "pickscore"):
-        assert name in message
-    assert R.available_rewards() == sorted(R._REWARDS)
+    assert message.startswith("unknown reward 'aesthetics'; known rewards: aesthetic_score, clip_score, ")
+    assert all(name in message for name in LIBRARY_REWARDS)
+    assert set(LIBRARY_REWARDS) <= set(R.available_rewards())
+    assert R.available_rewards() == sorted(R.available_rewards())
 
 
 def test_get_reward_fn_builds_by_name_and_passes_callables_through():
@@ -161,6 +128,37 @@ def test_get_reward_fn_builds_by_name_and_passes_callables_through():
     assert R.get_reward_fn(reward) is reward
     with pytest.raises(ValueError, match="cannot be applied"):
         R.get_reward_fn(reward, quality=10)
+
+
+def test_get_reward_fn_names_the_accepted_keyword_arguments():
+    accepted = "accepted keyword arguments: version, checkpoint, architecture, dtype, device"
+    with pytest.raises(TypeError, match=f"cannot build reward 'hpsv2': .*'arch'; {accepted}$"):
+        R.get_reward_fn("hpsv2", arch="ViT-B-32")
+    with pytest.raises(TypeError, match="cannot build reward 'remote_reward': missing a required argument: 'url'"):
+        R.get_reward_fn("remote_reward")
+
+
+@pytest.mark.parametrize("name", LIBRARY_REWARDS)
+def test_each_reward_name_is_its_class(name):
+    # The public lowercase name, the registered factory and the class are one object: no wrapper to drift.
+    factory = getattr(R, name)
+    assert R.REWARDS.factory(name) is factory
+    assert isinstance(factory, type) and issubclass(factory, R.RewardFunction)
+
+
+def keyword_names(function) -> set[str]:
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
+@pytest.mark.parametrize("name", R.REWARDS.names())
+def test_every_registered_reward_takes_every_option_of_its_class(name):
+    """Also covers rewards registered from outside the library, e.g. the demo's (imported above)."""
+    factory = R.REWARDS.factory(name)
+    built = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
+    assert isinstance(built, type), f"{name}: annotate the factory's return type with the class it builds"
+    if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
+        assert keyword_names(built.__init__) <= keyword_names(factory)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -287,7 +285,7 @@ def test_aesthetic_score_matches_reference(tiny_clip, tiny_clip_path, aesthetic_
     model, processor = tiny_clip
     pixel_values = processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        embedding = R._features(model.get_image_features(pixel_values=pixel_values))
+        embedding = clip_rewards.projected_features(model.get_image_features(pixel_values=pixel_values))
         embedding = embedding / embedding.norm(dim=-1, keepdim=True)
         mlp = R.AestheticMLP(16).eval()
         mlp.load_state_dict(torch.load(aesthetic_mlp_file))
@@ -322,8 +320,10 @@ def test_clip_rewards_load_once_and_never_use_the_pil_processor(tiny_clip_path, 
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     loads = []
-    real_load_clip = R.load_clip
-    monkeypatch.setattr(R, "load_clip", lambda *args, **kwargs: loads.append(args) or real_load_clip(*args, **kwargs))
+    real_load_clip = clip_rewards.load_clip
+    monkeypatch.setattr(
+        clip_rewards, "load_clip", lambda *args, **kwargs: loads.append(args) or real_load_clip(*args, **kwargs)
+    )
     reward = R.aesthetic_score(clip_model=str(tiny_clip_path), mlp_path=str(aesthetic_mlp_file))
     images = smooth_images(8, 64, 64)
     first, _ = reward(images, PROMPTS * 2)
@@ -388,17 +388,19 @@ def test_hpsv2_loads_checkpoint_and_scores_cosine(monkeypatch, tmp_path):
     def tokenize(prompts):
         return torch.tensor([[ord(c) % 128 for c in p.ljust(12)[:12]] for p in prompts])
 
+    architectures = []
     fake = types.ModuleType("open_clip")
-    fake.create_model = lambda name, pretrained=None: _FakeOpenClipModel()
-    fake.get_tokenizer = lambda name: tokenize
+    fake.create_model = lambda name, pretrained=None: architectures.append(name) or _FakeOpenClipModel()
+    fake.get_tokenizer = lambda name: architectures.append(name) or tokenize
     monkeypatch.setitem(sys.modules, "open_clip", fake)
     torch.manual_seed(3)
     trained = _FakeOpenClipModel()
     torch.save({"state_dict": trained.state_dict()}, tmp_path / "HPS_v2_compressed.pt")
 
     images = smooth_images(3, 20, 30)
-    reward = R.hpsv2(version="v2.0", checkpoint=str(tmp_path))
+    reward = R.hpsv2(version="v2.0", checkpoint=str(tmp_path), architecture="ViT-B-32")
     rewards, _ = reward(images, PROMPTS[:3])
+    assert architectures == ["ViT-B-32", "ViT-B-32"]  # the model and its tokenizer
     # The mean/std come from the model's visual config, the size from its image_size.
     assert reward.preprocess.pad_longest_edge == 16 and reward.preprocess._mean.flatten().tolist() == [0.5] * 3
     with torch.no_grad():
@@ -411,84 +413,6 @@ def test_hpsv2_loads_checkpoint_and_scores_cosine(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # ImageReward
 # ------------------------------------------------------------------------------------------------------------------
-
-VIT_HIDDEN, VIT_DEPTH, VIT_PATCH, VIT_IMAGE = 64, 2, 8, 16
-
-
-def tiny_blip_text_config(med_config: dict):
-    """The BlipTextConfig of a med_config.json, built independently of dag_trl's converter."""
-    from transformers import BlipTextConfig
-
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    return BlipTextConfig(
-        **{k: med_config[k] for k in sizes},
-        max_position_embeddings=med_config["max_position_embeddings"],
-        encoder_hidden_size=med_config["encoder_width"],
-        is_decoder=True,
-    )
-
-
-def build_tiny_imagereward(path: Path, image_size: int = VIT_IMAGE, patch_size: int = VIT_PATCH) -> Path:
-    """Save a random checkpoint in the official ImageReward.pt layout, with med_config.json and a BERT tokenizer.
-    Also used by benchmarks/benchmark_rewards.py.
-    """
-    from transformers import BertTokenizer, BlipTextModel
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
-    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"] + ["cat", "dog", "red", "car", "owl", "sofa", "on", "an"]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer.from_pretrained(path).save_pretrained(path)
-    med_config = dict(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=40,
-        layer_norm_eps=1e-12,
-        hidden_act="gelu",
-        pad_token_id=0,
-        encoder_width=VIT_HIDDEN,
-        add_cross_attention=True,
-    )
-    (path / "med_config.json").write_text(json.dumps(med_config))
-
-    generator = torch.Generator().manual_seed(7)
-
-    def rand(*shape, scale=0.05, offset=0.0):
-        return offset + scale * torch.randn(*shape, generator=generator)
-
-    d, tokens = VIT_HIDDEN, (image_size // patch_size) ** 2 + 1
-    state = {
-        "blip.visual_encoder.cls_token": rand(1, 1, d),
-        "blip.visual_encoder.pos_embed": rand(1, tokens, d),
-        "blip.visual_encoder.patch_embed.proj.weight": rand(d, 3, patch_size, patch_size),
-        "blip.visual_encoder.patch_embed.proj.bias": rand(d),
-        "blip.visual_encoder.norm.weight": rand(d, offset=1.0),
-        "blip.visual_encoder.norm.bias": rand(d),
-        "blip.vision_proj.weight": rand(16, d),  # in the official file, unused for scoring
-    }
-    for i in range(VIT_DEPTH):
-        prefix = f"blip.visual_encoder.blocks.{i}."
-        for name, shape in [
-            ("attn.qkv", (3 * d, d)),
-            ("attn.proj", (d, d)),
-            ("mlp.fc1", (2 * d, d)),
-            ("mlp.fc2", (d, 2 * d)),
-        ]:
-            state[prefix + name + ".weight"] = rand(*shape, scale=0.2)
-            state[prefix + name + ".bias"] = rand(shape[0])
-        for name in ("norm1", "norm2"):
-            state[prefix + name + ".weight"] = rand(d, offset=1.0)
-            state[prefix + name + ".bias"] = rand(d)
-    torch.manual_seed(8)
-    text = BlipTextModel(tiny_blip_text_config(med_config), add_pooling_layer=False)
-    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
-    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
-    state.update({f"mlp.{k}": v for k, v in R.AestheticMLP(32).state_dict().items()})
-    torch.save(state, path / "ImageReward.pt")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -528,12 +452,14 @@ def reference_blip_vit(state: dict, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (width,), p("norm.weight"), p("norm.bias"), 1e-6)
 
 
-def test_imagereward_matches_official_architecture(imagereward_folder):
+@pytest.mark.parametrize("max_length", [35, 4])  # the official length, and one that truncates two prompts
+def test_imagereward_matches_official_architecture(imagereward_folder, max_length):
     from transformers import AutoTokenizer, BlipTextModel
 
     images = smooth_images(3, 40, 40, seed=2)
     prompts = ["a cat on a sofa", "a red car", "an owl"]
-    reward = R.get_reward_fn("imagereward", checkpoint=str(imagereward_folder), tokenizer=str(imagereward_folder))
+    folder = str(imagereward_folder)
+    reward = R.imagereward(checkpoint=folder, tokenizer=folder, max_length=max_length)
     rewards, _ = reward(images, prompts, [{}] * 3)
 
     state = torch.load(imagereward_folder / "ImageReward.pt")
@@ -553,9 +479,9 @@ def test_imagereward_matches_official_architecture(imagereward_folder):
             }
         )
         tokens = AutoTokenizer.from_pretrained(imagereward_folder)(
-            prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt"
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        assert tokens.input_ids.shape == (3, 35)
+        assert tokens.input_ids.shape == (3, max_length)
         features = text(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
@@ -650,6 +576,8 @@ class _ScoringHandler(BaseHTTPRequestHandler):
             return self._answer(200, b'{"scores": [NaN, 1.0]}')
         if self.path == "/bad-request":
             return self._answer(400, b"missing field")
+        if self.path == "/auth" and self.headers["Authorization"] != "Bearer secret":
+            return self._answer(401, b"no token")
         if self.path == "/flaky" and hits == 1:
             return self._answer(503, b"warming up")
         if request["image_format"] == "png":
@@ -681,6 +609,15 @@ def test_remote_reward_round_trip(server_url, image_format):
     expected = (images * 255).round().mean(dim=(1, 2, 3)) / 255
     torch.testing.assert_close(rewards, expected)
     assert info == {"n_prompts": 3, "first_metadata": {"id": 7}}
+
+
+def test_remote_reward_sends_the_extra_headers(server_url):
+    images = torch.ones(1, 3, 4, 4)
+    reward = R.remote_reward(server_url + "/auth", headers={"Authorization": "Bearer secret"})
+    rewards, _ = reward(images, ["a"])
+    torch.testing.assert_close(rewards, torch.ones(1))
+    with pytest.raises(RuntimeError, match="answered HTTP 401 Unauthorized: 'no token'"):
+        R.remote_reward(server_url + "/auth")(images, ["a"])
 
 
 def test_remote_reward_retries_server_errors(server_url):

@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, brightness, tiny_config
+from conftest import PROMPTS, brightness, record_logs, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
-from dag_trl.math import ddim_step_with_logprob, reward_exponent
+from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
+from dag_trl.trainer.objectives.losses import reward_exponent
+from dag_trl.trainer.state_rewards import StateRewardCache
+from dag_trl.trainer.trainer import take_rows
 
 
 class CyclingPrompts:
@@ -23,19 +26,14 @@ class CyclingPrompts:
 def make_trainer(tmp_path, tiny_sd_path, reward=brightness, use_lora=True, **overrides):
     pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=use_lora)
     trainer = GFlowNetDiffusionTrainer(tiny_config(tmp_path, **overrides), reward, CyclingPrompts(), pipeline)
-    logged = []
-    original_log = trainer.accelerator.log
-    trainer.accelerator.log = lambda values, step=None, **kw: (
-        logged.append((step, dict(values))),
-        original_log(values, step=step),
-    )
-    return trainer, logged
+    return trainer, record_logs(trainer)
 
 
 def snapshot(module):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "klpf, use_lora",
     [(-1.0, True), (1.0, True), (-1.0, False), (1.0, False)],
@@ -46,7 +44,7 @@ def test_two_epochs_change_trainable_weights_only_and_log_finite_metrics(tmp_pat
         tmp_path, tiny_sd_path, use_lora=use_lora, train_klpf=klpf, train_reward_exp_anneal="none"
     )
     pipeline = trainer.sd_pipeline
-    unet_before, flow_before = snapshot(pipeline.unet), snapshot(trainer.flow_model)
+    unet_before, flow_before = snapshot(pipeline.unet), snapshot(trainer.unwrapped_objective_model)
     vae_before, text_before = snapshot(pipeline.vae), snapshot(pipeline.text_encoder)
     trainer.train()
 
@@ -58,7 +56,7 @@ def test_two_epochs_change_trainable_weights_only_and_log_finite_metrics(tmp_pat
         assert len(changed) == len(pipeline.get_trainable_layers())
     else:
         assert len(changed) > 0.9 * len(unet_after)
-    flow_after = snapshot(trainer.flow_model)
+    flow_after = snapshot(trainer.unwrapped_objective_model)
     assert all(not torch.equal(flow_after[n], flow_before[n]) for n in flow_after)
     assert all(torch.equal(vae_before[n], p) for n, p in snapshot(pipeline.vae).items())
     assert all(torch.equal(text_before[n], p) for n, p in snapshot(pipeline.text_encoder).items())
@@ -92,36 +90,40 @@ def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state
     last = samples["log_probs"].shape[1] - 1
     steps = torch.tensor([last, last])
     beta = trainer.config.train_reward_exp
-    intermediate = {(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)}
+    state_rewards = StateRewardCache(trainer, samples, epoch=0)
+    state_rewards.rewards.update({(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)})
     trainer.unet.train()
-    parts = trainer._transition_loss(samples, rows, steps, dict(intermediate), beta, epoch=0)
-    parts["loss"].backward()
-    flow_grads = {n: p.grad.clone() for n, p in trainer.flow_model.named_parameters()}
+    batch = trainer.transition_batch(samples, rows, steps, state_rewards, beta)
+    loss, _ = trainer.objective.loss(batch, trainer.objective_model)
+    loss.backward()
+    flow_forwards = trainer.counters.flow_forwards
+    flow_grads = {n: p.grad.clone() for n, p in trainer.unwrapped_objective_model.named_parameters()}
     trainer.optimizer.zero_grad()
 
     # The same loss by hand: log F(x_t) = F(x_t) + beta r(x_t); log F(x_0) = beta R(x_0); a constant for the flow.
     latents = samples["latents"][rows, steps]
     timesteps = samples["timesteps"][rows, steps]
     embeds = samples["prompt_embeds"][rows]
-    negative = trainer.negative_prompt_embeds.expand(2, -1, -1)
+    negative = trainer.negative_prompt_embeds.expand(2)
     guided, _ = trainer.sd_pipeline.predict_noise(latents, timesteps, embeds, negative, 5.0)
     step = ddim_step_with_logprob(
         trainer.sd_pipeline.scheduler, guided, timesteps, latents, prev_sample=samples["latents"][rows, steps + 1]
     )
-    flow_now = trainer.flow_model(latents, timesteps, embeds)
+    flow_now = trainer.unwrapped_objective_model(latents, timesteps, embeds.hidden_states)
     residual = (
         flow_now + beta * torch.tensor([0.25, -0.5]) + step.log_probs - samples["backward_log_probs"][rows, steps]
         - beta * samples["rewards"][rows]
     )  # fmt: skip
     regulariser = ((guided - samples["noise_preds"][rows, steps]) ** 2).mean(dim=(1, 2, 3))
     expected = (residual**2 + trainer.config.train_unet_reg * regulariser).mean()
-    torch.testing.assert_close(parts["loss"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     expected.backward()
-    for name, parameter in trainer.flow_model.named_parameters():
+    for name, parameter in trainer.unwrapped_objective_model.named_parameters():
         torch.testing.assert_close(flow_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
-    assert trainer.counters.flow_forwards == 2  # only x_t: no flow evaluation of the terminal state
+    assert flow_forwards == 2  # only x_t: no flow evaluation of the terminal state
 
 
+@pytest.mark.integration
 def test_brightness_reward_rises_under_a_fixed_seed(tmp_path, tiny_sd_path):
     trainer, _ = make_trainer(
         tmp_path,
@@ -165,6 +167,7 @@ def test_every_process_and_epoch_gets_its_own_seed():
     assert derive_seed(7, 1, 2, 0) != derive_seed(8, 1, 2, 0)
 
 
+@pytest.mark.integration
 def test_reward_exponent_is_annealed_per_epoch(tmp_path, tiny_sd_path):
     trainer, logged = make_trainer(tmp_path, tiny_sd_path, num_epochs=4, train_reward_exp=8.0)
     trainer.train(epochs=2)
@@ -251,14 +254,14 @@ def capture_gradients_at_step(trainer):
     return captured
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "klpf, train_cfg, fraction",
     [(-1.0, True, 1.0), (1.0, True, 1.0), (-1.0, False, 1.0), (1.0, False, 0.5), (-1.0, True, 0.5)],
     ids=["db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half"],
 )
 def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path, klpf, train_cfg, fraction):
-    from reference_loop import reference_train_window
-
+    from dag_trl.testing.reference_loop import reference_train_window
     from dag_trl.trainer import WorkCounters
 
     overrides = dict(train_klpf=klpf, train_cfg=train_cfg, train_timestep_fraction=fraction, train_reward_exp=10.0,
@@ -266,7 +269,7 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
     optimised, _ = make_trainer(tmp_path / "a", tiny_sd_path, **overrides)
     reference, _ = make_trainer(tmp_path / "b", tiny_sd_path, **overrides)
     reference.unet.load_state_dict(optimised.unet.state_dict())
-    reference.flow.load_state_dict(optimised.flow.state_dict())
+    reference.objective_model.load_state_dict(optimised.objective_model.state_dict())
     samples, _ = optimised._generate_samples(epoch=0)
     windows = optimised.windows(samples, torch.Generator().manual_seed(0))
     assert len(windows) == 2  # the first reuses the sampling-time predictions, the second recomputes them
@@ -290,7 +293,9 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    for (name, a), (_, b) in zip(optimised.flow.named_parameters(), reference.flow.named_parameters()):
+    for (name, a), (_, b) in zip(
+        optimised.objective_model.named_parameters(), reference.objective_model.named_parameters()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
     # Work per window: the reference decodes two states per transition; we decode each needed state at most once.
@@ -307,6 +312,7 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
     assert counters.flow_forwards < reference_counters.flow_forwards
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
     tmp_path, tiny_sd_path, precision, dtype
@@ -317,7 +323,7 @@ def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
     frozen = {p.dtype for n, p in pipeline.unet.named_parameters() if "lora_" not in n}
     assert frozen == {dtype}
     assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}
-    assert {p.dtype for p in trainer.flow_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.unwrapped_objective_model.parameters()} == {torch.float32}
     lora_before = [p.detach().clone() for p in pipeline.get_trainable_layers()]
     trainer.train()
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers()))
@@ -344,14 +350,16 @@ def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_sa
     assert trainer.accelerator.gradient_accumulation_steps == 2 * 4  # batches per window x kept timesteps
     samples, _ = trainer._generate_samples(epoch=0)
     (window, kept), _ = trainer.windows(samples, torch.Generator().manual_seed(0))
-    before = [p.detach().clone() for p in trainer.flow.parameters()]
+    before = [p.detach().clone() for p in trainer.objective_model.parameters()]
     trainer.accelerator.step = 5  # e.g. restored from a checkpoint of a run with another window size
     trainer.train_window(window, kept, beta=1.0, epoch=0)
     assert trainer.accelerator.sync_gradients  # the window's last backward pass closed the cycle...
-    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.flow.parameters()))  # ...and the step ran
+    assert all(
+        not torch.equal(a, b) for a, b in zip(before, trainer.objective_model.parameters())
+    )  # ...and the step ran
     with pytest.raises(ValueError, match=r"got 1 batches x 4 kept timesteps = 4 backward passes; the config "
                                          r"accumulates 8 per optimiser step"):  # fmt: skip
-        trainer.train_window({k: trainer._take(v, torch.arange(2)) for k, v in window.items()}, kept[:2], 1.0, 0)
+        trainer.train_window({k: take_rows(v, torch.arange(2)) for k, v in window.items()}, kept[:2], 1.0, 0)
 
 
 def test_deepspeed_settings_come_from_the_config(tmp_path):

@@ -9,7 +9,7 @@
 Every GFlowNetConfig field is a flag (the three *_kwargs dicts: YAML only); see `python examples/scripts/dag.py --help`.
 """
 
-from dag_trl.cli import parse_arguments, run
+from dag_trl.demo.cli import parse_arguments, run
 
 if __name__ == "__main__":
     script_args, config = parse_arguments()

@@ -1,0 +1,296 @@
+"""``dag-trl train``: the main job. Aligns a Stable Diffusion model with DAG and reports what changed.
+
+Without arguments it runs offline on CPU: it loads the small built-in shapes model of :mod:`dag_trl.demo.shapes` (shipped
+in the package, rebuilt if unusable), trains a LoRA on it with DAG towards the shapes colour-preference reward, and
+writes into
+``--output_dir``: ``before.png`` / ``after.png`` (same prompts and noise, each image captioned with its prompt and
+reward), ``reward_curve.png``, ``summary.json``, the LoRA and flow network under ``model/`` and tensorboard logs.
+With ``--pretrained_model`` (a Hub id or local folder of any SD 1.x / 2.x model), ``--reward`` and ``--prompts``
+the same command fine-tunes real models; ``--config recipe.yaml`` reads every option from YAML (TRL's
+``TrlParser``), and command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Optional
+
+import torch
+
+from ..config import GFlowNetConfig
+
+# Importing the shapes demo registers its reward and prompt set, which the defaults name.
+from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
+from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
+
+BUILTIN_MODEL = "builtin:shapes"
+BUILTIN_RECIPE = "shapes_recipe.yaml"
+
+
+@dataclass
+class ScriptArguments:
+    """Options of ``dag-trl train`` beside the [`GFlowNetConfig`] fields.
+
+    Parameters:
+        pretrained_model (`str`, defaults to `"builtin:shapes"`):
+            Hub id or local folder of a Stable Diffusion 1.x / 2.x model in diffusers format, or `"builtin:shapes"`
+            for the small offline model built by :mod:`dag_trl.demo.shapes`.
+        pretrained_revision (`str`, defaults to `"main"`):
+            Hub revision of `pretrained_model`.
+        use_lora (`bool`, defaults to `True`):
+            Train a LoRA (else the whole UNet).
+        lora_rank (`int`, defaults to `4`):
+            LoRA rank.
+        reward (`str`, defaults to `"shapes_colour_preference"`):
+            Reward name, see `dag_trl.rewards.available_rewards()`.
+        reward_kwargs (`dict` or JSON `str`, defaults to `{}`):
+            Keyword arguments of the reward factory.
+        prompts (`str`, defaults to `"shapes"`):
+            Prompt set name, see `dag_trl.prompts.available_prompt_fns()`.
+        prompt_kwargs (`dict` or JSON `str`, defaults to `{}`):
+            Keyword arguments of the prompt-set factory.
+        output_dir (`str`, defaults to `"runs/dag"`):
+            Folder for pictures, summary, model and logs; it must be absent or empty unless `overwrite` is set or
+            the run resumes (`resume_from`).
+        overwrite (`bool`, defaults to `False`):
+            Allow writing into an existing, non-empty `output_dir`.
+        eval_num_images (`int`, defaults to `16`):
+            Images in the before / after grids (the same prompts and noise before and after training).
+        eval_seed (`int`, defaults to `1234`):
+            Seed of the evaluation prompts and noise.
+        cache_dir (`str`, *optional*):
+            Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
+    """
+
+    pretrained_model: str = field(default=BUILTIN_MODEL, metadata={"help": "Hub id, local folder or builtin:shapes."})
+    pretrained_revision: str = field(default="main", metadata={"help": "Hub revision."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (else the full UNet)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
+    reward: str = field(default="shapes_colour_preference", metadata={"help": "Reward name."})
+    reward_kwargs: Any = field(default_factory=dict, metadata={"help": "JSON keyword arguments of the reward."})
+    prompts: str = field(default="shapes", metadata={"help": "Prompt set name."})
+    prompt_kwargs: Any = field(default_factory=dict, metadata={"help": "JSON keyword arguments of the prompt set."})
+    output_dir: str = field(default="runs/dag", metadata={"help": "Output folder."})
+    overwrite: bool = field(default=False, metadata={"help": "Write into an existing output folder."})
+    eval_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation prompts and noise."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder of the built-in model."})
+
+    def __post_init__(self) -> None:
+        for name in ("reward_kwargs", "prompt_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value) if value.strip() else {}
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name}={value!r} is not valid JSON: {error}.") from error
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
+            setattr(self, name, value)
+        if self.eval_num_images < 1:
+            raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
+
+
+def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """The value of ``--name value`` or ``--name=value`` in ``argv`` (the last one), else ``None``."""
+    value = None
+    for index, argument in enumerate(argv):
+        if argument == f"--{name}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif argument.startswith(f"--{name}="):
+            value = argument.split("=", 1)[1]
+    return value
+
+
+def with_objective_settings(argv: list[str]) -> list[str]:
+    """``argv`` plus the settings that the chosen ``--train_objective`` requires (e.g. RTB's summed
+    log-probabilities), for each that the command line does not set itself; they override a recipe's values."""
+    from ..trainer.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(flag_value(argv, "train_objective") or "")
+    if objective is None:
+        return argv
+    for name, value in objective.required_settings.items():
+        if flag_value(argv, name) is None:
+            argv = [*argv, f"--{name}", str(value)]
+    return argv
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArguments, GFlowNetConfig]:
+    """Parse ``argv`` with TRL's ``TrlParser`` (``--config file.yaml`` plus overrides).
+
+    Without ``--config`` and with the built-in model, the packaged shapes recipe supplies the defaults (a CPU-sized
+    schedule); with any other model the [`GFlowNetConfig`] defaults are the paper's settings.
+    """
+    from trl import TrlParser
+
+    argv = with_objective_settings(list(sys.argv[1:] if argv is None else argv))
+    parser = TrlParser((ScriptArguments, GFlowNetConfig))
+    if "--config" not in argv:
+        probe, _ = parser.parse_args_and_config(argv)
+        if probe.pretrained_model == BUILTIN_MODEL:
+            recipe = resources.files("dag_trl.demo") / "assets" / BUILTIN_RECIPE
+            argv = ["--config", str(recipe), *argv]
+    script_args, config = parser.parse_args_and_config(argv)
+    return script_args, config
+
+
+def check_output_dir(script_args: ScriptArguments, config: GFlowNetConfig) -> None:
+    """Refuse to write into an existing, non-empty output folder unless ``--overwrite`` is given or the run resumes
+    (``--resume_from``), which continues in its own folder."""
+    path = script_args.output_dir
+    if os.path.isdir(path) and os.listdir(path) and not (script_args.overwrite or config.resume_from):
+        raise SystemExit(
+            f"output_dir={path!r} exists and is not empty: pass --overwrite to write into it, or choose another "
+            "--output_dir."
+        )
+
+
+def resolve_model(script_args: ScriptArguments) -> str:
+    """The folder or Hub id to load; for the built-in model, the shipped copy (or a cached rebuild)."""
+    if script_args.pretrained_model != BUILTIN_MODEL:
+        return script_args.pretrained_model
+    return str(get_shapes_model(cache_dir=script_args.cache_dir))
+
+
+def evaluate(trainer, prompts: list[str], metadata: list[dict], seed: int, is_shapes: bool) -> dict[str, Any]:
+    """Rewards (and, for the shapes model, colour distribution and prompt adherence) of a fixed evaluation set."""
+    images = trainer.sample_images(prompts, seed)
+    rewards, _ = trainer.reward_fn(images, tuple(prompts), tuple(metadata))
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).cpu()
+    result: dict[str, Any] = {
+        "images": images,
+        "rewards": rewards,
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "reward_quantiles": {k: v for k, v in reward_statistics(rewards).items() if k.startswith("q")},
+        "diversity": diversity(pixel_features(images), prompts),
+    }
+    if is_shapes:
+        result["colour_distribution"] = colour_distribution(images)
+        every_full_prompt = all_full_prompts()
+        full = every_full_prompt[:: max(1, len(every_full_prompt) // 42)]
+        result["adherence_full_prompts"] = prompt_adherence(trainer.sample_images(full, seed + 1), full)
+    return result
+
+
+def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
+    """Build, evaluate, train, evaluate again, and write the report. Returns the summary."""
+    from ..io.reporting import captioned_image_grid, plot_reward_curve
+    from ..models import DefaultGFlowNetStableDiffusionPipeline
+    from ..prompts import get_prompt_fn
+    from ..rewards import get_reward_fn
+    from ..trainer import GFlowNetDiffusionTrainer, resolve_resume_from
+
+    check_output_dir(script_args, config)
+    # Resolve names before any model is loaded, so a typo fails in a second.
+    reward_fn = get_reward_fn(script_args.reward, **script_args.reward_kwargs)
+    prompt_fn = get_prompt_fn(script_args.prompts, **script_args.prompt_kwargs)
+    evaluation_prompt_fn = get_prompt_fn(
+        script_args.prompts, **{**script_args.prompt_kwargs, "seed": script_args.eval_seed}
+    )
+    if config.logdir == GFlowNetConfig.__dataclass_fields__["logdir"].default:
+        config.logdir = os.path.join(script_args.output_dir, "logs")
+    if config.resume_from:
+        resolve_resume_from(config)  # a wrong folder fails here, not after loading the model
+
+    model_path = resolve_model(script_args)
+    is_shapes = script_args.pretrained_model == BUILTIN_MODEL
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(
+        model_path,
+        pretrained_model_revision=script_args.pretrained_revision,
+        use_lora=script_args.use_lora,
+        lora_rank=script_args.lora_rank,
+        lora_init_seed=config.seed,
+    )
+    trainer = GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline)
+    main = trainer.accelerator.is_main_process
+    pairs = [evaluation_prompt_fn() for _ in range(script_args.eval_num_images)]
+    prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]
+
+    before = evaluate(trainer, prompts, metadata, script_args.eval_seed, is_shapes)
+    trainer.train()
+    after = evaluate(trainer, prompts, metadata, script_args.eval_seed, is_shapes)
+    # How far the fine-tuned samples moved from the pretrained model's, on the same prompts and noise.
+    after["prior_kernel_distance"] = kernel_distance(pixel_features(before["images"]), pixel_features(after["images"]))
+
+    summary = {
+        "pretrained_model": script_args.pretrained_model,
+        "reward": script_args.reward,
+        "prompts": script_args.prompts,
+        "algorithm": trainer.objective.display_name,
+        "epochs": config.num_epochs,
+        "reward_history": trainer.reward_history,
+    }
+    for name, result in (("before", before), ("after", after)):
+        summary[name] = {key: value for key, value in result.items() if key not in ("images", "rewards")}
+    if main:
+        os.makedirs(script_args.output_dir, exist_ok=True)
+        for name, result in (("before", before), ("after", after)):
+            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist())]
+            captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(
+                os.path.join(script_args.output_dir, f"{name}.png")
+            )
+        plot_reward_curve(trainer.reward_history, os.path.join(script_args.output_dir, "reward_curve.png"))
+        trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
+        with open(os.path.join(script_args.output_dir, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(format_summary(summary))
+    trainer.accelerator.end_training()
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable report printed at the end of a run."""
+    lines = [
+        f"{summary['algorithm']} on {summary['pretrained_model']} ({summary['epochs']} epochs), reward "
+        f"{summary['reward']}, prompts {summary['prompts']}",
+        f"mean reward before: {summary['before']['reward_mean']:.4f} (std {summary['before']['reward_std']:.4f})",
+        f"mean reward after:  {summary['after']['reward_mean']:.4f} (std {summary['after']['reward_std']:.4f})",
+        f"kernel distance of the samples after vs before: {summary['after']['prior_kernel_distance']:.4f}",
+    ]
+    if summary["before"]["diversity"] is not None:
+        lines.append(
+            f"diversity (mean pairwise pixel distance per prompt): {summary['before']['diversity']:.3f} -> "
+            f"{summary['after']['diversity']:.3f}"
+        )
+    if "colour_distribution" in summary["before"]:
+        colours = summary["before"]["colour_distribution"]
+        lines.append(
+            "colour distribution (before -> after): "
+            + ", ".join(
+                f"{c} {summary['before']['colour_distribution'][c]:.2f}->{summary['after']['colour_distribution'][c]:.2f}"
+                for c in colours
+            )
+        )
+        for name in ("before", "after"):
+            adherence = summary[name]["adherence_full_prompts"]
+            lines.append(
+                f"prompt adherence {name} (full prompts): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in adherence.items() if isinstance(v, float))
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``dag-trl``: ``dag-trl train [--config recipe.yaml] [--field value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: dag-trl train [--config recipe.yaml] [--pretrained_model ID] [--reward NAME] [--prompts NAME] "
+            "[--output_dir DIR] [--overwrite] [--<GFlowNetConfig field> VALUE ...]\n\n" + __doc__
+        )
+        return
+    if argv[0] != "train":
+        raise SystemExit(f"unknown command {argv[0]!r}: expected 'train' (see dag-trl --help).")
+    script_args, config = parse_arguments(argv[1:])
+    run(script_args, config)
+
+
+if __name__ == "__main__":
+    main()

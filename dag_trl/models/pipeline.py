@@ -1,0 +1,310 @@
+"""The model-family seam: what the trainer needs from a diffusion pipeline, and the sampling loop built on it.
+
+The trainer never touches a scheduler, a text encoder or a VAE: a pipeline subclass is the only place that knows
+its model family (the stochastic step with its log-probabilities, the timesteps, the latent shape, the text
+conditioning and the sizes the flow network needs). The sampling loop itself, ``x_T -> ... -> x_0`` with what
+training records at every step, is the same for every family and lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+from ..samplers.ddim import DDIMStepOutput
+
+
+@dataclass
+class PromptEmbeddings:
+    """The text conditioning of a batch of prompts; every tensor has the batch as its first dimension.
+
+    Attributes:
+        hidden_states: the text encoder's per-token states, shape ``(B, L, D)`` (cross-attention input).
+        pooled: a pooled prompt embedding, shape ``(B, D')``, for families that use one (SDXL, SD3, FLUX).
+        extra: further per-sample conditioning a family needs (for example SDXL's time ids).
+    """
+
+    hidden_states: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> PromptEmbeddings:
+        """A copy with ``function`` applied to every tensor."""
+        return PromptEmbeddings(
+            hidden_states=function(self.hidden_states),
+            pooled=None if self.pooled is None else function(self.pooled),
+            extra={name: function(value) for name, value in self.extra.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def __getitem__(self, index: Any) -> PromptEmbeddings:
+        """The rows ``index`` (an int tensor, a slice or a list), as a new batch."""
+        return self.map(lambda value: value[index.to(value.device) if torch.is_tensor(index) else index])
+
+    def expand(self, batch_size: int) -> PromptEmbeddings:
+        """A batch of ``batch_size`` copies of a one-prompt batch (for example the negative prompt)."""
+        return self.map(lambda value: value.expand(batch_size, *value.shape[1:]))
+
+    def to(self, *args: Any, **kwargs: Any) -> PromptEmbeddings:
+        return self.map(lambda value: value.to(*args, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden_states.device
+
+    @staticmethod
+    def cat(batches: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+        """Concatenate batches along the batch dimension."""
+        first = batches[0]
+        return PromptEmbeddings(
+            hidden_states=torch.cat([batch.hidden_states for batch in batches]),
+            pooled=None if first.pooled is None else torch.cat([batch.pooled for batch in batches]),
+            extra={name: torch.cat([batch.extra[name] for batch in batches]) for name in first.extra},
+        )
+
+
+@dataclass
+class GFlowNetPipelineOutput:
+    """Trajectories sampled by a [`GFlowNetStableDiffusionPipeline`].
+
+    Attributes:
+        images: decoded final states ``x_0``, float32 in [0, 1], shape ``(B, 3, H, W)``.
+        latents: every state ``x_T, ..., x_0`` as stored and scored, float32, shape ``(B, N + 1, C, h, w)``.
+        log_probs: ``log P_F`` of each transition, float32, shape ``(B, N)``.
+        backward_log_probs: ``log P_B`` of each transition, float32, shape ``(B, N)``; it depends on no parameter,
+            so it is computed once, here.
+        timesteps: the sampler's timesteps ``t_0 > ... > t_{N-1}``, shape ``(N,)``.
+        noise_preds: the guided model output of each transition (the proximal regulariser's reference), float32,
+            shape ``(B, N, C, h, w)``.
+        conditional_noise_preds: the prompt-conditional (unguided) model output of each transition, from which the
+            one-step prediction ``x0_hat`` of every non-terminal state follows without another model call.
+        prior_log_probs: with ``record_prior_log_probs``, ``log P_F`` of each transition under the pretrained model
+            (the adapter disabled, the same guidance), float32 ``(B, N)``; else ``None``.
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    backward_log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    noise_preds: torch.Tensor
+    conditional_noise_preds: torch.Tensor
+    prior_log_probs: Optional[torch.Tensor] = None
+
+
+class GFlowNetStableDiffusionPipeline(ABC):
+    """The contract between the trainer and a model family (the counterpart of TRL's
+    ``DDPOStableDiffusionPipeline``). Subclass it to train another family: implement the abstract methods; the
+    sampling loop (``__call__``) and the checkpoint hooks are written once, here, in terms of them.
+
+    ``unet`` is the trainable denoising network whatever its architecture (a transformer in DiT families); the
+    trainer calls it only through :meth:`predict_noise`.
+    """
+
+    # ------------------------------------------------------------------ the family's pieces
+
+    @property
+    @abstractmethod
+    def unet(self) -> torch.nn.Module:
+        """The denoising network that training updates (through its LoRA, or all of it)."""
+
+    @property
+    @abstractmethod
+    def use_lora(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latent states (the flow network's input)."""
+
+    @property
+    @abstractmethod
+    def prompt_embedding_dim(self) -> int:
+        """Width ``D`` of :attr:`PromptEmbeddings.hidden_states` (the flow network's cross-attention input)."""
+
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
+        """The text conditioning of a list of prompts."""
+
+    @abstractmethod
+    def set_timesteps(self, num_inference_steps: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Set the sampler to ``num_inference_steps`` steps (training recomputes steps with this spacing) and
+        return the timesteps ``t_0 > ... > t_{N-1}``."""
+
+    @abstractmethod
+    def initial_latents(
+        self,
+        batch_size: int,
+        generator: Optional[torch.Generator],
+        device: torch.device,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The starting states ``x_T`` (float32), drawn from the sampler's prior with ``generator``."""
+
+    @abstractmethod
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_prompt_embeds: Optional[PromptEmbeddings],
+        guidance_scale: float,
+        unet: Optional[torch.nn.Module] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(guided, conditional)`` model outputs in float32; without ``negative_prompt_embeds``, guided is
+        the conditional output. ``unet`` is the module to call (for example the accelerate-prepared one)."""
+
+    @abstractmethod
+    def scheduler_step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        eta: float = 1.0,
+        prev_sample: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        log_prob_reduction: str = "mean",
+    ) -> DDIMStepOutput:
+        """One stochastic step ``x_t -> x_s`` with ``log P_F`` and ``log P_B`` (see [`ddim_step_with_logprob`]);
+        with ``prev_sample`` it scores that state instead of sampling one."""
+
+    @abstractmethod
+    def predict_original_sample(
+        self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """The one-step prediction ``x0_hat`` of ``latents`` at ``timesteps`` from a model output."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode clean latents to float32 images in [0, 1]."""
+
+    @abstractmethod
+    def prepare_for_training(self, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool):
+        """Move the frozen modules to ``device`` in ``weight_dtype`` and the trainable parameters in float32."""
+
+    @abstractmethod
+    def get_trainable_layers(self) -> list[torch.nn.Parameter]: ...
+
+    @abstractmethod
+    def save_pretrained(self, output_dir: Union[str, os.PathLike], unet: Optional[torch.nn.Module] = None) -> None:
+        """Save the trained weights of ``unet`` (default: this pipeline's): the LoRA in the family's diffusers
+        format, or the whole network. The trainer passes the network it trains, which may be a wrapped copy."""
+
+    @abstractmethod
+    def load_trained_weights(self, unet: torch.nn.Module, input_dir: str) -> None:
+        """Load what :meth:`save_pretrained` wrote in ``input_dir`` into ``unet``."""
+
+    # ------------------------------------------------------------------ defaults
+
+    @property
+    def autocast(self) -> Optional[Callable[[], contextlib.AbstractContextManager]]:
+        """A context-manager factory for the model forward, or ``None`` to use the accelerator's."""
+        return None
+
+    def adapter_disabled(self) -> contextlib.AbstractContextManager:
+        """A context in which the denoiser is the pretrained model (its trained adapter switched off), for
+        objectives whose target involves the prior. Families that train a LoRA implement it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot switch its adapter off, which objectives that use the pretrained prior "
+            "need (train it with use_lora=True, on a family that implements adapter_disabled)."
+        )
+
+    def save_checkpoint(self, models: list, weights: list, output_dir: str) -> None:
+        """accelerate ``save_state`` pre-hook: save the denoiser found in ``models`` with :meth:`save_pretrained`
+        and drop its entry from ``weights`` so that accelerate does not also pickle it; ``models`` is unchanged."""
+        index = next(i for i, model in enumerate(models) if model is self.unet)
+        self.save_pretrained(output_dir, unet=models[index])
+        weights.pop(index)
+
+    def load_checkpoint(self, models: list, input_dir: str) -> None:
+        """accelerate ``load_state`` pre-hook: load what :meth:`save_checkpoint` wrote into the denoiser found in
+        ``models`` and remove it from ``models``."""
+        unet = models.pop(next(i for i, model in enumerate(models) if model is self.unet))
+        self.load_trained_weights(unet, input_dir)
+
+    # ------------------------------------------------------------------ the sampling loop
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt_embeds: PromptEmbeddings,
+        negative_prompt_embeds: Optional[PromptEmbeddings] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        log_prob_reduction: str = "mean",
+        show_progress: bool = False,
+        record_prior_log_probs: bool = False,
+    ) -> GFlowNetPipelineOutput:
+        """Sample trajectories from prompt embeddings and record what training needs.
+
+        With ``record_prior_log_probs``, each sampled transition is also scored under the pretrained model (see
+        :meth:`adapter_disabled`): one more model call per step.
+
+        Guidance is applied when ``negative_prompt_embeds`` is given and ``guidance_scale != 1``. Latents and
+        log-probabilities are float32 and refer to the same tensor values, so recomputing a log-probability on the
+        stored latents with unchanged weights gives the stored one.
+        """
+        device = prompt_embeds.device
+        if guidance_scale == 1.0:
+            negative_prompt_embeds = None
+        timesteps = self.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = self.initial_latents(len(prompt_embeds), generator, device, height, width)
+        latents = latents.float()
+
+        all_latents, all_log_probs, all_backward, all_noise_preds, all_conditional = [latents], [], [], [], []
+        all_prior_log_probs = []
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            timesteps_iterator = tqdm(timesteps, desc="sampling")
+        else:
+            timesteps_iterator = timesteps
+        for timestep in timesteps_iterator:
+            guided, conditional = self.predict_noise(
+                latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
+            )
+            step = self.scheduler_step(
+                guided, timestep, latents, eta=eta, generator=generator, log_prob_reduction=log_prob_reduction
+            )
+            if record_prior_log_probs:
+                with self.adapter_disabled():
+                    prior_guided, _ = self.predict_noise(
+                        latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
+                    )
+                prior_step = self.scheduler_step(
+                    prior_guided, timestep, latents, eta=eta, prev_sample=step.latents,
+                    log_prob_reduction=log_prob_reduction,
+                )  # fmt: skip
+                all_prior_log_probs.append(prior_step.log_probs)
+            latents = step.latents
+            all_latents.append(latents)
+            all_log_probs.append(step.log_probs)
+            all_backward.append(step.backward_log_probs)
+            all_noise_preds.append(guided)
+            all_conditional.append(conditional)
+
+        return GFlowNetPipelineOutput(
+            images=self.decode(latents),
+            latents=torch.stack(all_latents, dim=1),
+            log_probs=torch.stack(all_log_probs, dim=1),
+            backward_log_probs=torch.stack(all_backward, dim=1),
+            timesteps=timesteps.clone(),
+            noise_preds=torch.stack(all_noise_preds, dim=1),
+            conditional_noise_preds=torch.stack(all_conditional, dim=1),
+            prior_log_probs=torch.stack(all_prior_log_probs, dim=1) if record_prior_log_probs else None,
+        )

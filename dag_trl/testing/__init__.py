@@ -1,0 +1,9 @@
+"""Helpers for the tests and benchmarks, like ``diffusers.utils.testing_utils``; not used by the training library.
+
+* :mod:`dag_trl.testing.tiny_models`: randomly initialised models of the real classes, built offline in seconds and
+  saved like Hub checkpoints: a Stable Diffusion pipeline of any size (tiny for the tests, SD1.5's for a benchmark,
+  the shapes demo's before training) and the CLIP and ImageReward towers of the model-based rewards.
+* :mod:`dag_trl.testing.images`: deterministic test images.
+* :mod:`dag_trl.testing.reference_loop`: the straightforward DAG training window, the oracle the trainer's optimised
+  loop is tested and benchmarked against.
+"""

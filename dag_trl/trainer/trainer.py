@@ -1,0 +1,509 @@
+"""``GFlowNetDiffusionTrainer``: reward alignment of a diffusion model with a GFlowNet objective (DAG-DB, DAG-KL),
+shaped like TRL's ``DDPOTrainer``.
+
+Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633). One epoch samples
+trajectories with the current policy, scores their final images, then trains the denoiser (through its LoRA) and the
+objective's own model (DAG's flow network) on every kept transition. The trainer orchestrates: the loss is the
+objective's (:mod:`dag_trl.trainer.objectives`), everything model-family specific is the pipeline's
+(:mod:`dag_trl.models`), and the math of both is small pure functions.
+
+How a training window (one optimiser step; the weights are fixed inside it) avoids the reference's repeated work,
+with the same losses and gradients:
+
+- the one-step prediction ``x0_hat`` of a state, its decode and its reward are computed once per window and shared by
+  the two transitions that need them (:class:`~dag_trl.trainer.state_rewards.StateRewardCache`);
+- right after sampling, ``x0_hat`` comes from the conditional model outputs recorded while sampling; later, from the
+  conditional half of the classifier-free-guidance forward that the loss needs anyway, because each trajectory's
+  kept transitions are processed from the last (least noisy) to the first;
+- ``log P_B`` is recorded while sampling; with several processes, gradients synchronise once per window.
+
+Under DeepSpeed (ZeRO stages 0-2) the denoiser and the objective's model are handed to accelerate as one module
+(:class:`~dag_trl.trainer.distributed.TrainableModules`), since DeepSpeed's engine takes one model, and the engine
+runs the clipping and the optimiser step at the end of each window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import GFlowNetConfig
+from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
+from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+from ..prompts import PromptCallable, get_prompt_fn
+from ..rewards import RewardCallable, get_reward_fn
+from .checkpointing import CheckpointingMixin, resolve_resume_from
+from .distributed import TrainableModules, configure_deepspeed
+from .inputs import validate_rewards
+from .objectives import TransitionBatch, get_objective_class
+from .objectives.losses import reward_exponent
+from .sampling import SamplingMixin
+from .saving import SavingMixin
+from .state_rewards import StateRewardCache
+
+# derive_seed stream of the prompt order; streams 0 (sampling noise) and 1.. (inner-epoch shuffles) are taken.
+PROMPT_SEED_STREAM = 1 << 20
+
+
+def derive_seed(seed: int, process_index: int, epoch: int, stream: int) -> int:
+    """A 32-bit seed per (run seed, process, epoch, stream): every process samples different noise and prompts
+    orders, and a resumed run draws what the uninterrupted one would have (no RNG state needs restoring)."""
+    return int(np.random.SeedSequence([seed, process_index, epoch, stream]).generate_state(1)[0])
+
+
+@dataclass
+class WorkCounters:
+    """How much work an epoch did, counted in samples (the benchmark's measure of the redundancy-free loop)."""
+
+    unet_forward_grad: int = 0
+    unet_forward_no_grad: int = 0
+    vae_decodes: int = 0
+    reward_calls: int = 0
+    reward_samples: int = 0
+    flow_forwards: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        return {f"counters/{name}": value for name, value in self.__dict__.items()}
+
+
+def take_rows(value: Any, indices: torch.Tensor) -> Any:
+    """The rows ``indices`` of a sample field: a tensor, prompt embeddings or a list; other values as they are."""
+    if torch.is_tensor(value):
+        return value[indices.to(value.device)]
+    if isinstance(value, PromptEmbeddings):
+        return value[indices]
+    if isinstance(value, list):
+        return [value[i] for i in indices.tolist()]
+    return value
+
+
+class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
+    """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
+
+    Args:
+        config: the [`GFlowNetConfig`]; ``config.train_objective`` picks the objective.
+        reward_function: ``(images, prompts, metadata) -> (rewards, info)``, or a name for
+            :func:`dag_trl.rewards.get_reward_fn`; images are float tensors in [0, 1],
+            rewards a tensor, array or list of one number per image. Objectives that use state rewards (DAG) also
+            call it on the decoded one-step predictions of intermediate states.
+        prompt_function: ``() -> (prompt, metadata)``, or a name for :func:`dag_trl.prompts.get_prompt_fn`.
+        sd_pipeline: a [`GFlowNetStableDiffusionPipeline`] (the model family), usually
+            [`DefaultGFlowNetStableDiffusionPipeline`].
+        image_samples_hook: ``(prompt_image_data, global_step, tracker)`` called once per epoch on the main process
+            with ``[[images, prompts, metadata, rewards, reward_info]]`` of the first sampling batch and the first
+            tracker (or ``None``). Defaults to [`~dag_trl.io.tracking.log_image_samples`], which logs a grid of the
+            samples with their prompts and rewards to wandb, TensorBoard or trackio; pass ``lambda *args: None``
+            to log no images.
+
+    Prompt functions with a ``reseed(seed)`` method (all of :mod:`dag_trl.prompts`) are reseeded at every epoch
+    from ``config.seed``, the process index and the epoch, so that processes draw different prompts and a resumed
+    run draws the prompts of the uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        config: GFlowNetConfig,
+        reward_function: Union[RewardCallable, str],
+        prompt_function: Union[PromptCallable, str],
+        sd_pipeline: GFlowNetStableDiffusionPipeline,
+        image_samples_hook: Optional[Callable] = None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, ProjectConfiguration
+
+        if not isinstance(config, GFlowNetConfig):
+            raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
+        config.validate()
+        if isinstance(reward_function, str):
+            reward_function = get_reward_fn(reward_function)
+        if isinstance(prompt_function, str):
+            prompt_function = get_prompt_fn(prompt_function)
+        for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
+            if not callable(value):
+                raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
+        if not isinstance(sd_pipeline, GFlowNetStableDiffusionPipeline):
+            raise TypeError(
+                f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}."
+            )
+        if config.train_use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as error:
+                raise ImportError(
+                    "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
+                ) from error
+        self.config = config
+        self.objective = get_objective_class(config.objective_name)(config)
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.sd_pipeline = sd_pipeline
+        self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
+        self.resume_path = resolve_resume_from(config) if config.resume_from else None
+
+        project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
+        # One optimiser step per window: accelerate averages the window's backward passes and, with several
+        # processes, synchronises gradients on the last one only (`accumulate` in `train_window`).
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=project_config,
+            gradient_accumulation_steps=config.backward_passes_per_step,
+            **config.accelerator_kwargs,
+        )
+        self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.uses_deepspeed:
+            configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+        if self.resume_path is not None:
+            self._check_resumable(self.resume_path)
+        if self.accelerator.is_main_process and config.log_with is not None:
+            self.accelerator.init_trackers(
+                config.tracker_project_name,
+                config=tracker_config(config.to_dict()),
+                init_kwargs=tracker_init_kwargs(config.tracker_kwargs, config.run_name or config.exp_name),
+            )
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        sd_pipeline.prepare_for_training(device, self.weight_dtype, config.train_gradient_checkpointing)
+        # Training recomputes steps on stored trajectories, which needs the sampling timestep spacing.
+        sd_pipeline.set_timesteps(config.sample_num_steps, device=device)
+
+        torch.manual_seed(config.seed)
+        objective_model = self.objective.create_model(sd_pipeline)
+        if objective_model is not None:
+            objective_model.to(device)
+        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), objective_model)
+
+        with torch.no_grad():
+            self.negative_prompt_embeds = sd_pipeline.encode_prompt([config.negative_prompts])
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        if self.uses_deepspeed:
+            engine, self.optimizer = self.accelerator.prepare(
+                TrainableModules(sd_pipeline.unet, objective_model), self.optimizer
+            )
+            # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
+            # called directly, and `accelerate.backward` routes every backward pass through the engine.
+            self.unet, self.objective_model = engine.module.unet, engine.module.objective_model
+            self.prepared_models: tuple = (engine,)
+        elif objective_model is not None:
+            self.unet, self.objective_model, self.optimizer = self.accelerator.prepare(
+                sd_pipeline.unet, objective_model, self.optimizer
+            )
+            self.prepared_models = (self.unet, self.objective_model)
+        else:
+            self.unet, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, self.optimizer)
+            self.objective_model = None
+            self.prepared_models = (self.unet,)
+        self.unwrapped_objective_model = objective_model
+        self.counters = WorkCounters()
+        if objective_model is not None:
+            objective_model.register_forward_hook(self._count_objective_model_forward)
+        self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
+        self.first_epoch = 0
+        self.global_step = 0
+        self.weights_version = 0
+        self.reward_history: list[dict[str, float]] = []
+        if self.resume_path is not None:
+            self._load_checkpoint(self.resume_path)
+
+    def _create_optimizer(
+        self, unet_parameters: list, objective_model: Optional[torch.nn.Module]
+    ) -> torch.optim.Optimizer:
+        config = self.config
+        if config.train_use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        groups = [{"params": unet_parameters, "lr": config.train_learning_rate}]
+        if objective_model is not None:
+            groups.append({"params": list(objective_model.parameters()), "lr": self.objective.learning_rate()})
+        return optimizer_class(
+            groups,
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay,
+            eps=config.train_adam_epsilon,
+        )
+
+    def _count_objective_model_forward(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.counters.flow_forwards += output.shape[0]
+
+    # ------------------------------------------------------------------ public API
+
+    def train(self, epochs: Optional[int] = None) -> None:
+        """Train for ``epochs`` (default ``config.num_epochs``) epochs, resuming where a checkpoint left off."""
+        last_epoch = self.config.num_epochs if epochs is None else epochs
+        for epoch in range(self.first_epoch, last_epoch):
+            self.global_step = self.step(epoch, self.global_step)
+        self.first_epoch = max(self.first_epoch, last_epoch)
+        if self.config.push_to_hub:
+            self.push_to_hub()
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
+        config = self.config
+        beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
+        self.counters = WorkCounters()
+        self.unet.eval()
+        reseed = getattr(self.prompt_fn, "reseed", None)
+        if callable(reseed):
+            reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
+        samples, prompt_image_data = self._generate_samples(epoch)
+        self.objective.prepare_samples(samples, self.accelerator)
+
+        rewards = self.accelerator.gather(samples["rewards"]).cpu()
+        epoch_metrics = {
+            "epoch": epoch,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "beta": beta,
+        }
+        self.reward_history.append(epoch_metrics)
+        self.accelerator.log(epoch_metrics, step=global_step)
+        if self.image_samples_hook is not None and self.accelerator.is_main_process:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_hook(prompt_image_data, global_step, tracker)
+
+        self.unet.train()
+        if self.objective_model is not None:
+            self.objective_model.train()
+        for inner_epoch in range(config.train_num_inner_epochs):
+            generator = torch.Generator().manual_seed(self._seed_for(epoch, 1 + inner_epoch))
+            global_step = self._train_on_samples(samples, beta, epoch, global_step, generator)
+        self.accelerator.log(self.counters.as_metrics(), step=global_step)
+        self.global_step = global_step
+        if (epoch + 1) % config.save_freq == 0:
+            self.save_checkpoint(epoch)
+        return global_step
+
+    def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
+        """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
+        self.counters.reward_calls += 1
+        self.counters.reward_samples += len(prompts)
+        rewards, info = self.reward_fn(images, tuple(prompts), tuple(metadata))
+        return validate_rewards(rewards, prompts, epoch, self.accelerator.device), info
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context for model forwards: the pipeline's, else the accelerator's mixed precision."""
+        factory = self.sd_pipeline.autocast
+        if factory is not None:
+            return factory()
+        if self.uses_deepspeed and self.weight_dtype != torch.float32:
+            # DeepSpeed keeps 16-bit weights and leaves autocasting to the script; accelerate's autocast is a no-op.
+            return torch.autocast(self.accelerator.device.type, dtype=self.weight_dtype)
+        return self.accelerator.autocast()
+
+    def _seed_for(self, epoch: int, stream: int) -> int:
+        return derive_seed(self.config.seed, self.accelerator.process_index, epoch, stream)
+
+    # ------------------------------------------------------------------ training
+
+    def _train_on_samples(
+        self, samples: dict[str, Any], beta: float, epoch: int, global_step: int, generator: torch.Generator
+    ) -> int:
+        """One pass over the epoch's samples, one optimiser step per window."""
+        windows = self.windows(samples, generator)
+        for window, kept in tqdm(
+            windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
+        ):
+            metrics = self.train_window(window, kept, beta, epoch)
+            metrics.update({"epoch": epoch, "beta": beta})
+            self.accelerator.log(metrics, step=global_step)
+            global_step += 1
+        return global_step
+
+    def windows(
+        self, samples: dict[str, Any], generator: torch.Generator
+    ) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """Shuffle the trajectories, draw each one's kept transitions (the first ``train_timestep_fraction`` of a
+        random permutation), and cut into windows of ``train_batch_size * train_gradient_accumulation_steps``."""
+        config = self.config
+        total, num_steps = samples["log_probs"].shape
+        order = torch.randperm(total, generator=generator)
+        num_kept = config.num_train_timesteps
+        kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
+        size = config.train_batch_size * config.train_gradient_accumulation_steps
+        return [
+            (
+                {key: take_rows(value, order[start : start + size]) for key, value in samples.items()},
+                kept[start : start + size],
+            )
+            for start in range(0, total, size)
+        ]
+
+    def train_window(self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int) -> dict[str, float]:
+        """One optimiser step on a window of whole trajectories (``train_gradient_accumulation_steps`` batches).
+
+        ``kept`` holds, per trajectory, the indices of the transitions trained on. Returns the step's metrics.
+        """
+        config = self.config
+        device = self.accelerator.device
+        kept = torch.sort(kept, dim=1, descending=True).values
+        self.objective.prepare_window(window, beta, lambda: self.policy_log_probs(window), self.objective_model)
+        state_rewards = None
+        if self.objective.uses_state_rewards:
+            state_rewards = StateRewardCache(self, window, epoch)
+            state_rewards.prefill(kept, weights_unchanged=window["weights_version"] == self.weights_version)
+
+        sums: dict[str, float] = defaultdict(float)
+        num_kept = kept.shape[1]
+        batches = range(0, kept.shape[0], config.train_batch_size)
+        num_backwards = len(batches) * num_kept
+        if num_backwards != config.backward_passes_per_step:
+            raise ValueError(
+                f"train_window got {len(batches)} batches x {num_kept} kept timesteps = {num_backwards} backward "
+                f"passes; the config accumulates {config.backward_passes_per_step} per optimiser step "
+                "(train_gradient_accumulation_steps * num_train_timesteps)."
+            )
+        # The window is one accumulation cycle: start accelerate's counter at its first backward pass, whatever an
+        # earlier cycle (or a checkpoint of a run with other window sizes) left there.
+        self.accelerator.step = 0
+        for start in batches:
+            rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
+            for column in range(num_kept):
+                # accelerate divides each loss by the number of backward passes and synchronises on the last.
+                with self.accelerator.accumulate(*self.prepared_models):
+                    batch = self.transition_batch(window, rows, kept[rows, column], state_rewards, beta)
+                    loss, parts = self.objective.loss(batch, self.objective_model)
+                    self.accelerator.backward(loss)
+                for name, value in parts.items():
+                    sums[name] += value / num_backwards
+
+        metrics = {
+            name: self.accelerator.reduce(torch.tensor(value, device=device), "mean").item()
+            for name, value in sums.items()
+        }
+        metrics.update(self._optimiser_step())
+        self.weights_version += 1
+        return metrics
+
+    def _optimiser_step(self) -> dict[str, float]:
+        """Clip and step at the end of a window; returns the gradient norms."""
+        if self.uses_deepspeed:
+            # The engine clipped the global norm of all trained networks and stepped inside the last backward pass.
+            # Its optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain AdamW.
+            grad_norm = self.prepared_models[0].get_global_grad_norm()
+            return {} if grad_norm is None else {"grad_norm": float(grad_norm)}
+        max_norm = self.config.train_max_grad_norm
+        # Unscale (fp16) once, then clip the denoiser and the objective's model separately, as the paper does.
+        self.accelerator.unscale_gradients()
+        unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        metrics = {"grad_norm_unet": float(torch.nn.utils.clip_grad_norm_(unet_parameters, max_norm))}
+        if self.objective_model is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.objective_model.parameters(), max_norm)
+            metrics[f"grad_norm_{self.objective.model_folder}"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def _policy(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        next_latents: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(guided, conditional, log P_F(next_latents | latents))`` of the training policy (guided if
+        ``train_cfg``) under the current weights."""
+        config = self.config
+        negative = self.negative_prompt_embeds.expand(len(latents)) if config.train_cfg else None
+        with self.autocast():
+            guided, conditional = self.sd_pipeline.predict_noise(
+                latents, timesteps, prompt_embeds, negative, config.sample_guidance_scale, unet=self.unet
+            )
+        step = self.sd_pipeline.scheduler_step(
+            guided,
+            timesteps,
+            latents,
+            eta=config.sample_eta,
+            prev_sample=next_latents,
+            log_prob_reduction=config.train_log_prob_reduction,
+        )
+        return guided, conditional, step.log_probs
+
+    @torch.no_grad()
+    def policy_log_probs(self, window: dict[str, Any]) -> torch.Tensor:
+        """``log P_F`` of every transition of the window's trajectories under the current weights, ``(B, N)``:
+        the ones recorded while sampling if the weights have not changed since, else recomputed (no gradient)."""
+        if window["weights_version"] == self.weights_version:
+            return window["log_probs"]
+        total, num_steps = window["log_probs"].shape
+        result = torch.empty_like(window["log_probs"])
+        for start in range(0, total, self.config.train_batch_size):
+            rows = torch.arange(start, min(start + self.config.train_batch_size, total), device=result.device)
+            for step in range(num_steps):
+                _, _, result[rows, step] = self._policy(
+                    window["latents"][rows, step],
+                    window["timesteps"][rows, step],
+                    window["prompt_embeds"][rows],
+                    window["latents"][rows, step + 1],
+                )
+                self.counters.unet_forward_no_grad += len(rows) * (2 if self.config.train_cfg else 1)
+        return result
+
+    def transition_batch(
+        self,
+        window: dict[str, Any],
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        state_rewards: Optional[StateRewardCache],
+        beta: float,
+    ) -> TransitionBatch:
+        """The transitions ``x_t -> x_s`` of ``(rows, steps)`` with the policy's log-probability under the current
+        weights (one model forward with gradient) and, if the objective uses them, the states' rewards."""
+        config = self.config
+        device = window["latents"].device
+        num_steps = window["log_probs"].shape[1]
+        rows_d, steps_d = rows.to(device), steps.to(device)
+        latents = window["latents"][rows_d, steps_d]
+        next_latents = window["latents"][rows_d, steps_d + 1]
+        timesteps = window["timesteps"][rows_d, steps_d]
+        is_terminal = (steps_d + 1) == num_steps
+        next_timesteps = window["timesteps"][rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
+        prompt_embeds = window["prompt_embeds"][rows_d]
+
+        guided, conditional, log_probs = self._policy(latents, timesteps, prompt_embeds, next_latents)
+        self.counters.unet_forward_grad += len(rows) * (2 if config.train_cfg else 1)
+        final_rewards = window["rewards"][rows_d].float()
+        reward_now = reward_next = None
+        if state_rewards is not None:
+            states = list(zip(rows.tolist(), steps.tolist()))
+            # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
+            state_rewards.add_from_outputs(states, latents, timesteps, conditional)
+            reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)
+            reward_next = final_rewards.clone()
+            for index, (row, state) in enumerate(states):
+                if state + 1 < num_steps:
+                    reward_next[index] = state_rewards[(row, state + 1)]
+        return TransitionBatch(
+            latents=latents,
+            next_latents=next_latents,
+            timesteps=timesteps,
+            next_timesteps=next_timesteps,
+            is_terminal=is_terminal,
+            prompt_embeds=prompt_embeds,
+            model_output=guided,
+            sampled_model_output=window["noise_preds"][rows_d, steps_d],
+            log_prob_forward=log_probs,
+            sampled_log_prob=window["log_probs"][rows_d, steps_d],
+            log_prob_backward=window["backward_log_probs"][rows_d, steps_d],
+            final_rewards=final_rewards,
+            state_rewards=reward_now,
+            next_state_rewards=reward_next,
+            beta=beta,
+            trajectory={name: window[name][rows_d] for name in self.objective.trajectory_fields},
+        )

@@ -1,0 +1,145 @@
+"""The ``dag-trl train`` entry point and examples/scripts/dag.py: recipes, overrides, outputs, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from dag_trl.demo.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = {
+    "reward": "jpeg_compressibility",
+    "prompts": "simple_animals",
+    "prompt_kwargs": {"seed": 3},
+    "num_epochs": 3,
+    "sample_num_steps": 4,
+    "sample_batch_size": 4,
+    "sample_num_batches_per_epoch": 1,
+    "train_batch_size": 2,
+    "train_gradient_accumulation_steps": 2,
+    "mixed_precision": "no",
+    "flow_block_out_channels": [8, 16],
+    "flow_attention_heads": 2,
+    "eval_num_images": 6,
+}
+
+
+def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_override_it():
+    script_args, config = parse_arguments([])
+    assert script_args.pretrained_model == BUILTIN_MODEL and script_args.reward == "shapes_colour_preference"
+    assert config.num_epochs == 24 and config.sample_num_steps == 20 and config.mixed_precision == "no"
+    _, config = parse_arguments(["--num_epochs", "3", "--train_klpf", "0.5"])
+    assert config.num_epochs == 3 and config.objective_name == "dag_kl" and config.sample_num_steps == 20
+    # Any other model starts from the paper's settings.
+    script_args, config = parse_arguments(["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+    assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
+
+
+@pytest.mark.integration
+def test_example_script_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, tiny_sd_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "pretrained_model": str(tiny_sd_path)}))
+    output_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "examples/scripts/dag.py"), "--config", str(recipe), "--num_epochs", "2",
+         "--output_dir", str(output_dir)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and len(summary["reward_history"]) == 2  # the CLI override won over the YAML's 3
+    assert summary["reward"] == "jpeg_compressibility" and summary["algorithm"] == "DAG-DB"
+    for name in ("before", "after"):
+        assert -10 < summary[name]["reward_mean"] < 0  # minus the JPEG size in kB of 16x16 images
+    assert "mean reward before" in completed.stdout and "mean reward after" in completed.stdout
+    for name in ("before.png", "after.png"):
+        with Image.open(output_dir / name) as image:
+            image.verify()
+        with Image.open(output_dir / name) as image:
+            assert image.format == "PNG" and image.size == (6 * 128, 128 + 28)  # 6 tiles, one row of up to 8
+    with Image.open(output_dir / "reward_curve.png") as image:
+        assert image.format == "PNG"
+    assert (output_dir / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert (output_dir / "model" / "flow" / "config.json").is_file()
+    assert sorted(os.listdir(output_dir / "logs" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+
+
+def test_existing_output_dir_is_not_overwritten_without_the_flag_unless_the_run_resumes(tmp_path):
+    (tmp_path / "old.txt").write_text("keep me")
+    _, config = parse_arguments([])
+    with pytest.raises(SystemExit, match="exists and is not empty: pass --overwrite"):
+        check_output_dir(ScriptArguments(output_dir=str(tmp_path)), config)
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path), overwrite=True), config)
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path / "new")), config)
+    _, resuming = parse_arguments(["--resume_from", "latest"])
+    check_output_dir(ScriptArguments(output_dir=str(tmp_path)), resuming)
+
+
+def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
+    _, config = parse_arguments(["--pretrained_model", str(tmp_path / "no-model"), "--num_epochs", "1"])
+    script_args = ScriptArguments(pretrained_model=str(tmp_path / "no-model"), reward="aesthetics",
+                                  output_dir=str(tmp_path / "out"))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown reward 'aesthetics'; known rewards: .*aesthetic_score"):
+        run(script_args, config)
+    script_args.reward, script_args.prompts = "jpeg_compressibility", "animals"
+    with pytest.raises(ValueError, match="unknown prompt set 'animals'"):
+        run(script_args, config)
+    script_args.prompts = "simple_animals"
+    config.resume_from = "latest"
+    with pytest.raises(ValueError, match=r"resume_from='latest' found no checkpoint under '.*out/logs/checkpoints'"):
+        run(script_args, config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_keyword_arguments_must_be_json_objects():
+    assert ScriptArguments(reward_kwargs='{"quality": 80}').reward_kwargs == {"quality": 80}
+    with pytest.raises(ValueError, match="reward_kwargs='{quality: 80}' is not valid JSON"):
+        ScriptArguments(reward_kwargs="{quality: 80}")
+    with pytest.raises(ValueError, match=r"prompt_kwargs=\[1\] is invalid: expected a JSON object"):
+        ScriptArguments(prompt_kwargs=[1])
+
+
+def test_summary_text_reports_before_after_and_colour_shift():
+    summary = {
+        "algorithm": "DAG-DB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
+        "before": {"reward_mean": 0.25, "reward_std": 0.1, "colour_distribution": {"red": 0.25, "blue": 0.75},
+                   "adherence_full_prompts": {"colour": 0.9}, "diversity": 2.5},
+        "after": {"reward_mean": 0.75, "reward_std": 0.2, "colour_distribution": {"red": 0.5, "blue": 0.5},
+                  "adherence_full_prompts": {"colour": 0.85}, "diversity": 1.25, "prior_kernel_distance": 0.0312},
+    }  # fmt: skip
+    text = format_summary(summary)
+    assert "diversity (mean pairwise pixel distance per prompt): 2.500 -> 1.250" in text
+    assert "kernel distance of the samples after vs before: 0.0312" in text
+    assert "mean reward before: 0.2500" in text and "mean reward after:  0.7500" in text
+    assert "red 0.25->0.50, blue 0.75->0.50" in text
+    assert "prompt adherence after (full prompts): colour 0.85" in text
+
+
+@pytest.mark.integration
+def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_path):
+    output_dir = tmp_path / "main-job"
+    script_args, config = parse_arguments(
+        ["--output_dir", str(output_dir), "--num_epochs", "2", "--sample_num_steps", "6", "--eval_num_images", "8",
+         "--log_with", "tensorboard"]
+    )  # fmt: skip
+    summary = run(script_args, config)
+    assert script_args.pretrained_model == BUILTIN_MODEL and len(summary["reward_history"]) == 2
+    for name in ("before", "after"):
+        result = summary[name]
+        assert sum(result["colour_distribution"].values()) == pytest.approx(1.0)
+        with Image.open(output_dir / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size == (8 * 128, 128 + 28)
+    assert json.loads((output_dir / "summary.json").read_text())["after"] == summary["after"]
+    with Image.open(output_dir / "reward_curve.png") as image:
+        assert image.format == "PNG" and image.size == (600, 400)
+    assert {"pytorch_lora_weights.safetensors", "flow", "README.md"} <= set(os.listdir(output_dir / "model"))
+    event_files = list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert event_files, sorted(str(p) for p in (output_dir / "logs").rglob("*"))

@@ -1,0 +1,66 @@
+"""Closed-form checks of the objectives' pure loss functions in ``dag_trl.trainer.objectives.losses``."""
+
+import pytest
+import torch
+
+from dag_trl.trainer.objectives.losses import (
+    detailed_balance_residual,
+    forward_looking_log_flow,
+    leave_one_out_advantages,
+    ppo_clipped_loss,
+    proximal_regulariser,
+    reward_exponent,
+)
+
+
+def test_reward_exponent_schedule():
+    assert reward_exponent(0, 100, 10.0, "linear") == 0.0
+    assert reward_exponent(25, 100, 10.0, "linear") == pytest.approx(5.0)
+    assert reward_exponent(50, 100, 10.0, "linear") == pytest.approx(10.0)
+    assert reward_exponent(99, 100, 10.0, "linear") == pytest.approx(10.0)
+    assert reward_exponent(0, 100, 10.0, "none") == 10.0
+    with pytest.raises(ValueError, match="train_reward_exp_anneal='cosine' is invalid"):
+        reward_exponent(0, 1, 1.0, "cosine")
+
+
+def test_detailed_balance_residual_and_forward_looking_flow_on_numbers():
+    flow = torch.tensor([0.5, -1.0])
+    reward = torch.tensor([0.2, 0.4])
+    log_flow = forward_looking_log_flow(flow, reward, beta=10.0)
+    torch.testing.assert_close(log_flow, torch.tensor([2.5, 3.0]))
+    residual = detailed_balance_residual(
+        log_flow, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]), torch.tensor([3.0, 3.0])
+    )
+    torch.testing.assert_close(residual, torch.tensor([2.5 + 1.0 - 0.5 - 3.0, 3.0 + 2.0 - 0.5 - 3.0]))
+
+
+def test_leave_one_out_advantages_on_numbers():
+    signal = torch.tensor([1.0, 2.0, 6.0])
+    baseline = torch.tensor([4.0, 3.5, 1.5])
+    centred = signal - baseline  # [-3, -1.5, 4.5]
+    squares = centred**2  # [9, 2.25, 20.25]
+    variance = (squares.sum() - squares) / 2  # [11.25, 14.625, 5.625]
+    expected = torch.clamp(centred / (variance.sqrt() + 1e-8), -1.5, 1.5)
+    torch.testing.assert_close(leave_one_out_advantages(signal, clip_max=1.5), expected)
+    assert expected[2].item() == 1.5  # the clip is active
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        leave_one_out_advantages(torch.tensor([1.0]), 5.0)
+
+
+def test_ppo_clipped_loss_on_numbers():
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5]))
+    loss = ppo_clipped_loss(advantages, new, old, clip_range=0.2)
+    # A>0: min(rho, clip(rho)) * A -> -1.2 and -0.5; A<0: max(...) -> 1.5 and 0.8.
+    torch.testing.assert_close(loss, torch.tensor([-1.2, -0.5, 1.5, 0.8]))
+    ratio_one = ppo_clipped_loss(advantages, old, old, clip_range=1e-4)
+    torch.testing.assert_close(ratio_one, -advantages)
+
+
+def test_proximal_regulariser_is_mean_squared_difference_per_sample():
+    now = torch.zeros(2, 4, 2, 2)
+    sampled = torch.ones(2, 4, 2, 2)
+    sampled[1] *= 3
+    torch.testing.assert_close(proximal_regulariser(now, sampled), torch.tensor([1.0, 9.0]))
+    assert proximal_regulariser(sampled, sampled).abs().max().item() == 0.0
