@@ -380,13 +380,6 @@ class GFlowNetConfig:
             reject("flow_block_out_channels", "a non-empty list of positive integers")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
-        if self.per_prompt_stat_tracking and self.objective_name != "ddpo":
-            warnings.warn(
-                f"GFlowNetConfig.per_prompt_stat_tracking=True is ignored with train_objective={self.objective_name!r}: "
-                "only DDPO normalises rewards per prompt (DAG-DB trains on the rewards, DAG-KL uses leave-one-out "
-                "baselines); set train_objective='ddpo' for DDPO.",
-                stacklevel=3,
-            )
         reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
         if reserved:
             raise ValueError(
@@ -406,14 +399,14 @@ class GFlowNetConfig:
         from .trainer.objectives import get_objective_class
 
         objective = get_objective_class(self.objective_name)
-        dag_kl = self.train_klpf > 0
-        if self.train_objective in ("dag_db", "dag_kl") and (self.train_objective == "dag_kl") != dag_kl:
-            raise ValueError(
-                f"GFlowNetConfig.train_objective={self.train_objective!r} conflicts with train_klpf={self.train_klpf!r}: "
-                "DAG-KL needs a positive train_klpf (its policy-gradient weight) and DAG-DB a non-positive one; set "
-                "train_klpf accordingly or leave train_objective unset."
-            )
         objective.validate_config(self)
+        if self.per_prompt_stat_tracking and "per_prompt_stat_tracking" not in objective.hyperparameters:
+            warnings.warn(
+                f"GFlowNetConfig.per_prompt_stat_tracking=True is ignored with train_objective={self.objective_name!r}:"
+                " only DDPO normalises rewards per prompt (DAG-DB trains on the rewards, DAG-KL uses leave-one-out "
+                "baselines); set train_objective='ddpo' for DDPO.",
+                stacklevel=4,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dictionary (for trackers and model cards)."""

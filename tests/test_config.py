@@ -102,3 +102,22 @@ def test_docs_config_reference_lists_every_field():
     reference = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     missing = [f.name for f in dataclasses.fields(GFlowNetConfig) if f"| `{f.name}` |" not in reference]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "objective, klpf, message",
+    [
+        ("dag_kl", -1.0, r"train_objective='dag_kl' conflicts with train_klpf=-1.0: DAG-KL needs a positive"),
+        ("dag_db", 0.5, r"train_objective='dag_db' conflicts with train_klpf=0.5: a positive train_klpf is DAG-KL"),
+    ],
+)
+def test_an_explicit_objective_that_conflicts_with_train_klpf_names_both_fields(objective, klpf, message):
+    with pytest.raises(ValueError, match=message):
+        GFlowNetConfig(train_objective=objective, train_klpf=klpf)
+
+
+def test_train_objective_defaults_to_the_train_klpf_rule():
+    assert GFlowNetConfig(train_klpf=0.5).objective_name == "dag_kl"
+    assert GFlowNetConfig(train_klpf=0.0).objective_name == "dag_db"
+    assert GFlowNetConfig(train_objective="dag_kl", train_klpf=0.5).objective_name == "dag_kl"
+    assert GFlowNetConfig(train_objective="ddpo").objective_name == "ddpo"

@@ -28,6 +28,16 @@ class DAGDetailedBalance(Objective):
     uses_state_rewards = True
     model_folder = "flow"
 
+    @classmethod
+    def validate_config(cls, config) -> None:
+        # train_klpf picks DAG-KL when train_objective is unset; an explicit choice must agree with it.
+        if config.train_klpf > 0:
+            raise ValueError(
+                f"GFlowNetConfig.train_objective={config.train_objective!r} conflicts with "
+                f"train_klpf={config.train_klpf!r}: a positive train_klpf is DAG-KL's policy-gradient weight; set "
+                "train_klpf <= 0 for DAG-DB, or train_objective='dag_kl'."
+            )
+
     def create_model(self, pipeline) -> FlowNetwork:
         config = self.config
         return FlowNetwork(

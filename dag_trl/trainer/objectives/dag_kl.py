@@ -25,6 +25,12 @@ class DAGKL(DAGDetailedBalance):
 
     @classmethod
     def validate_config(cls, config) -> None:
+        if not config.train_klpf > 0:
+            raise ValueError(
+                f"GFlowNetConfig.train_objective={config.train_objective!r} conflicts with "
+                f"train_klpf={config.train_klpf!r}: DAG-KL needs a positive train_klpf (the weight of its policy "
+                "gradient); set train_klpf > 0, or train_objective='dag_db'."
+            )
         if config.train_batch_size < 2:
             raise ValueError(
                 f"GFlowNetConfig.train_batch_size={config.train_batch_size!r} is invalid: expected at least 2 with "
