@@ -1,5 +1,7 @@
 """Command line of the shapes model: ``python -m dag_trl.demo.shapes build --output DIR [--seed 0]`` builds it into
-``DIR``; ``python -m dag_trl.demo.shapes get`` prints the cached model's folder, building it first when needed.
+``DIR``; ``python -m dag_trl.demo.shapes get`` prints the cached model's folder, building it first when needed;
+``python -m dag_trl.demo.shapes base-samples`` writes the base-sample table of the tilted-target evaluation
+(:mod:`dag_trl.demo.shapes.target`) for the packaged recipe's sampler.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ def _format_adherence(adherence: Mapping[str, Any]) -> str:
     )
 
 
+def write_base_sample_table(num_samples: int, seed: int, output: Path | None = None) -> Path:
+    """Sample the shipped model with the packaged recipe's training sampler for the ``"shape"`` prompts (in turn)
+    and write the table of prompts, rewards and attributes that :func:`~dag_trl.demo.shapes.target.target_distance`
+    reads."""
+    import json
+    import tempfile
+
+    from ... import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+    from ..cli import parse_arguments, resolve_model
+    from .target import TARGET_PROMPTS, base_sample_table, table_path
+
+    with tempfile.TemporaryDirectory() as folder:
+        script_args, config = parse_arguments(["--output_dir", folder])
+        config.log_with, config.logdir = None, folder
+        pipeline = DefaultGFlowNetStableDiffusionPipeline(resolve_model(script_args), lora_init_seed=config.seed)
+        trainer = GFlowNetDiffusionTrainer(config, script_args.reward, script_args.prompts, pipeline)
+        prompts = [TARGET_PROMPTS[i % len(TARGET_PROMPTS)] for i in range(num_samples)]
+        table = base_sample_table(trainer, prompts, seed)
+    settings = table["settings"]
+    path = output or table_path(settings["num_steps"], settings["eta"], settings["guidance_scale"])
+    path.write_text(json.dumps(table))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``build --output DIR [--seed S] [--overwrite]`` or ``get [--cache-dir DIR] [--rebuild]``."""
     parser = argparse.ArgumentParser(
@@ -37,8 +63,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     get.add_argument("--cache-dir", type=Path, default=None, help=f"default: ${CACHE_ENV_VAR} or ~/.cache/dag_trl")
     get.add_argument("--seed", type=int, default=0)
     get.add_argument("--rebuild", action="store_true", help="rebuild even if a valid cached model exists")
+    table = commands.add_parser("base-samples", help="sample the base model for the tilted-target evaluation")
+    table.add_argument("--num-samples", type=int, default=4096)
+    table.add_argument("--seed", type=int, default=0)
+    table.add_argument("--output", type=Path, default=None, help="default: the package's assets folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "base-samples":
+        path = write_base_sample_table(args.num_samples, args.seed, args.output)
+        print(f"base-sample table: {path}")
+        return
     try:
         if args.command == "build":
             path = build_shapes_model(args.output, seed=args.seed, overwrite=args.overwrite)

@@ -1,0 +1,104 @@
+"""The exact reward-tilted target on the shapes model, and how far a fine-tuned model's samples are from it.
+
+The tilted prior ``p_base(x | c) exp(beta R(x))`` cannot be sampled directly, but it can be reweighted: sample the base
+model with the training sampler, weight each sample by ``exp(beta R)`` normalised per prompt
+(:func:`dag_trl.evaluation.tilted_weights`), and read off the weighted distribution of each attribute (shape colour,
+background colour, shape kind). The base samples' attributes and rewards depend only on the model, the sampler
+settings and the seed, so they are computed once per setting (:func:`base_sample_table`) and any ``beta`` then costs
+nothing. :func:`target_distance` reports the total-variation distance of a model's samples from that target, with
+the sampling noise beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...evaluation import target_total_variation, tilted_weights
+from .analysis import analyse_images
+from .data import COLOUR_NAMES, SHAPES
+
+# The attributes a shapes image has, and the values each can take ("none": no shape was found).
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape_colour": (*COLOUR_NAMES, "none"),
+    "background": tuple(COLOUR_NAMES),
+    "shape_kind": (*SHAPES, "none"),
+}
+TABLE_DIR = Path(__file__).resolve().parents[1] / "assets"
+# The "shape" prompt set's prompts: colours and backgrounds are left to the model.
+TARGET_PROMPTS = tuple(f"a {shape}" for shape in SHAPES)
+
+
+def image_attributes(images: torch.Tensor) -> dict[str, list[str]]:
+    """Shape colour, background colour and shape kind of each image (``"none"`` where no shape is found)."""
+    analyses = analyse_images(images)
+    return {
+        "shape_colour": [a.colour or "none" for a in analyses],
+        "background": [a.background for a in analyses],
+        "shape_kind": [a.shape or "none" for a in analyses],
+    }
+
+
+def sampler_key(num_steps: int, eta: float, guidance_scale: float) -> str:
+    """The name of a base-sample table: the sampler settings it was drawn with."""
+    return f"steps{num_steps}-eta{eta:g}-guidance{guidance_scale:g}"
+
+
+def table_path(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> Path:
+    return directory / f"shapes-seed0-base-samples-{sampler_key(num_steps, eta, guidance_scale)}.json"
+
+
+def base_sample_table(trainer: Any, prompts: Sequence[str], seed: int) -> dict[str, Any]:
+    """Sample the trainer's current (untrained) policy with its training sampler for ``prompts`` and record each
+    sample's prompt, reward and attributes, with the settings they depend on."""
+    config = trainer.config
+    images = trainer.sample_images(list(prompts), seed)
+    rewards, _ = trainer.reward_fn(images, tuple(prompts), tuple({} for _ in prompts))
+    return {
+        "settings": {
+            "num_steps": config.sample_num_steps,
+            "eta": config.sample_eta,
+            "guidance_scale": config.sample_guidance_scale,
+            "negative_prompt": config.negative_prompts,
+            "seed": seed,
+        },
+        "prompts": list(prompts),
+        "reward": torch.as_tensor(rewards, dtype=torch.float64).tolist(),
+        **image_attributes(images),
+    }
+
+
+def load_table(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> dict | None:
+    """The shipped base-sample table for these sampler settings, or ``None`` if none was computed."""
+    path = table_path(num_steps, eta, guidance_scale, directory)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def target_distance(
+    attributes: dict[str, Sequence[str]], prompts: Sequence[str], table: dict[str, Any], beta: float
+) -> dict[str, dict[str, float]]:
+    """Per attribute, the TV distance between ``attributes`` of a model's samples (drawn for ``prompts``) and the
+    tilted target at ``beta``, with its bootstrap noise and the weights' effective sample size (see
+    :func:`dag_trl.evaluation.target_total_variation`). Each prompt counts in the target as often as in ``prompts``."""
+    base_prompts = np.asarray(table["prompts"], dtype=object)
+    weights = tilted_weights(np.asarray(table["reward"]), table["prompts"], beta)
+    # Match the evaluation's prompt mix: scale each prompt's weights to its share among the evaluated samples.
+    evaluated = {prompt: count / len(prompts) for prompt, count in Counter(prompts).items()}
+    missing = sorted(set(evaluated) - set(table["prompts"]))
+    if missing:
+        raise ValueError(
+            f"prompts {missing} have no base samples in the table (it covers {sorted(set(base_prompts))})."
+        )
+    for prompt in set(table["prompts"]):
+        mask = base_prompts == prompt
+        weights[mask] *= evaluated.get(prompt, 0.0) / weights[mask].sum()
+    return {
+        name: target_total_variation(attributes[name], table[name], weights, categories)
+        for name, categories in ATTRIBUTES.items()
+    }

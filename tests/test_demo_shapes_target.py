@@ -1,0 +1,55 @@
+"""The shapes model's tilted target: weights, prompt mix and distances on a table built by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dag_trl.demo.shapes import ShapeSpec, render
+from dag_trl.demo.shapes.target import ATTRIBUTES, image_attributes, target_distance
+
+
+def hand_table() -> dict:
+    # "a circle": 2 red (reward 1), 2 blue (reward 0); "a square": 1 yellow (1), 3 green (0).
+    return {
+        "prompts": ["a circle"] * 4 + ["a square"] * 4,
+        "reward": [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+        "shape_colour": ["red", "red", "blue", "blue", "yellow", "green", "green", "green"],
+        "background": ["white"] * 8,
+        "shape_kind": ["circle"] * 4 + ["square"] * 4,
+    }
+
+
+def test_target_distance_uses_the_tilted_weights_and_the_evaluated_prompt_mix():
+    beta = math.log(3)  # reward 1 is 3 times as likely as reward 0 under the target
+    # Target per prompt: circle -> red 3/4, blue 1/4; square -> yellow 3/6, green 3/6. Evaluated mix: 3 circles, 1 square.
+    target = {"red": 0.75 * 0.75, "blue": 0.75 * 0.25, "yellow": 0.25 * 0.5, "green": 0.25 * 0.5}
+    prompts = ["a circle"] * 3 + ["a square"]
+    samples = {"shape_colour": ["red", "red", "red", "yellow"], "background": ["white"] * 4,
+               "shape_kind": ["circle", "circle", "circle", "square"]}  # fmt: skip
+    observed = {"red": 0.75, "yellow": 0.25}
+    colours = ATTRIBUTES["shape_colour"]
+    expected = 0.5 * sum(abs(observed.get(c, 0.0) - target.get(c, 0.0)) for c in colours)
+    result = target_distance(samples, prompts, hand_table(), beta)
+    assert result["shape_colour"]["tv"] == pytest.approx(expected)
+    assert result["background"]["tv"] == pytest.approx(0.0) and result["shape_kind"]["tv"] == pytest.approx(0.0)
+    assert 0 < result["shape_colour"]["ess"] < 8
+
+
+def test_prompts_without_base_samples_are_refused():
+    with pytest.raises(ValueError, match=r"prompts \['a triangle'\] have no base samples"):
+        target_distance({name: ["none"] for name in ATTRIBUTES}, ["a triangle"], hand_table(), 1.0)
+
+
+def test_image_attributes_of_rendered_shapes():
+    specs = [
+        ShapeSpec("triangle", "red", "blue", 16.0, 16.0, 9.0),
+        ShapeSpec("circle", "yellow", "white", 15.0, 17.0, 8.0),
+    ]
+    images = torch.from_numpy(np.stack([render(spec) for spec in specs])).permute(0, 3, 1, 2).float() / 255
+    assert image_attributes(images) == {
+        "shape_colour": ["red", "yellow"],
+        "background": ["blue", "white"],
+        "shape_kind": ["triangle", "circle"],
+    }
