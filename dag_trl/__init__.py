@@ -1,4 +1,5 @@
-"""dag_trl: GFlowNet alignment of text-to-image diffusion models (DAG and DAG-KL, Zhang et al. 2024, arXiv 2406.00633)."""
+"""dag_trl: reward alignment of text-to-image diffusion models with GFlowNet objectives (DAG, DAG-KL; Zhang et al.
+2024, arXiv 2406.00633) and, beside them, RTB and DDPO."""
 
 from .config import GFlowNetConfig
 from .io.hub import HubPushError, create_model_card, push_folder_to_hub

@@ -132,9 +132,9 @@ class GFlowNetConfig:
             `sample_guidance_scale` != 1, transitions sampled by the guided policy are scored under the conditional
             one (as the reference code allows): the DAG-KL ratio then starts away from 1.
         train_adv_clip_max (`float`, *optional*, defaults to `5.0`):
-            DAG-KL: clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`.
+            DAG-KL and DDPO: clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`.
         train_clip_range (`float`, *optional*, defaults to `1e-4`):
-            DAG-KL: PPO clip range of the probability ratio.
+            DAG-KL and DDPO: PPO clip range of the probability ratio.
         train_timestep_fraction (`float`, *optional*, defaults to `1.0`):
             Fraction of each trajectory's transitions trained on, in `(0, 1]` (a random subset per trajectory).
         train_reward_exp (`float`, *optional*, defaults to `100.0`):
@@ -243,7 +243,7 @@ class GFlowNetConfig:
     train_unet_reg: float = field(default=1.0, metadata={"help": "Weight of the proximal regulariser."})
     train_log_z_learning_rate: float = field(default=0.1, metadata={"help": "RTB: learning rate of log Z(c)."})
     train_objective: Optional[str] = field(
-        default=None, metadata={"help": "'dag_db', 'dag_kl', 'ddpo'; None: 'dag_kl' if train_klpf > 0 else 'dag_db'."}
+        default=None, metadata={"help": "'dag_db', 'dag_kl', 'rtb', 'ddpo'; None: by train_klpf."}
     )
     train_klpf: float = field(default=-1.0, metadata={"help": "<= 0: DAG-DB; > 0: DAG-KL weight."})
     train_log_prob_reduction: str = field(default="mean", metadata={"help": "'mean' (paper) or 'sum'."})

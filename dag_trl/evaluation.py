@@ -1,8 +1,8 @@
 """What training reached, in numbers: reward statistics, diversity, the distance from the pretrained model's samples,
 and the distance of attribute distributions from a reweighted (tilted) target.
 
-Every function is pure (tensors or arrays in, numbers out) so that the trainer, the CLI and the study script compute
-the same figures. Image features are pluggable: :func:`pixel_features` (downsampled pixels) needs no model; a CLIP or
+Every function is pure (tensors or arrays in, numbers out) so that the CLI, the study script and any user's evaluation
+compute the same figures. Image features are pluggable: :func:`pixel_features` (downsampled pixels) needs no model; a CLIP or
 DINO image tower gives features closer to perception (pass any ``images -> (B, F)`` callable).
 """
 

@@ -143,3 +143,19 @@ def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_p
     assert {"pytorch_lora_weights.safetensors", "flow", "README.md"} <= set(os.listdir(output_dir / "model"))
     event_files = list((output_dir / "logs").rglob("events.out.tfevents.*"))
     assert event_files, sorted(str(p) for p in (output_dir / "logs").rglob("*"))
+
+
+def test_rtb_chosen_on_the_command_line_or_in_a_config_file_gets_its_required_settings(tmp_path):
+    _, config = parse_arguments(["--train_objective", "rtb", "--train_reward_exp", "3"])
+    assert (config.train_log_prob_reduction, config.train_reward_exp_anneal, config.train_timestep_fraction) == (
+        "sum",
+        "none",
+        1.0,
+    )
+    recipe = tmp_path / "rtb.yaml"
+    recipe.write_text(yaml.safe_dump({"train_objective": "rtb", "train_reward_exp": 3.0, "num_epochs": 2}))
+    _, config = parse_arguments(["--config", str(recipe)])
+    assert config.objective_name == "rtb" and config.train_log_prob_reduction == "sum" and config.num_epochs == 2
+    # A setting the user gives explicitly is kept, and the config refuses it with the reason.
+    with pytest.raises(ValueError, match=r"train_log_prob_reduction='mean' is invalid with train_objective='rtb'"):
+        parse_arguments(["--train_objective", "rtb", "--train_log_prob_reduction", "mean"])

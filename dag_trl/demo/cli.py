@@ -23,9 +23,10 @@ from typing import Any, Optional
 import torch
 
 from ..config import GFlowNetConfig
+from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
-from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
+from ..trainer.objectives import get_objective_class
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
 from .shapes.target import image_attributes, load_table, target_distance
 
@@ -109,15 +110,23 @@ def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
 
 
 def with_objective_settings(argv: list[str]) -> list[str]:
-    """``argv`` plus the settings that the chosen ``--train_objective`` requires (e.g. RTB's summed
-    log-probabilities), for each that the command line does not set itself; they override a recipe's values."""
+    """``argv`` plus the settings that the chosen objective requires (e.g. RTB's summed log-probabilities), for each
+    that neither the command line nor the ``--config`` file sets; they override a recipe's values. The objective
+    is ``--train_objective``, else the config file's ``train_objective``."""
+    import yaml
+
     from ..trainer.objectives import OBJECTIVES
 
-    objective = OBJECTIVES.get(flag_value(argv, "train_objective") or "")
+    file_settings: dict[str, Any] = {}
+    config_file = flag_value(argv, "config")
+    if config_file is not None and os.path.isfile(config_file):
+        with open(config_file) as handle:
+            file_settings = yaml.safe_load(handle) or {}
+    objective = OBJECTIVES.get(flag_value(argv, "train_objective") or file_settings.get("train_objective") or "")
     if objective is None:
         return argv
-    for name, value in objective.required_settings.items():
-        if flag_value(argv, name) is None:
+    for name, (value, _) in objective.required_settings.items():
+        if flag_value(argv, name) is None and name not in file_settings:
             argv = [*argv, f"--{name}", str(value)]
     return argv
 
@@ -195,11 +204,13 @@ def tilted_target_summary(
         distances = target_distance(image_attributes(result["images"]), prompts, table, beta)
         result["target_tv"] = {name: value["tv"] for name, value in distances.items()}
         result["target_tv_noise"] = {name: value["noise"] for name, value in distances.items()}
-    note = "beta in true units, as the objective's own target"
-    if config.train_log_prob_reduction == "mean":
+    objective = get_objective_class(config.objective_name)
+    if objective.uses_prior_log_probs:
+        note = "the prior tilted by exp(beta R), beta in true units: this objective's own target"
+    else:
         note = (
-            "beta in true units; with mean-reduced log-probabilities the objective's own target has beta * D "
-            "(D latent elements), not this one"
+            f"the prior tilted by exp(beta R), beta in true units: a reference, not {objective.display_name}'s own "
+            "target (see docs/algorithm.md)"
         )
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
 

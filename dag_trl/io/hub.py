@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
 HUB_TAGS = ("dag-trl", "gflownet", "diffusers", "lora", "text-to-image", "diffusers-training")
-PAPER_URL = "https://arxiv.org/abs/2406.00633"
 PAPER_BIBTEX = """@article{zhang2024improving,
   title   = {Improving GFlowNets for Text-to-Image Diffusion Alignment},
   author  = {Zhang, Dinghuai and Zhang, Yizhe and Gu, Jiatao and Zhang, Ruixiang and Susskind, Josh and
@@ -178,8 +177,8 @@ def create_model_card(
 
 # {title}
 
-This is {weights} of {base_link} trained with **{algorithm}** ([Zhang et al., 2024]({PAPER_URL})), a GFlowNet
-method that aligns a text-to-image diffusion model to a reward, with the `dag_trl` library.
+This is {weights} of {base_link} trained with **{algorithm}** ([{objective.paper[0]}]({objective.paper[1]})) to align
+a text-to-image diffusion model to a reward, with the `dag_trl` library.
 
 ## Usage
 

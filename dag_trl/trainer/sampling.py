@@ -76,8 +76,12 @@ class SamplingMixin:
                         record_prior_log_probs=self.objective.uses_prior_log_probs,
                     )
             batch_size = len(prompts)
+            # One (guided: two-row) UNet call per step, and as many for the prior when the objective records it.
             self.counters.unet_forward_no_grad += (
-                batch_size * config.sample_num_steps * (2 if config.sample_guidance_scale != 1.0 else 1)
+                batch_size
+                * config.sample_num_steps
+                * (2 if config.sample_guidance_scale != 1.0 else 1)
+                * (2 if self.objective.uses_prior_log_probs else 1)
             )
             self.counters.vae_decodes += batch_size
             if config.async_reward_computation:

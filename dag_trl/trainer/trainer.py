@@ -1,5 +1,5 @@
-"""``GFlowNetDiffusionTrainer``: reward alignment of a diffusion model with a GFlowNet objective (DAG-DB, DAG-KL),
-shaped like TRL's ``DDPOTrainer``.
+"""``GFlowNetDiffusionTrainer``: reward alignment of a diffusion model with a training objective (DAG-DB, DAG-KL, RTB,
+DDPO), shaped like TRL's ``DDPOTrainer``.
 
 Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633). One epoch samples
 trajectories with the current policy, scores their final images, then trains the denoiser (through its LoRA) and the
@@ -182,6 +182,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
 
         torch.manual_seed(config.seed)
         objective_model = self.objective.create_model(sd_pipeline)
+        if (objective_model is None) != (self.objective.model_folder is None):
+            raise TypeError(
+                f"{type(self.objective).__name__}: model_folder={self.objective.model_folder!r} but create_model "
+                f"returned {type(objective_model).__name__}; set model_folder exactly when the objective has a model."
+            )
         if objective_model is not None:
             objective_model.to(device)
         self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), objective_model)

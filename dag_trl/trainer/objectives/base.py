@@ -73,6 +73,7 @@ class Objective(ABC):
         name: the registry key, the value of ``GFlowNetConfig.train_objective``.
         display_name: how model cards, Hub tags, the CLI and logs name it.
         description: one line for the model card.
+        paper: ``(short citation, URL)`` of the method, for the model card.
         hyperparameters: the config fields only this objective reads (the model card lists them for it alone).
         uses_state_rewards: the loop decodes and scores the one-step prediction ``x0_hat`` of the states of each
             transition and fills :attr:`TransitionBatch.state_rewards` / ``next_state_rewards``.
@@ -81,8 +82,9 @@ class Objective(ABC):
         trajectory_fields: per-trajectory tensors that :meth:`prepare_samples` adds to the epoch's samples (or
             :meth:`prepare_window` to a window); the loop hands their rows to :meth:`loss` in
             :attr:`TransitionBatch.trajectory`.
-        required_settings: config values the objective cannot train without (``validate_config`` refuses others);
-            the ``dag-trl`` CLI sets them when the command line does not.
+        required_settings: config values the objective cannot train without, each with the reason:
+            ``{field: (value, why)}``; :meth:`validate_config` refuses other values, and the ``dag-trl`` CLI sets
+            them when neither the command line nor the ``--config`` file does.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
             adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
     """
@@ -90,12 +92,13 @@ class Objective(ABC):
     name: ClassVar[str]
     display_name: ClassVar[str]
     description: ClassVar[str]
+    paper: ClassVar[tuple[str, str]]
     hyperparameters: ClassVar[tuple[str, ...]] = ()
     uses_state_rewards: ClassVar[bool] = False
     model_folder: ClassVar[Optional[str]] = None
     trajectory_fields: ClassVar[tuple[str, ...]] = ()
     uses_prior_log_probs: ClassVar[bool] = False
-    required_settings: ClassVar[dict[str, Any]] = {}
+    required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def __init__(self, config: GFlowNetConfig):
         self.config = config
@@ -103,8 +106,14 @@ class Objective(ABC):
     @classmethod
     def validate_config(cls, config: GFlowNetConfig) -> None:
         """Raise ``ValueError`` naming the field for settings this objective cannot train with (runs when the
-        config is constructed, before any model is loaded). The default accepts every config."""
-        return None
+        config is constructed, before any model is loaded). The default refuses values other than
+        :attr:`required_settings`'."""
+        for name, (required, why) in cls.required_settings.items():
+            if getattr(config, name) != required:
+                raise ValueError(
+                    f"GFlowNetConfig.{name}={getattr(config, name)!r} is invalid with train_objective={cls.name!r}: "
+                    f"expected {required!r} ({why})."
+                )
 
     def create_model(self, pipeline: GFlowNetStableDiffusionPipeline) -> Optional[torch.nn.Module]:
         """The objective's own trainable model (for example DAG's flow network), or ``None``. It is trained with

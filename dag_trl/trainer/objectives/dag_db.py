@@ -24,6 +24,7 @@ class DAGDetailedBalance(Objective):
     name = "dag_db"
     display_name = "DAG-DB"
     description = "detailed balance"
+    paper = ("Zhang et al., 2024", "https://arxiv.org/abs/2406.00633")
     hyperparameters = ("train_klpf", "train_unet_reg", "train_flow_learning_rate")
     uses_state_rewards = True
     model_folder = "flow"

@@ -59,6 +59,7 @@ class DDPO(Objective):
     name = "ddpo"
     display_name = "DDPO"
     description = "PPO-clipped policy gradient on standardised rewards, a reward maximiser"
+    paper = ("Black et al., 2024", "https://arxiv.org/abs/2305.13301")
     hyperparameters = (
         "train_clip_range",
         "train_adv_clip_max",

@@ -48,25 +48,16 @@ class RelativeTrajectoryBalance(Objective):
     trajectory_fields = ("rtb_delta",)
     uses_prior_log_probs = True
 
+    paper = ("Venkatraman et al., 2024", "https://arxiv.org/abs/2405.20971")
     required_settings = {
-        "train_timestep_fraction": 1.0,
-        "train_log_prob_reduction": "sum",
-        "train_reward_exp_anneal": "none",
-    }
-    _why_required = {
-        "train_timestep_fraction": "RTB balances whole trajectories: every transition is trained",
-        "train_log_prob_reduction": "the target is a distribution only with true (summed) log-densities",
-        "train_reward_exp_anneal": "an annealed beta moves the target under the learned log Z",
+        "train_timestep_fraction": (1.0, "RTB balances whole trajectories: every transition is trained"),
+        "train_log_prob_reduction": ("sum", "the target is a distribution only with true (summed) log-densities"),
+        "train_reward_exp_anneal": ("none", "an annealed beta moves the target under the learned log Z"),
     }
 
     @classmethod
     def validate_config(cls, config) -> None:
-        for name, required in cls.required_settings.items():
-            if getattr(config, name) != required:
-                raise ValueError(
-                    f"GFlowNetConfig.{name}={getattr(config, name)!r} is invalid with train_objective='rtb': "
-                    f"expected {required!r} ({cls._why_required[name]})."
-                )
+        super().validate_config(config)
         if not config.train_cfg and config.sample_guidance_scale != 1.0:
             raise ValueError(
                 f"GFlowNetConfig.train_cfg=False with sample_guidance_scale={config.sample_guidance_scale!r} is "
