@@ -215,13 +215,27 @@ def tilted_target_summary(
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
 
 
+def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_fn: Any, prompt_fn: Any) -> Any:
+    """The pipeline the script arguments name (with a LoRA seeded by ``config.seed``) and a trainer on it."""
+    from ..models import DefaultGFlowNetStableDiffusionPipeline
+    from ..trainer import GFlowNetDiffusionTrainer
+
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(
+        resolve_model(script_args),
+        pretrained_model_revision=script_args.pretrained_revision,
+        use_lora=script_args.use_lora,
+        lora_rank=script_args.lora_rank,
+        lora_init_seed=config.seed,
+    )
+    return GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline)
+
+
 def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     """Build, evaluate, train, evaluate again, and write the report. Returns the summary."""
     from ..io.reporting import captioned_image_grid, plot_reward_curve
-    from ..models import DefaultGFlowNetStableDiffusionPipeline
     from ..prompts import get_prompt_fn
     from ..rewards import get_reward_fn
-    from ..trainer import GFlowNetDiffusionTrainer, resolve_resume_from
+    from ..trainer import resolve_resume_from
 
     check_output_dir(script_args, config)
     # Resolve names before any model is loaded, so a typo fails in a second.
@@ -235,16 +249,8 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     if config.resume_from:
         resolve_resume_from(config)  # a wrong folder fails here, not after loading the model
 
-    model_path = resolve_model(script_args)
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL
-    pipeline = DefaultGFlowNetStableDiffusionPipeline(
-        model_path,
-        pretrained_model_revision=script_args.pretrained_revision,
-        use_lora=script_args.use_lora,
-        lora_rank=script_args.lora_rank,
-        lora_init_seed=config.seed,
-    )
-    trainer = GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline)
+    trainer = build_trainer(script_args, config, reward_fn, prompt_fn)
     main = trainer.accelerator.is_main_process
     pairs = [evaluation_prompt_fn() for _ in range(script_args.eval_num_images)]
     prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]

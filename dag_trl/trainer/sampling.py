@@ -28,6 +28,21 @@ class SamplingMixin:
     negative_prompt_embeds: PromptEmbeddings
     objective: Objective
 
+    def _sample(self, prompt_embeds: PromptEmbeddings, generator: torch.Generator, **options: Any) -> Any:
+        """The pipeline's trajectories for ``prompt_embeds`` with the training sampler (steps, eta, guidance with the
+        negative prompt) under the trainer's autocast; ``options`` go to the pipeline."""
+        config = self.config
+        with self.autocast():
+            return self.sd_pipeline(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=self.negative_prompt_embeds.expand(len(prompt_embeds)),
+                num_inference_steps=config.sample_num_steps,
+                guidance_scale=config.sample_guidance_scale,
+                eta=config.sample_eta,
+                generator=generator,
+                **options,
+            )
+
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int) -> torch.Tensor:
         """Images for ``prompts`` from the current policy, with the training sampler (steps, eta, guidance, negative
@@ -37,15 +52,7 @@ class SamplingMixin:
         images = []
         for start in range(0, len(prompts), config.sample_batch_size):
             chunk = prompts[start : start + config.sample_batch_size]
-            with self.autocast():
-                output = self.sd_pipeline(
-                    prompt_embeds=self.sd_pipeline.encode_prompt(chunk),
-                    negative_prompt_embeds=self.negative_prompt_embeds.expand(len(chunk)),
-                    num_inference_steps=config.sample_num_steps,
-                    guidance_scale=config.sample_guidance_scale,
-                    eta=config.sample_eta,
-                    generator=torch.Generator().manual_seed(seed + start),
-                )
+            output = self._sample(self.sd_pipeline.encode_prompt(chunk), torch.Generator().manual_seed(seed + start))
             images.append(output.images.float().cpu())
         return torch.cat(images)
 
@@ -64,17 +71,12 @@ class SamplingMixin:
             metadata = [meta for _, meta in pairs]
             with torch.no_grad():
                 prompt_embeds = self.sd_pipeline.encode_prompt(prompts)
-                with self.autocast():
-                    output = self.sd_pipeline(
-                        prompt_embeds=prompt_embeds,
-                        negative_prompt_embeds=self.negative_prompt_embeds.expand(len(prompts)),
-                        num_inference_steps=config.sample_num_steps,
-                        guidance_scale=config.sample_guidance_scale,
-                        eta=config.sample_eta,
-                        generator=generator,
-                        log_prob_reduction=config.train_log_prob_reduction,
-                        record_prior_log_probs=self.objective.uses_prior_log_probs,
-                    )
+                output = self._sample(
+                    prompt_embeds,
+                    generator,
+                    log_prob_reduction=config.train_log_prob_reduction,
+                    record_prior_log_probs=self.objective.uses_prior_log_probs,
+                )
             batch_size = len(prompts)
             # One (guided: two-row) UNet call per step, and as many for the prior when the objective records it.
             self.counters.unet_forward_no_grad += (

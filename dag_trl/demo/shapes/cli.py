@@ -32,15 +32,13 @@ def write_base_sample_table(num_samples: int, seed: int, output: Path | None = N
     import json
     import tempfile
 
-    from ... import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
-    from ..cli import parse_arguments, resolve_model
+    from ..cli import build_trainer, parse_arguments
     from .target import TARGET_PROMPTS, base_sample_table, table_path
 
     with tempfile.TemporaryDirectory() as folder:
         script_args, config = parse_arguments(["--output_dir", folder])
         config.log_with, config.logdir = None, folder
-        pipeline = DefaultGFlowNetStableDiffusionPipeline(resolve_model(script_args), lora_init_seed=config.seed)
-        trainer = GFlowNetDiffusionTrainer(config, script_args.reward, script_args.prompts, pipeline)
+        trainer = build_trainer(script_args, config, script_args.reward, script_args.prompts)
         prompts = [TARGET_PROMPTS[i % len(TARGET_PROMPTS)] for i in range(num_samples)]
         table = base_sample_table(trainer, prompts, seed)
     settings = table["settings"]
