@@ -14,7 +14,7 @@ from .models import (
 from .prompts import available_prompt_fns, get_prompt_fn
 from .rewards import available_rewards, get_reward_fn
 from .samplers import DDIMStepOutput, ddim_step_with_logprob
-from .trainer import GFlowNetDiffusionTrainer
+from .trainer import GFlowNetDiffusionTrainer, TrainingDivergedError, TrainingInterrupted
 
 __version__ = "0.1.0.dev0"
 
@@ -24,6 +24,8 @@ __all__ = [
     "FlowNetwork",
     "GFlowNetConfig",
     "GFlowNetDiffusionTrainer",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
     "GFlowNetPipelineOutput",
     "GFlowNetStableDiffusionPipeline",
     "HubPushError",

@@ -2,20 +2,171 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REWARD_EXP_ANNEALS = ("linear", "none")
 LOG_PROB_REDUCTIONS = ("mean", "sum")
+LOG_Z_ESTIMATES = ("batch", "learned")
 # Accelerator arguments the trainer sets from the config; accelerator_kwargs must not repeat them.
 ACCELERATOR_ARGUMENTS_SET_BY_TRAINER = frozenset(
     {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps", "gradient_accumulation_plugin"}
 )
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
+
+
+# The largest seed torch.manual_seed accepts (seeds also feed numpy's SeedSequence, which takes any int >= 0).
+MAX_SEED = 2**64 - 1
+
+# A field's check: (does the value pass, what is accepted), the second for the error message.
+FieldRule = tuple[Callable[[Any], bool], str]
+
+
+def _is_integer(value: Any) -> bool:
+    """An ``int`` but not a ``bool``: ``True`` is an ``int`` in Python, and never means a count or a seed."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A finite ``int`` or ``float``, not a ``bool`` or a string: a string makes a range check raise Python's
+    ``'>' not supported`` (which names no field), and ``inf`` passes a lower bound and turns the loss into inf or
+    NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _integer(minimum: int, maximum: Optional[int] = None, note: str = "") -> FieldRule:
+    """An integer in ``[minimum, maximum]``."""
+    if maximum is None:
+        return (lambda v: _is_integer(v) and v >= minimum), f"an integer >= {minimum}{note}"
+    return (lambda v: _is_integer(v) and minimum <= v <= maximum), f"an integer in [{minimum}, {maximum}]{note}"
+
+
+def _number(
+    low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, note: str = ""
+) -> FieldRule:
+    """A finite ``int`` or ``float`` between ``low`` and ``high``, each end open or closed."""
+
+    def check(value: Any) -> bool:
+        if not _is_finite_number(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    if math.isinf(low) and math.isinf(high):
+        accepted = "a finite number"
+    elif math.isinf(high):
+        accepted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        accepted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return check, accepted + note
+
+
+def _optional(rule: FieldRule, none_means: str) -> FieldRule:
+    """``rule``, or ``None`` (which means ``none_means``)."""
+    check, accepted = rule
+    return (lambda v: v is None or check(v)), f"{accepted}, or None {none_means}"
+
+
+def _choice(options: tuple[Optional[str], ...]) -> FieldRule:
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+def _string(non_empty: bool = False, path: bool = False) -> FieldRule:
+    """A ``str`` (with ``path``, also an ``os.PathLike``, which ``__post_init__`` turns into a ``str``)."""
+    types = (str, os.PathLike) if path else (str,)
+    accepted = ("a non-empty " if non_empty else "a ") + ("folder path (str or os.PathLike)" if path else "string")
+    return (lambda v: isinstance(v, types) and (not non_empty or bool(os.fspath(v)))), accepted
+
+
+_BOOL: FieldRule = (lambda v: isinstance(v, bool), "True or False")
+
+
+def _dict(of_what: str) -> FieldRule:
+    return (lambda v: isinstance(v, dict)), f"a dict of {of_what}"
+
+
+# The type and range of every field of GFlowNetConfig, checked first on construction so that the cross-field checks
+# after it (and the trainer) only see values of the right type; tests/test_config.py checks that every field has one.
+FIELD_RULES: dict[str, FieldRule] = {
+    "exp_name": _string(non_empty=True),
+    "run_name": _string(),
+    "seed": _integer(0, MAX_SEED),
+    "log_with": _choice((None, *TRACKERS)),
+    "tracker_kwargs": _dict("tracker init arguments by tracker name"),
+    "accelerator_kwargs": _dict("Accelerator arguments"),
+    "project_kwargs": _dict("ProjectConfiguration arguments"),
+    "tracker_project_name": _string(non_empty=True),
+    "logdir": _string(non_empty=True, path=True),
+    "num_epochs": _integer(1),
+    "save_freq": _integer(1),
+    "num_checkpoint_limit": _integer(1),
+    "eval_freq": _integer(0, note=" (0: never)"),
+    "eval_num_samples": _integer(1),
+    "eval_seed": _integer(0, MAX_SEED),
+    "mixed_precision": _choice(MIXED_PRECISIONS),
+    "allow_tf32": _BOOL,
+    "resume_from": _string(path=True),
+    "push_to_hub": _BOOL,
+    "hub_model_id": _optional(_string(non_empty=True), "to push to exp_name in the user's namespace"),
+    "negative_prompts": _string(),
+    "sample_num_steps": _integer(1),
+    "sample_eta": _number(
+        0,
+        1,
+        low_open=True,
+        note=" (with eta = 0 DDIM is deterministic and has no log-probability; above 1 its mean is undefined at some "
+        "steps)",
+    ),
+    "sample_guidance_scale": _number(),
+    "sample_batch_size": _integer(1),
+    "sample_num_batches_per_epoch": _integer(1),
+    "async_reward_computation": _BOOL,
+    "max_workers": _integer(1),
+    "train_batch_size": _integer(1),
+    "train_use_8bit_adam": _BOOL,
+    "train_learning_rate": _number(0, low_open=True),
+    "train_flow_learning_rate": _optional(_number(0, low_open=True), "to use train_learning_rate"),
+    "train_adam_beta1": _number(0, 1, high_open=True),
+    "train_adam_beta2": _number(0, 1, high_open=True),
+    "train_adam_weight_decay": _number(0),
+    "train_adam_epsilon": _number(0, low_open=True),
+    "train_gradient_accumulation_steps": _integer(1),
+    "train_max_grad_norm": _number(0, low_open=True),
+    "train_num_inner_epochs": _integer(1),
+    "train_cfg": _BOOL,
+    "train_adv_clip_max": _number(0, low_open=True),
+    "train_clip_range": _number(0, low_open=True),
+    "train_timestep_fraction": _number(0, 1, low_open=True),
+    "train_reward_exp": _number(0),
+    "train_reward_exp_anneal": _choice(REWARD_EXP_ANNEALS),
+    "train_unet_reg": _number(0),
+    "train_log_z_learning_rate": _number(0, low_open=True),
+    "train_log_z_estimate": _choice(LOG_Z_ESTIMATES),
+    "train_objective": _optional(_string(non_empty=True), "to pick by train_klpf"),
+    "train_klpf": _number(note=" (<= 0: DAG-DB, > 0: DAG-KL)"),
+    "train_log_prob_reduction": _choice(LOG_PROB_REDUCTIONS),
+    "train_gradient_checkpointing": _BOOL,
+    "train_decode_batch_size": _optional(_integer(1), "to use train_batch_size"),
+    "flow_block_out_channels": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_integer(c) and c >= 1 for c in v),
+        "a non-empty list of positive integers",
+    ),
+    "flow_layers_per_block": _integer(1),
+    "flow_attention_heads": _integer(1),
+    "flow_time_embedding_dim": _integer(1),
+    "per_prompt_stat_tracking": _BOOL,
+    "per_prompt_stat_tracking_buffer_size": _integer(1),
+    "per_prompt_stat_tracking_min_count": _integer(1),
+}
 
 
 def _default_exp_name() -> str:
@@ -46,7 +197,7 @@ class GFlowNetConfig:
         seed (`int`, *optional*, defaults to `0`):
             Seed for parameter initialisation. Sampling noise and shuffling use seeds derived from `(seed, process
             index, epoch)`: every process draws different trajectories, and a resumed run repeats what the
-            uninterrupted run would have drawn.
+            uninterrupted run would have drawn. An integer in `[0, 2**64 - 1]` (what `torch.manual_seed` takes).
         log_with (`str` or `None`, *optional*, defaults to `None`):
             Tracker for accelerate: one of `"wandb"`, `"tensorboard"`, `"trackio"`, `"comet_ml"`, `"mlflow"`,
             `"aim"`, `"clearml"`, `"dvclive"`, `"swanlab"`, `"all"`, or `None` for no tracker.
@@ -57,7 +208,11 @@ class GFlowNetConfig:
             `deepspeed_plugin`); not `log_with`, `mixed_precision`, `project_config` or
             `gradient_accumulation_steps` (or `_plugin`), which come from the fields of this config.
         project_kwargs (`dict`, *optional*, defaults to `{}`):
-            Extra keyword arguments for `accelerate.utils.ProjectConfiguration`.
+            Extra keyword arguments for `accelerate.utils.ProjectConfiguration`, with TRL's `DDPOTrainer`'s meaning:
+            checkpoints go to `<project_dir>/checkpoints` when `project_dir` is given (else `<logdir>/checkpoints`),
+            tracker files to `logging_dir`, and `total_limit` replaces `num_checkpoint_limit` (`None` keeps every
+            checkpoint). Checkpoints are always named `checkpoint_<epoch>`, so `automatic_checkpoint_naming` is
+            accepted and changes nothing.
         tracker_project_name (`str`, *optional*, defaults to `"dag_trl"`):
             Project name in the tracker.
         logdir (`str`, *optional*, defaults to `"logs"`):
@@ -68,8 +223,18 @@ class GFlowNetConfig:
             Save an accelerate checkpoint every this many epochs.
         num_checkpoint_limit (`int`, *optional*, defaults to `5`):
             Keep at most this many checkpoints; the oldest are deleted.
+        eval_freq (`int`, *optional*, defaults to `0`):
+            Evaluate before training and every this many epochs (and after the last): `eval_num_samples` images for
+            fixed prompts and noise, with the reward's mean and quantiles, the per-prompt diversity and the distance
+            from the pretrained model's samples, logged to the trackers as `eval/...` and kept in the trainer's
+            `evaluation_history`. `0`: never.
+        eval_num_samples (`int`, *optional*, defaults to `64`):
+            Images per evaluation (split over the processes).
+        eval_seed (`int`, *optional*, defaults to `1234`):
+            Seed of the evaluation's prompts and noise.
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):
-            Precision of the frozen weights and the UNet forward: `"no"`, `"fp16"` or `"bf16"`. Trainable
+            Precision of the frozen weights and the UNet forward: `"no"` (also `False`, which is how YAML reads an
+            unquoted `no`), `"fp16"` or `"bf16"`. Trainable
             parameters (LoRA, flow network) stay in float32 (under DeepSpeed: 16-bit copies, with float32 masters in
             the optimiser), and the DDIM means and log-probabilities are always computed in float32.
         allow_tf32 (`bool`, *optional*, defaults to `True`):
@@ -89,7 +254,9 @@ class GFlowNetConfig:
             Number of DDIM steps per trajectory.
         sample_eta (`float`, *optional*, defaults to `1.0`):
             DDIM eta, in (0, 1]: with eta = 0 the policy is deterministic and has no log-probability, and above 1
-            the DDIM mean is undefined at some steps.
+            the DDIM mean is undefined at some steps. When the trainer is constructed it also refuses an eta so
+            small that a step's standard deviation falls below float32's resolution of the latents (below 4.7e-5 with
+            Stable Diffusion's schedule; the error gives the smallest eta for the scheduler and step count).
         sample_guidance_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale.
         sample_batch_size (`int`, *optional*, defaults to `16`):
@@ -141,14 +308,20 @@ class GFlowNetConfig:
             Reward exponent beta: the target distribution is proportional to `exp(beta * R(x_0))` (with
             `train_log_prob_reduction="mean"` the effective exponent is `beta * D`, see the docs).
         train_reward_exp_anneal (`str`, *optional*, defaults to `"linear"`):
-            `"linear"`: beta grows from 0 at epoch 0 to `train_reward_exp` at half of `num_epochs`; `"none"`:
-            constant.
+            `"linear"`: beta grows from 0 at epoch 0 to `train_reward_exp` at half of `num_epochs` (with
+            `num_epochs=1` the only epoch trains at beta = 0, which warns); `"none"`: constant.
         train_unet_reg (`float`, *optional*, defaults to `1.0`):
             Weight of the proximal regulariser, the mean squared difference between the current and the sampled
             guided noise predictions.
         train_log_z_learning_rate (`float`, *optional*, defaults to `0.1`):
             RTB: learning rate of the log-partition estimate `log Z(c)`. Far above the LoRA's, because `log Z` must
             travel from 0 to its value (about `log E_prior[exp(beta R)]`, a few nats) within a short run.
+        train_log_z_estimate (`str`, *optional*, defaults to `"batch"`):
+            RTB: the `log Z(c)` in each trajectory's residual. `"batch"`: per prompt, minus the mean over the
+            window's trajectories of that prompt of the residual without `log Z` (the gradient is then exactly the
+            log-variance loss's, VarGrad, with the same target; a prompt drawn once in a window falls back to the
+            learned value); `"learned"`: the learned `log Z(c)` everywhere. The learned estimate is trained in both
+            cases (it is logged and saved).
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
@@ -206,6 +379,9 @@ class GFlowNetConfig:
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs."})
     save_freq: int = field(default=1, metadata={"help": "Checkpoint every this many epochs."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints."})
+    eval_freq: int = field(default=0, metadata={"help": "Evaluate every this many epochs; 0: never."})
+    eval_num_samples: int = field(default=64, metadata={"help": "Images per evaluation."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation prompts and noise."})
     mixed_precision: str = field(default="bf16", metadata={"help": "'no', 'fp16' or 'bf16'."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 on Ampere+ GPUs."})
     resume_from: str = field(default="", metadata={"help": "Checkpoint folder or 'latest'."})
@@ -242,6 +418,9 @@ class GFlowNetConfig:
     train_reward_exp_anneal: str = field(default="linear", metadata={"help": "'linear' or 'none'."})
     train_unet_reg: float = field(default=1.0, metadata={"help": "Weight of the proximal regulariser."})
     train_log_z_learning_rate: float = field(default=0.1, metadata={"help": "RTB: learning rate of log Z(c)."})
+    train_log_z_estimate: str = field(
+        default="batch", metadata={"help": "RTB: 'batch' (per-prompt batch mean) or 'learned' log Z(c)."}
+    )
     train_objective: Optional[str] = field(
         default=None, metadata={"help": "'dag_db', 'dag_kl', 'rtb', 'ddpo'; None: by train_klpf."}
     )
@@ -266,6 +445,16 @@ class GFlowNetConfig:
     per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "DDPO: rewards before per-prompt."})
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads `mixed_precision: no` as the boolean false; TRL's DDPO recipes write it unquoted.
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        # The command line cannot pass None: `--log_with none` turns the tracker (e.g. a recipe's) off.
+        if isinstance(self.log_with, str) and self.log_with.lower() in ("none", ""):
+            self.log_with = None
+        # Paths may be given as pathlib.Path; trackers and checkpoints record the config as JSON, which needs str.
+        for name in ("logdir", "resume_from"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
     @property
@@ -306,80 +495,23 @@ class GFlowNetConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, its value and what is accepted for any invalid setting.
 
-        Runs on construction, before any model is loaded.
+        Runs on construction, before any model is loaded: first every field's type and range (:data:`FIELD_RULES`),
+        so that the checks across fields after it compare values of the right type. Settings that need the
+        scheduler (an eta whose step variance underflows) are checked by ``dag_trl.samplers.ddim.check_scheduler``.
         """
 
         def reject(name: str, accepted: str) -> None:
             raise ValueError(f"GFlowNetConfig.{name}={getattr(self, name)!r} is invalid: expected {accepted}.")
 
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                reject(name, "one of " + ", ".join(repr(o) for o in options))
-
-        choice("mixed_precision", MIXED_PRECISIONS)
-        choice("train_reward_exp_anneal", REWARD_EXP_ANNEALS)
-        choice("train_log_prob_reduction", LOG_PROB_REDUCTIONS)
-        if self.log_with is not None:
-            choice("log_with", TRACKERS)
-        for name in (
-            "num_epochs",
-            "save_freq",
-            "num_checkpoint_limit",
-            "sample_num_steps",
-            "sample_batch_size",
-            "sample_num_batches_per_epoch",
-            "train_batch_size",
-            "train_gradient_accumulation_steps",
-            "train_num_inner_epochs",
-            "max_workers",
-            "flow_layers_per_block",
-            "flow_attention_heads",
-            "flow_time_embedding_dim",
-            "per_prompt_stat_tracking_buffer_size",
-            "per_prompt_stat_tracking_min_count",
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                reject(name, "an integer >= 1")
-        for name in (
-            "train_learning_rate",
-            "train_adam_epsilon",
-            "train_max_grad_norm",
-            "train_adv_clip_max",
-            "train_log_z_learning_rate",
-        ):
-            if not getattr(self, name) > 0:
-                reject(name, "a number > 0")
-        if self.train_flow_learning_rate is not None and not self.train_flow_learning_rate > 0:
-            reject("train_flow_learning_rate", "a number > 0, or None to use train_learning_rate")
-        if self.train_decode_batch_size is not None and (
-            not isinstance(self.train_decode_batch_size, int) or self.train_decode_batch_size < 1
-        ):
-            reject("train_decode_batch_size", "an integer >= 1, or None to use train_batch_size")
-        if not 0 < self.sample_eta <= 1:
-            reject(
-                "sample_eta",
-                "a number in (0, 1] (with eta = 0 DDIM is deterministic and has no log-probability; above 1 its "
-                "mean is undefined at some steps)",
-            )
-        if not 0 < self.train_timestep_fraction <= 1:
-            reject("train_timestep_fraction", "a number in (0, 1]")
-        if not self.train_reward_exp >= 0:
-            reject("train_reward_exp", "a number >= 0")
-        if not self.train_unet_reg >= 0:
-            reject("train_unet_reg", "a number >= 0")
-        if not self.train_clip_range > 0:
-            reject("train_clip_range", "a number > 0")
-        if not 0 <= self.train_adam_beta1 < 1:
-            reject("train_adam_beta1", "a number in [0, 1)")
-        if not 0 <= self.train_adam_beta2 < 1:
-            reject("train_adam_beta2", "a number in [0, 1)")
+        for name, (check, accepted) in FIELD_RULES.items():
+            if not check(getattr(self, name)):
+                reject(name, accepted)
         self._validate_objective()
-        if not self.flow_block_out_channels or any(
-            not isinstance(c, int) or c < 1 for c in self.flow_block_out_channels
-        ):
-            reject("flow_block_out_channels", "a non-empty list of positive integers")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
+        from .trainer.checkpointing import validate_project_kwargs
+
+        validate_project_kwargs(self.project_kwargs)
         reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
         if reserved:
             raise ValueError(
@@ -393,6 +525,22 @@ class GFlowNetConfig:
                 f"{self.sample_num_batches_per_epoch} = {self.samples_per_epoch} trajectories per epoch must be a "
                 f"multiple of train_batch_size * train_gradient_accumulation_steps = {self.train_batch_size} * "
                 f"{self.train_gradient_accumulation_steps} = {window}, so that every optimiser step sees whole batches."
+            )
+        # reward_exponent gives epoch e (from 0) beta * min(1, e / (num_epochs / 2)): 0 only at epoch 0, so every
+        # epoch trains at beta = 0 exactly when epoch 0 is the only one. DDPO does not read beta.
+        if (
+            self.train_reward_exp_anneal == "linear"
+            and self.num_epochs == 1
+            and self.train_reward_exp > 0
+            and self.objective_name != "ddpo"
+        ):
+            warnings.warn(
+                "GFlowNetConfig.train_reward_exp_anneal='linear' with num_epochs=1 trains the only epoch at beta = 0, "
+                "ignoring the reward: the linear anneal gives epoch e (counted from 0) the exponent "
+                f"train_reward_exp * min(1, e / (num_epochs / 2)), and train_reward_exp={self.train_reward_exp!r} is "
+                "first reached at epoch num_epochs / 2. Set train_reward_exp_anneal='none' or num_epochs >= 2.",
+                UserWarning,
+                stacklevel=4,
             )
 
     def _validate_objective(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -149,16 +150,75 @@ def imagenet_dogs(seed: int | None = None) -> PromptList:
     return _imagenet(151, 269, "imagenet_dogs", seed)
 
 
+def read_text_file(path: str) -> str:
+    """The text of a UTF-8 file, without a leading byte-order mark (spreadsheet programs write one).
+
+    A file in another encoding raises ``ValueError`` naming the file and the line of the first undecodable byte
+    (Python's ``UnicodeDecodeError`` names neither).
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path!r} is not UTF-8 text: byte 0x{raw[error.start]:02x} on line {line} ({error.reason}); save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from error
+
+
+def _first_bad_json_line(text: str) -> str:
+    """Where the first line of a JSON Lines text that is not a JSON value is, and why; "" if every line parses."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not valid JSON ({error.msg}, column {error.colno})"
+    return ""
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a dataset string can only be a local path, never a Hub id (which is ``name`` or ``owner/name``)."""
+    extension = os.path.splitext(path)[1].lower()
+    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1 or extension in _DATASET_BUILDERS
+
+
+def _load_table(path: str) -> Any:
+    """A ``datasets.Dataset`` from a local csv/tsv/json/jsonl/parquet file, with errors naming the file."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in _DATASET_BUILDERS:
+        raise ValueError(f"cannot read {path!r} as a dataset; accepted extensions: {sorted(_DATASET_BUILDERS)}")
+    builder = _DATASET_BUILDERS[extension]
+    text = "" if builder == "parquet" else read_text_file(path)
+    if builder == "csv":
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise ValueError(
+                f"{path!r} {'has a header line but no rows' if lines else 'is empty'}; expected a header line "
+                "naming the columns, then one row per prompt"
+            )
+    kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        detail = (
+            _first_bad_json_line(text) if extension == ".jsonl" else ""
+        ) or f"{type(cause).__name__}: {str(cause).strip()}"
+        raise ValueError(f"cannot read {path!r} as a {extension[1:]} table: {detail}") from error
+
+
 def _load_dataset(path: str, split: str) -> Any:
     """A ``datasets.Dataset`` from a local file (csv/tsv/json/jsonl/parquet), a local folder or a Hub id."""
     import datasets
 
     if os.path.isfile(path):
-        extension = os.path.splitext(path)[1].lower()
-        if extension not in _DATASET_BUILDERS:
-            raise ValueError(f"cannot read {path!r} as a dataset; accepted extensions: {sorted(_DATASET_BUILDERS)}")
-        kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
-        return datasets.load_dataset(_DATASET_BUILDERS[extension], data_files=path, split="train", **kwargs)
+        return _load_table(path)
     saved_markers = ("state.json", "dataset_dict.json")
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in saved_markers):
         # A folder written by `save_to_disk`, which `load_dataset` refuses.
@@ -168,6 +228,12 @@ def _load_dataset(path: str, split: str) -> Any:
                 raise ValueError(f"split {split!r} not found in {path!r}; available splits: {list(saved)}")
             return saved[split]
         return saved
+    if not os.path.exists(path) and _looks_local(path):
+        # Otherwise `load_dataset` takes it for a Hub id and answers about the Hub.
+        raise ValueError(
+            f"local dataset {path!r} does not exist (looked for {os.path.abspath(path)!r}); pass an existing file or "
+            "folder, or a Hub dataset id ('name' or 'owner/name')"
+        )
     return datasets.load_dataset(path, split=split)
 
 
@@ -196,7 +262,20 @@ def from_dataset(
     for wanted in [column, *metadata_columns]:
         if wanted not in available:
             raise ValueError(f"column {wanted!r} not found in {label!r}; available columns: {available}")
-    prompts = [str(p) for p in dataset[column]]
+    cells = dataset[column]
+    missing = [
+        row
+        for row, cell in enumerate(cells, start=1)
+        if cell is None or (isinstance(cell, float) and math.isnan(cell))
+    ]
+    if missing:
+        # str() would train on the literal prompt "None".
+        raise ValueError(
+            f"{label!r} has no value in column {column!r} at row(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+            " (data rows counted from 1, a CSV header line not counted); fill in or delete those rows (in a CSV file, "
+            "an empty cell and cells such as NA, null or NaN are read as missing)"
+        )
+    prompts = [str(p) for p in cells]
     columns = {c: dataset[c] for c in metadata_columns}
     metadata = [{c: values[i] for c, values in columns.items()} for i in range(len(prompts))]
     return PromptList(prompts, metadata, name=label, seed=seed)
@@ -212,12 +291,15 @@ def from_file(path: str | os.PathLike, column: str = "prompt", seed: int | None 
         raise ValueError(f"prompt file {path!r} does not exist")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".txt":
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
         return PromptList(prompts, name=path, seed=seed)
     if extension == ".json":
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
+        try:
+            content = json.loads(read_text_file(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"prompt file {path!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+            ) from error
         if isinstance(content, list) and all(isinstance(item, str) for item in content):
             return PromptList(content, name=path, seed=seed)
     if extension not in _DATASET_BUILDERS:

@@ -1,12 +1,17 @@
 """GFlowNetConfig: DDPO-compatible fields, paper defaults, and clear errors for bad values."""
 
 import dataclasses
+import math
 import re
+import warnings
+from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser
 
 from dag_trl import GFlowNetConfig
+from dag_trl.config import FIELD_RULES
+from dag_trl.trainer.objectives.losses import reward_exponent
 
 DDPO_FIELDS = [
     "sample_num_steps", "sample_eta", "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch",
@@ -70,7 +75,7 @@ def test_hf_argument_parser_reads_command_line():
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8' is invalid: expected one of 'no', 'fp16', 'bf16'"),
         ({"train_reward_exp_anneal": "cosine"}, "train_reward_exp_anneal='cosine' is invalid: expected one of"),
         ({"train_log_prob_reduction": "max"}, "train_log_prob_reduction='max' is invalid: expected one of 'mean'"),
-        ({"train_reward_exp": -1.0}, "train_reward_exp=-1.0 is invalid: expected a number >= 0"),
+        ({"train_reward_exp": -1.0}, "train_reward_exp=-1.0 is invalid: expected a finite number >= 0"),
         ({"train_klpf": 1.0, "train_batch_size": 1, "sample_batch_size": 4, "train_gradient_accumulation_steps": 1},
          "train_batch_size=1 is invalid: expected at least 2 with DAG-KL"),
         ({"sample_batch_size": 3, "sample_num_batches_per_epoch": 2},
@@ -121,3 +126,147 @@ def test_train_objective_defaults_to_the_train_klpf_rule():
     assert GFlowNetConfig(train_klpf=0.0).objective_name == "dag_db"
     assert GFlowNetConfig(train_objective="dag_kl", train_klpf=0.5).objective_name == "dag_kl"
     assert GFlowNetConfig(train_objective="ddpo").objective_name == "ddpo"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every field type- and range-checked at construction (issue 12, bad case 3)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_field_has_a_type_and_range_rule():
+    assert list(FIELD_RULES) == [f.name for f in dataclasses.fields(GFlowNetConfig)]
+
+
+# Values of the wrong type for each annotation: a string or bool for a number, a float or bool for an integer, and
+# so on; YAML's `flow_block_out_channels: 32` gives an int for the list.
+WRONG_TYPES = {
+    "float": ["3e-4", True, None, [1.0]],
+    "Optional[float]": ["3e-4", True, [1.0]],
+    "int": [True, 2.0, "4", None],
+    "Optional[int]": [True, 2.0, "4"],
+    "bool": ["yes", 1, None],
+    "str": [1, None, ["a"]],
+    "Optional[str]": [1, False, ["a"]],
+    "dict[str, Any]": ["{}", None, []],
+    "list[int]": [32, [], [True], [8, 16.0], "8 16"],
+}
+WRONG_TYPE_CASES = [(f.name, value) for f in dataclasses.fields(GFlowNetConfig) for value in WRONG_TYPES[f.type]]
+
+
+@pytest.mark.parametrize("name, value", WRONG_TYPE_CASES, ids=[f"{n}={v!r}" for n, v in WRONG_TYPE_CASES])
+def test_a_value_of_the_wrong_type_names_the_field_and_what_is_accepted(name, value):
+    with pytest.raises(ValueError) as caught:
+        GFlowNetConfig(**{name: value})
+    assert str(caught.value) == f"GFlowNetConfig.{name}={value!r} is invalid: expected {FIELD_RULES[name][1]}."
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(GFlowNetConfig) if f.type in ("float", "Optional[float]")]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_field_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=rf"^GFlowNetConfig\.{name}={value!r} is invalid: expected a "):
+        GFlowNetConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train_learning_rate": math.inf}, "train_learning_rate=inf is invalid: expected a finite number > 0."),
+        ({"train_learning_rate": "3e-4"}, "train_learning_rate='3e-4' is invalid: expected a finite number > 0."),
+        ({"train_reward_exp": math.inf}, "train_reward_exp=inf is invalid: expected a finite number >= 0."),
+        ({"train_unet_reg": math.inf}, "train_unet_reg=inf is invalid: expected a finite number >= 0."),
+        ({"train_klpf": math.inf},
+         "train_klpf=inf is invalid: expected a finite number (<= 0: DAG-DB, > 0: DAG-KL)."),
+        ({"train_klpf": math.nan},
+         "train_klpf=nan is invalid: expected a finite number (<= 0: DAG-DB, > 0: DAG-KL)."),
+        ({"train_adam_weight_decay": math.inf},
+         "train_adam_weight_decay=inf is invalid: expected a finite number >= 0."),
+        ({"train_adam_weight_decay": math.nan},
+         "train_adam_weight_decay=nan is invalid: expected a finite number >= 0."),
+        ({"train_adam_weight_decay": -0.1},
+         "train_adam_weight_decay=-0.1 is invalid: expected a finite number >= 0."),
+        ({"train_log_z_learning_rate": math.inf},
+         "train_log_z_learning_rate=inf is invalid: expected a finite number > 0."),
+        ({"train_flow_learning_rate": math.inf},
+         "train_flow_learning_rate=inf is invalid: expected a finite number > 0, or None to use train_learning_rate."),
+        ({"train_adam_beta1": math.nan}, "train_adam_beta1=nan is invalid: expected a number in [0, 1)."),
+        ({"train_adam_beta2": 1.0}, "train_adam_beta2=1.0 is invalid: expected a number in [0, 1)."),
+        ({"train_adam_epsilon": 0.0}, "train_adam_epsilon=0.0 is invalid: expected a finite number > 0."),
+        ({"train_max_grad_norm": math.inf}, "train_max_grad_norm=inf is invalid: expected a finite number > 0."),
+        ({"sample_guidance_scale": math.nan}, "sample_guidance_scale=nan is invalid: expected a finite number."),
+        ({"sample_eta": math.nan}, "sample_eta=nan is invalid: expected a number in (0, 1] (with eta = 0 DDIM is "
+         "deterministic and has no log-probability; above 1 its mean is undefined at some steps)."),
+        ({"seed": -1}, "seed=-1 is invalid: expected an integer in [0, 18446744073709551615]."),
+        ({"seed": math.nan}, "seed=nan is invalid: expected an integer in [0, 18446744073709551615]."),
+        ({"seed": 2**64}, "seed=18446744073709551616 is invalid: expected an integer in [0, 18446744073709551615]."),
+        ({"eval_seed": -1}, "eval_seed=-1 is invalid: expected an integer in [0, 18446744073709551615]."),
+        ({"eval_freq": -1}, "eval_freq=-1 is invalid: expected an integer >= 0 (0: never)."),
+        ({"num_epochs": True}, "num_epochs=True is invalid: expected an integer >= 1."),
+        ({"train_decode_batch_size": 0},
+         "train_decode_batch_size=0 is invalid: expected an integer >= 1, or None to use train_batch_size."),
+        ({"flow_block_out_channels": 32}, "flow_block_out_channels=32 is invalid: expected a non-empty list of "
+         "positive integers."),
+        ({"train_cfg": "false"}, "train_cfg='false' is invalid: expected True or False."),
+        ({"mixed_precision": True}, "mixed_precision=True is invalid: expected one of 'no', 'fp16', 'bf16'."),
+        ({"logdir": ""}, "logdir='' is invalid: expected a non-empty folder path (str or os.PathLike)."),
+        ({"hub_model_id": ""}, "hub_model_id='' is invalid: expected a non-empty string, or None to push to "
+         "exp_name in the user's namespace."),
+    ],
+)  # fmt: skip
+def test_values_that_led_to_nan_or_python_errors_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError) as caught:
+        GFlowNetConfig(**overrides)
+    assert str(caught.value) == "GFlowNetConfig." + message
+
+
+def test_integer_values_are_accepted_for_float_fields_and_paths_become_strings():
+    config = GFlowNetConfig(train_learning_rate=1, sample_guidance_scale=-5, train_adam_weight_decay=0)
+    assert (config.train_learning_rate, config.sample_guidance_scale) == (1, -5)
+    config = GFlowNetConfig(logdir=Path("runs") / "a", resume_from=Path("runs") / "a" / "checkpoint_0")
+    assert (config.logdir, config.resume_from) == (str(Path("runs/a")), str(Path("runs/a/checkpoint_0")))
+
+
+def test_yaml_mixed_precision_no_read_as_false_means_no(tmp_path):
+    from trl import TrlParser
+
+    assert GFlowNetConfig(mixed_precision=False).mixed_precision == "no"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("mixed_precision: no\nnum_epochs: 2\n")
+    (config,) = TrlParser((GFlowNetConfig,)).parse_args_and_config(["--config", str(recipe)])
+    assert config.mixed_precision == "no" and config.num_epochs == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reward-exponent anneal (issue 12, weak case)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_linear_anneal_over_a_single_epoch_warns_that_beta_stays_zero():
+    # reward_exponent is 0 at epoch 0 only: with one epoch that is the whole run, with two the last is at full beta.
+    assert reward_exponent(0, 1, 100.0, "linear") == 0.0
+    assert reward_exponent(1, 2, 100.0, "linear") == 100.0
+    with pytest.warns(UserWarning) as record:
+        GFlowNetConfig(num_epochs=1)
+    assert [str(w.message) for w in record] == [
+        "GFlowNetConfig.train_reward_exp_anneal='linear' with num_epochs=1 trains the only epoch at beta = 0, "
+        "ignoring the reward: the linear anneal gives epoch e (counted from 0) the exponent "
+        "train_reward_exp * min(1, e / (num_epochs / 2)), and train_reward_exp=100.0 is first reached at epoch "
+        "num_epochs / 2. Set train_reward_exp_anneal='none' or num_epochs >= 2."
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_epochs": 2},
+        {"num_epochs": 1, "train_reward_exp_anneal": "none"},
+        {"num_epochs": 1, "train_reward_exp": 0.0},
+        {"num_epochs": 1, "train_objective": "ddpo"},  # DDPO does not read beta
+    ],
+)
+def test_anneal_is_silent_when_some_epoch_trains_at_the_set_beta(overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GFlowNetConfig(**overrides)

@@ -1,13 +1,17 @@
-"""The ``dag-trl train`` entry point and examples/scripts/dag.py: recipes, overrides, outputs, bad input."""
+"""The ``dag-trl train`` entry point and examples/scripts/dag.py: recipes, overrides, outputs, bad input; runs never
+mix: ``--overwrite`` removes the earlier run's report, checkpoints and logs, a folder that a live run writes is
+refused, and a resume with no epoch left says so before loading the model."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import files_under
 from PIL import Image
 
 from dag_trl.demo.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
@@ -40,6 +44,20 @@ def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_overrid
     # Any other model starts from the paper's settings.
     script_args, config = parse_arguments(["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
     assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
+
+
+def test_a_config_file_for_the_builtin_model_goes_on_top_of_the_packaged_recipe(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(yaml.safe_dump({"num_epochs": 5, "train_klpf": 0.5}))
+    _, config = parse_arguments(["--config", str(recipe), "--seed", "3"])
+    # The file's settings, the flag, and the packaged recipe's CPU sizes and precision for the rest.
+    assert (config.num_epochs, config.objective_name, config.seed) == (5, "dag_kl", 3)
+    assert config.sample_num_steps == 20 and config.mixed_precision == "no" and config.sample_batch_size == 16
+    recipe.write_text(
+        yaml.safe_dump({"num_epochs": 5, "pretrained_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"})
+    )
+    _, config = parse_arguments(["--config", str(recipe)])
+    assert config.num_epochs == 5 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
 
 
 @pytest.mark.integration
@@ -159,3 +177,135 @@ def test_rtb_chosen_on_the_command_line_or_in_a_config_file_gets_its_required_se
     # A setting the user gives explicitly is kept, and the config refuses it with the reason.
     with pytest.raises(ValueError, match=r"train_log_prob_reduction='mean' is invalid with train_objective='rtb'"):
         parse_arguments(["--train_objective", "rtb", "--train_log_prob_reduction", "mean"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Runs never mix
+# ------------------------------------------------------------------------------------------------------------------
+
+# The tiny recipe without its epoch count (each test sets it) and with a two-image evaluation.
+RUN_MIXING_RECIPE = {**{key: value for key, value in TINY_RECIPE.items() if key != "num_epochs"}, "eval_num_images": 2}
+
+
+def earlier_run(output_dir, tracker_project_name: str) -> None:
+    """The files a finished run of ten epochs leaves in ``output_dir``, and a file of the user's."""
+    report = ["before.png", "after.png", "reward_curve.png", "summary.json", "model/pytorch_lora_weights.safetensors"]
+    for name in report:
+        (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (output_dir / name).write_text("earlier run")
+    for epoch in range(5, 10):
+        checkpoint = output_dir / "logs" / "checkpoints" / f"checkpoint_{epoch}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": epoch}))
+    (output_dir / "logs" / tracker_project_name).mkdir()
+    (output_dir / "logs" / tracker_project_name / "events.out.tfevents.1").write_text("earlier run")
+    (output_dir / "notes.txt").write_text("mine")
+
+
+def test_overwrite_removes_the_earlier_runs_report_checkpoints_and_logs_only(tmp_path, capsys):
+    _, config = parse_arguments([])
+    output_dir = tmp_path / "run"
+    earlier_run(output_dir, config.tracker_project_name)
+    check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
+    assert files_under(output_dir) == {"notes.txt"}
+    removed = [str(output_dir / name) for name in ("before.png", "after.png", "reward_curve.png", "summary.json")]
+    removed += [str(output_dir / "model"), str(output_dir / "logs" / "checkpoints")]
+    removed += [str(output_dir / "logs" / config.tracker_project_name)]
+    assert capsys.readouterr().out == f"--overwrite: removed the earlier run's {', '.join(removed)}\n"
+    assert config.logdir == "logs"  # the caller's config is unchanged
+
+
+def test_a_folder_that_a_live_run_writes_is_refused_and_nothing_is_removed(tmp_path):
+    _, config = parse_arguments([])
+    output_dir = tmp_path / "run"
+    earlier_run(output_dir, config.tracker_project_name)
+    lock = output_dir / "logs" / "run.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
+    before = files_under(output_dir)
+    for resume_from in ("", "latest"):
+        config.resume_from = resume_from
+        with pytest.raises(SystemExit) as caught:
+            check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
+        assert str(caught.value) == (
+            f"Another run (pid {os.getppid()} on '{socket.gethostname()}') is writing to '{output_dir / 'logs'}': "
+            "two runs in one folder prune and resume each other's checkpoints. Wait for it to end, or use another "
+            f"logdir (project_dir); if that process is gone, delete '{lock}'."
+        )
+    assert files_under(output_dir) == before
+
+
+@pytest.mark.integration
+def test_overwrite_over_a_longer_run_then_resume_latest(tmp_path, tiny_sd_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RUN_MIXING_RECIPE, "pretrained_model": str(tiny_sd_path)}))
+    output_dir = tmp_path / "run"
+    checkpoints = output_dir / "logs" / "checkpoints"
+
+    def dag_trl_train(*flags):
+        return run(*parse_arguments(["--config", str(recipe), "--output_dir", str(output_dir), *flags]))
+
+    dag_trl_train("--num_epochs", "3")
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
+    summary = dag_trl_train("--num_epochs", "1", "--overwrite", "true")
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0"]  # the earlier run's epochs 1 and 2 are gone
+    assert len(summary["reward_history"]) == 1
+    assert json.loads((output_dir / "summary.json").read_text())["epochs"] == 1
+    assert not (output_dir / "logs" / "run.lock").exists()  # released when training ended
+
+    with pytest.raises(SystemExit) as caught:
+        dag_trl_train("--num_epochs", "1", "--resume_from", "latest")
+    assert str(caught.value) == (
+        f"--resume_from latest is '{checkpoints / 'checkpoint_0'}', saved after epoch 0, and --num_epochs 1 ends "
+        "there: there is no epoch left to train. Pass --num_epochs above 1 to train further."
+    )
+    summary = dag_trl_train("--num_epochs", "2", "--resume_from", "latest")
+    assert [entry["epoch"] for entry in summary["reward_history"]] == [0, 1]
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Failures at the end of a run are found before it, or lose nothing
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    script_args, config = parse_arguments(["--output_dir", str(blocker / "run"), "--pretrained_model", "missing"])
+    with pytest.raises(SystemExit, match=r"--output_dir '.*a-file/run' is not writable \(.*\): choose another"):
+        run(script_args, config)
+
+
+def test_an_invalid_hub_repository_id_fails_before_the_model_loads(tmp_path):
+    script_args, config = parse_arguments(
+        ["--output_dir", str(tmp_path / "run"), "--pretrained_model", "missing", "--push_to_hub", "true",
+         "--hub_model_id", "me/not a repo id"]
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match=r"--hub_model_id 'me/not a repo id' is not one"):
+        run(script_args, config)
+
+
+@pytest.mark.integration
+def test_a_failed_push_keeps_the_report_and_model_and_says_how_to_push(tmp_path, tiny_sd_path, monkeypatch):
+    from dag_trl import GFlowNetDiffusionTrainer, HubPushError
+
+    def offline_push(self, *args, **kwargs):
+        raise HubPushError("Pushing to the Hub failed (no network); push the local save with `hf upload ...`.")
+
+    monkeypatch.setattr(GFlowNetDiffusionTrainer, "push_to_hub", offline_push)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RUN_MIXING_RECIPE, "pretrained_model": str(tiny_sd_path), "num_epochs": 1}))
+    output_dir = tmp_path / "run"
+    arguments = ["--config", str(recipe), "--output_dir", str(output_dir), "--push_to_hub", "true"]
+    with pytest.raises(SystemExit) as error:
+        run(*parse_arguments(arguments))
+    assert str(error.value).startswith(f"The run finished and its report and model are in {str(output_dir)!r}.")
+    assert "hf upload" in str(error.value)
+    for name in (
+        "before.png",
+        "after.png",
+        "reward_curve.png",
+        "summary.json",
+        "model/pytorch_lora_weights.safetensors",
+    ):
+        assert (output_dir / name).is_file(), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import datasets
 import pytest
@@ -139,3 +140,82 @@ def test_prompt_set_names_are_their_functions():
     names = ["drawbench", "from_dataset", "from_file", "hpd", "imagenet_all", "imagenet_animals", "imagenet_dogs"]
     for name in [*names, "simple_animals"]:
         assert P.PROMPTS.factory(name) is getattr(P, name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad prompt files (issue #12): each error names the file and, where there is one, the row or line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_cells_are_rejected_with_the_file_and_row(tmp_path):
+    # Without the check, str(None) trained on the literal prompt "None".
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,level\na cat,1\n,2\na dog,3\nnull,4\n")
+    with pytest.raises(ValueError) as raised:
+        P.from_file(csv)
+    assert str(raised.value).startswith(
+        f"{str(csv)!r} has no value in column 'prompt' at row(s) [2, 4] (data rows counted from 1, a CSV header line "
+        "not counted); fill in or delete those rows"
+    )
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat"}\n{"prompt": null}\n{"other": 1}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl' has no value in column 'prompt' at row\(s\) \[2, 3\]"):
+        P.from_file(jsonl)
+    with pytest.raises(ValueError, match=r"^'dataset' has no value in column 'prompt' at row\(s\) \[1\]"):
+        P.from_dataset(datasets.Dataset.from_dict({"prompt": [None, "a cat"]}))
+
+
+def test_prompt_files_must_be_utf8_and_lose_their_byte_order_mark(tmp_path):
+    for name in ("latin1.txt", "latin1.csv"):
+        (tmp_path / name).write_bytes("prompt\ncaf\u00e9 au lait\n".encode("latin-1"))
+        with pytest.raises(ValueError) as raised:
+            P.from_file(tmp_path / name)
+        assert str(raised.value) == (
+            f"{str(tmp_path / name)!r} is not UTF-8 text: byte 0xe9 on line 2 (invalid continuation byte); save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    # Spreadsheet programs and Windows editors start UTF-8 files with a byte-order mark.
+    bom = "\ufeff".encode()
+    (tmp_path / "bom.txt").write_bytes(bom + "a caf\u00e9\na dog\n".encode())
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps(["an owl"]).encode())
+    (tmp_path / "bom.csv").write_bytes(bom + b"prompt\na cow\n")
+    assert P.from_file(tmp_path / "bom.txt").prompts == ["a caf\u00e9", "a dog"]
+    assert P.from_file(tmp_path / "bom.json").prompts == ["an owl"]
+    assert P.from_file(tmp_path / "bom.csv").prompts == ["a cow"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "p.csv",
+            "prompt,level\na,1\nb,2,3\n",
+            r"cannot read PATH as a csv table: ParserError: .*Expected 2 fields in line 3",
+        ),
+        (
+            "p.jsonl",
+            '{"prompt": "a"}\n\n{"prompt": "b", }\n',
+            r"cannot read PATH as a jsonl table: line 3 is not valid JSON",
+        ),
+        ("p.json", '["a", "b",]', r"prompt file PATH is not valid JSON: Expecting value at line 1, column 11$"),
+        ("p.csv", "prompt\n\n", r"PATH has a header line but no rows; expected a header line naming the columns"),
+        ("p.tsv", "", r"PATH is empty; expected a header line"),
+    ],
+)
+def test_malformed_prompt_files_name_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match="^" + message.replace("PATH", re.escape(repr(str(path))))):
+        P.from_file(path)
+
+
+@pytest.mark.parametrize("path", ["./missing.csv", "data/prompts/missing", "missing.jsonl"])
+def test_a_missing_local_dataset_is_not_looked_up_on_the_hub(monkeypatch, path):
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"load_dataset called for {path!r}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(ValueError) as raised:
+        P.from_dataset(path)
+    assert str(raised.value).startswith(f"local dataset {path!r} does not exist (looked for '/")
+    assert str(raised.value).endswith("pass an existing file or folder, or a Hub dataset id ('name' or 'owner/name')")

@@ -590,15 +590,20 @@ class _ScoringHandler(BaseHTTPRequestHandler):
         self._answer(200, json.dumps({"scores": scores, "info": info}).encode())
 
 
-@pytest.fixture(scope="module")
-def server_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScoringHandler)
+def serve(handler_class):
+    """Serve ``handler_class`` on a local port in a thread; yields its URL, then stops the server."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    yield from serve(_ScoringHandler)
 
 
 @pytest.mark.parametrize("image_format", ["png", "uint8"])
@@ -661,3 +666,64 @@ def test_remote_reward_unreachable_and_bad_settings():
         R.remote_reward("ftp://127.0.0.1/x")
     with pytest.raises(ValueError, match="image_format must be 'png' or 'uint8'; got 'jpeg'"):
         R.remote_reward("http://127.0.0.1/x", image_format="jpeg")
+
+
+class _TrickleHandler(BaseHTTPRequestHandler):
+    """Answers a valid score one byte at a time, status line and headers included, every ``/<delay in ms>``."""
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"scores": [0.5]}).encode()
+        answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        delay = int(self.path.strip("/")) / 1000
+        try:
+            for byte in answer:
+                self.wfile.write(bytes([byte]))
+                time.sleep(delay)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: the point of the test
+
+
+@pytest.fixture(scope="module")
+def trickle_url():
+    yield from serve(_TrickleHandler)
+
+
+def test_remote_reward_timeout_is_a_total_deadline(trickle_url):
+    # 58 bytes, one every 50 ms: each read is far within 0.4 s, the whole answer would take ~2.9 s.
+    reward = R.remote_reward(trickle_url + "/50", timeout=0.4, max_retries=0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as raised:
+        reward(torch.rand(1, 3, 4, 4), ["a"])
+    assert time.monotonic() - start < 1.2
+    assert str(raised.value) == (
+        f"remote reward at {trickle_url}/50 failed after 1 attempts (deadline 0.4s each): TimeoutError: timed out, "
+        "no complete answer within the 0.4s deadline"
+    )
+    # A slow answer that ends within the deadline is read in full.
+    rewards, info = R.remote_reward(trickle_url + "/2", timeout=2.0, max_retries=0)(torch.rand(1, 3, 4, 4), ["a"])
+    assert rewards.tolist() == [0.5] and info == {}
+
+
+@pytest.mark.parametrize(
+    ("scores", "problems"),
+    [
+        ("[1e308, 0.5]", r"scores\[0\]: 1e\+308 \(float32 overflow\)"),
+        ("[0.5, 1" + "0" * 400 + "]", r"scores\[1\]: ~1e400 \(float32 overflow\)"),
+        ("[-1e39, NaN]", r"scores\[0\]: -1e\+39 \(float32 overflow\); scores\[1\]: NaN"),
+        ('[1e400, "0.5"]', r"scores\[0\]: inf; scores\[1\]: a str, not a number"),
+        ("[null, true]", r"scores\[0\]: None; scores\[1\]: a bool, not a number"),
+    ],
+)
+def test_remote_scores_beyond_float32_are_named_like_nan(scores, problems):
+    reward = R.remote_reward("http://127.0.0.1:9/score")
+    with pytest.raises(RuntimeError) as raised:
+        reward.decode_response(f'{{"scores": {scores}}}'.encode(), 2)
+    assert raised.match(
+        rf"^remote reward at http://127.0.0.1:9/score answered non-numeric or non-finite scores \({problems}\): each "
+        r"must be a finite number within float32's range \(\|score\| <= 3.4e\+38\): '\{\"scores\": "
+    )
+    assert reward.decode_response(b'{"scores": [3e38, -2]}', 2) == ([3e38, -2.0], {})

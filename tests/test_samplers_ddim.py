@@ -7,8 +7,10 @@ import torch
 from conftest import sd_ddim_scheduler
 
 from dag_trl.samplers.ddim import (
+    MIN_STEP_STD,
     alphas_cumprod_at,
     backward_log_prob,
+    check_scheduler,
     ddim_step_with_logprob,
     ddim_variance,
     gaussian_log_prob,
@@ -207,3 +209,136 @@ def test_log_prob_reduction_sum_is_d_times_mean():
     total = ddim_step_with_logprob(scheduler, eps, 981, sample, prev_sample=prev, log_prob_reduction="sum")
     assert total.log_probs.item() == pytest.approx(mean.log_probs.item() * 256, rel=1e-5)
     assert math.isfinite(total.backward_log_probs.item())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# check_scheduler: settings the policy step cannot honour, refused before training (issue 12)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def scheduler_with(**changes):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(sd_ddim_scheduler().config, **changes)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50, 999])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_check_scheduler_accepts_stable_diffusion_settings_and_leaves_the_scheduler_alone(steps, prediction_type):
+    scheduler = make_scheduler(prediction_type, steps=10)
+    check_scheduler(scheduler, steps, 1.0)
+    check_scheduler(dict(scheduler.config), steps, 4.7e-5)
+    assert len(scheduler.timesteps) == 10
+    if steps <= 50:
+        check_scheduler(scheduler_with(timestep_spacing="trailing"), steps, 1.0)
+
+
+@pytest.mark.parametrize(
+    "setting, what",
+    [("clip_sample", "clips x0_hat to clip_sample_range"), ("thresholding", "applies dynamic thresholding to x0_hat")],
+)
+def test_check_scheduler_refuses_x0_clipping_and_thresholding_that_the_step_ignores(setting, what):
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(scheduler_with(**{setting: True}), 4, 1.0)
+    assert str(caught.value) == (
+        f"scheduler {setting}=True is not supported: diffusers' DDIM step then {what}, which the policy's step "
+        f"(ddim_step_with_logprob) does not do, so sampling would differ from the scheduler. Set {setting}=False "
+        f"(Stable Diffusion's configs do), e.g. DDIMScheduler.from_config(config, {setting}=False)."
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, steps",
+    [({"steps_offset": 0}, 4), ({"timestep_spacing": "linspace"}, 4), ({"timestep_spacing": "trailing"}, 999)],
+)
+def test_timesteps_ending_at_zero_give_nan_log_probs_and_are_refused(changes, steps):
+    scheduler = scheduler_with(**changes)
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps[-1].item() == 0
+    # The step from t=0 goes to alphas_cumprod[0] again: zero variance, NaN log-probabilities.
+    sample, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    step = ddim_step_with_logprob(scheduler, eps, 0, sample, generator=torch.Generator().manual_seed(0))
+    assert step.log_probs.isnan().all() and step.backward_log_probs.isnan().all()
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(scheduler, steps, 1.0)
+    assert str(caught.value) == (
+        f"scheduler timestep_spacing={scheduler.config.timestep_spacing!r} with "
+        f"steps_offset={scheduler.config.steps_offset} is not supported: its {steps} timesteps end at t=0, where no "
+        "less noisy level than alphas_cumprod[0] is left, so the last step has zero variance and NaN "
+        "log-probabilities. Use timestep_spacing='leading' with steps_offset=1 (Stable Diffusion's config), whose "
+        "last timestep is 1."
+    )
+
+
+def test_eta_whose_step_noise_is_lost_in_float32_names_the_smallest_eta_that_works():
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(sd_ddim_scheduler(), 50, 1e-20)
+    assert str(caught.value) == (
+        "GFlowNetConfig.sample_eta=1e-20 is invalid for this scheduler and sample_num_steps=50: the step from t=1 "
+        "would have standard deviation eta * 0.0206 = 2.06e-22, below the float32 floor 9.5e-07 under which the "
+        "sampled noise is lost in rounding and log P_F becomes inf or NaN; expected a number in [4.7e-05, 1]."
+    )
+    check_scheduler(sd_ddim_scheduler(), 50, 4.7e-5)
+    with pytest.raises(ValueError, match=r"sample_eta=4.6e-05 is invalid .* expected a number in \[4.7e-05, 1\]"):
+        check_scheduler(sd_ddim_scheduler(), 50, 4.6e-5)
+    with pytest.raises(ValueError, match=r"^eta=0.0 is invalid: expected a number in \(0, 1\]"):
+        check_scheduler(sd_ddim_scheduler(), 50, 0.0)
+
+
+def test_below_the_floor_log_p_f_is_rounding_noise_and_at_the_floor_it_is_stable():
+    # What the floor protects: the same transition rescored with a model output 1e-6 (relative) away, as training
+    # recomputes it. At eta = 1e-20 the sampled noise vanished into the mean and the rescored log P_F is ~ -1e28
+    # (its square, the loss, overflows float32); at the smallest accepted eta it moves by under 0.01.
+    scheduler = make_scheduler(steps=50)
+    generator = torch.Generator().manual_seed(0)
+    sample, eps = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    last = scheduler.timesteps[-1]
+    shifts = {}
+    for eta in (1e-20, 4.7e-5):
+        step = ddim_step_with_logprob(scheduler, eps, last, sample, eta=eta, generator=generator)
+        rescored = ddim_step_with_logprob(scheduler, eps * (1 + 1e-6), last, sample, eta=eta, prev_sample=step.latents)
+        shifts[eta] = (rescored.log_probs - step.log_probs).abs().max().item()
+    assert shifts[1e-20] > 1e20 and not math.isfinite(torch.tensor(shifts[1e-20]).square().item())
+    assert shifts[4.7e-5] < 0.01
+    assert MIN_STEP_STD == 2.0**-20
+
+
+def test_more_steps_than_the_scheduler_has_timesteps_names_sample_num_steps():
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(sd_ddim_scheduler(), 1001, 1.0)
+    assert str(caught.value) == (
+        "GFlowNetConfig.sample_num_steps=1001 is invalid for this scheduler: expected an integer in [1, 1000] (its "
+        "num_train_timesteps)."
+    )
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(sd_ddim_scheduler(), 1000, 1.0)
+    assert str(caught.value) == (
+        "GFlowNetConfig.sample_num_steps=1000 is invalid for this scheduler: with timestep_spacing='leading' and "
+        "steps_offset=1 its first timestep is t=1000, past the last trained one (999); expected fewer steps."
+    )
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(scheduler_with(**zero_snr), 4, 1.0)
+    assert str(caught.value) == (
+        "scheduler prediction_type='epsilon' is not supported with alphas_cumprod[t]=0 at t=999 "
+        "(rescale_betas_zero_snr=True): x0_hat divides by sqrt(alphas_cumprod[t]). Use "
+        "prediction_type='v_prediction', as zero-terminal-SNR models do."
+    )
+    check_scheduler(scheduler_with(**zero_snr, prediction_type="v_prediction"), 4, 1.0)
+
+
+def test_betas_that_leave_a_step_without_variance_are_refused():
+    from diffusers import DDIMScheduler
+
+    betas = [0.1] * 10
+    betas[5] = 0.0  # alphas_cumprod[5] == alphas_cumprod[4]: the step 5 -> 4 is deterministic
+    scheduler = DDIMScheduler(num_train_timesteps=10, trained_betas=betas, clip_sample=False, steps_offset=1)
+    with pytest.raises(ValueError) as caught:
+        check_scheduler(scheduler, 9, 1.0)
+    assert str(caught.value) == (
+        "scheduler betas give the DDIM step from t=5 the standard deviation 0: its log-probability needs a positive "
+        "one (alphas_cumprod must decrease strictly between the sampled timesteps and stay below 1)."
+    )

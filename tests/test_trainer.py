@@ -393,3 +393,37 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_rejected(tmp_path, plu
 
     with pytest.raises(ValueError, match=message):
         configure_deepspeed(DeepSpeedPlugin(**plugin_kwargs), tiny_config(tmp_path, train_max_grad_norm=0.3))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its_lock(
+    tmp_path, tiny_sd_path, signal_name
+):
+    import os
+    import signal
+
+    from conftest import make_resumable_trainer
+
+    from dag_trl import TrainingInterrupted
+    from dag_trl.trainer import list_checkpoints
+    from dag_trl.trainer.checkpointing import run_lock_path
+
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=3)
+    epoch_step = trainer.step
+
+    def step(epoch: int, global_step: int) -> int:
+        if epoch == 1:
+            os.kill(os.getpid(), getattr(signal, signal_name))  # as a cluster's pre-emption or Ctrl-C would
+        return epoch_step(epoch, global_step)
+
+    trainer.step = step
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as error:
+        trainer.train()
+    [(_, checkpoint)] = list_checkpoints(trainer.checkpoint_dir)
+    assert str(error.value) == (
+        f"Training was interrupted ({signal_name}) during epoch 1; the last checkpoint is {checkpoint!r} (epoch 0): "
+        "resume from it with resume_from='latest'."
+    )
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert not os.path.exists(run_lock_path(trainer.config))

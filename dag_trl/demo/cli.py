@@ -12,9 +12,12 @@ the same command fine-tunes real models; ``--config recipe.yaml`` reads every op
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,14 +27,24 @@ import torch
 
 from ..config import GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
+from ..io.hub import HubPushError
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
+from ..trainer.checkpointing import (
+    checkpoint_dir,
+    read_trainer_state,
+    run_lock_holder,
+    run_lock_message,
+    tracker_logging_dir,
+)
 from ..trainer.objectives import get_objective_class
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
-from .shapes.target import image_attributes, load_table, target_distance
+from .shapes.target import load_table, tilted_target_hook
 
 BUILTIN_MODEL = "builtin:shapes"
 BUILTIN_RECIPE = "shapes_recipe.yaml"
+# What the job writes into output_dir beside the logs; --overwrite removes an earlier run's.
+REPORT_OUTPUTS = ("before.png", "after.png", "reward_curve.png", "summary.json", "model")
 
 
 @dataclass
@@ -63,8 +76,6 @@ class ScriptArguments:
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
             Images in the before / after grids (the same prompts and noise before and after training).
-        eval_seed (`int`, defaults to `1234`):
-            Seed of the evaluation prompts and noise.
         cache_dir (`str`, *optional*):
             Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
     """
@@ -80,7 +91,6 @@ class ScriptArguments:
     output_dir: str = field(default="runs/dag", metadata={"help": "Output folder."})
     overwrite: bool = field(default=False, metadata={"help": "Write into an existing output folder."})
     eval_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids."})
-    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation prompts and noise."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder of the built-in model."})
 
     def __post_init__(self) -> None:
@@ -109,19 +119,12 @@ def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
     return value
 
 
-def with_objective_settings(argv: list[str]) -> list[str]:
+def with_objective_settings(argv: list[str], file_settings: dict[str, Any]) -> list[str]:
     """``argv`` plus the settings that the chosen objective requires (e.g. RTB's summed log-probabilities), for each
-    that neither the command line nor the ``--config`` file sets; they override a recipe's values. The objective
-    is ``--train_objective``, else the config file's ``train_objective``."""
-    import yaml
-
+    that neither the command line nor the ``--config`` file (``file_settings``) sets; they override a recipe's values.
+    The objective is ``--train_objective``, else the config file's ``train_objective``."""
     from ..trainer.objectives import OBJECTIVES
 
-    file_settings: dict[str, Any] = {}
-    config_file = flag_value(argv, "config")
-    if config_file is not None and os.path.isfile(config_file):
-        with open(config_file) as handle:
-            file_settings = yaml.safe_load(handle) or {}
     objective = OBJECTIVES.get(flag_value(argv, "train_objective") or file_settings.get("train_objective") or "")
     if objective is None:
         return argv
@@ -134,30 +137,111 @@ def with_objective_settings(argv: list[str]) -> list[str]:
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArguments, GFlowNetConfig]:
     """Parse ``argv`` with TRL's ``TrlParser`` (``--config file.yaml`` plus overrides).
 
-    Without ``--config`` and with the built-in model, the packaged shapes recipe supplies the defaults (a CPU-sized
-    schedule); with any other model the [`GFlowNetConfig`] defaults are the paper's settings.
+    With the built-in model, the packaged shapes recipe supplies the defaults (a CPU-sized schedule), and a
+    ``--config`` file's settings override it; with any other model the [`GFlowNetConfig`] defaults are the paper's
+    settings.
     """
+    import yaml
     from trl import TrlParser
 
-    argv = with_objective_settings(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = flag_value(argv, "config")
+    file_settings: dict[str, Any] = {}
+    if config_file is not None and os.path.isfile(config_file):
+        with open(config_file) as handle:
+            file_settings = yaml.safe_load(handle) or {}
+    argv = with_objective_settings(argv, file_settings)
     parser = TrlParser((ScriptArguments, GFlowNetConfig))
-    if "--config" not in argv:
-        probe, _ = parser.parse_args_and_config(argv)
-        if probe.pretrained_model == BUILTIN_MODEL:
-            recipe = resources.files("dag_trl.demo") / "assets" / BUILTIN_RECIPE
-            argv = ["--config", str(recipe), *argv]
-    script_args, config = parser.parse_args_and_config(argv)
-    return script_args, config
+    model = flag_value(argv, "pretrained_model") or file_settings.get("pretrained_model", BUILTIN_MODEL)
+    if model != BUILTIN_MODEL:
+        return parser.parse_args_and_config(argv)
+    # The built-in model trains with the packaged CPU-sized recipe; a --config file's settings go on top of it.
+    recipe = yaml.safe_load((resources.files("dag_trl.demo") / "assets" / BUILTIN_RECIPE).read_text())
+    with tempfile.TemporaryDirectory() as folder:
+        merged = os.path.join(folder, "recipe.yaml")
+        with open(merged, "w") as handle:
+            yaml.safe_dump({**recipe, **file_settings}, handle)
+        argv = [argument for argument in argv if not argument.startswith("--config=")]
+        if "--config" in argv:
+            index = argv.index("--config")
+            argv = argv[:index] + argv[index + 2 :]
+        return parser.parse_args_and_config(["--config", merged, *argv])
+
+
+def run_logdir(script_args: ScriptArguments, config: GFlowNetConfig) -> str:
+    """The run's logdir: ``--logdir`` when given, else ``<output_dir>/logs``."""
+    if config.logdir == GFlowNetConfig.__dataclass_fields__["logdir"].default:
+        return os.path.join(script_args.output_dir, "logs")
+    return config.logdir
 
 
 def check_output_dir(script_args: ScriptArguments, config: GFlowNetConfig) -> None:
     """Refuse to write into an existing, non-empty output folder unless ``--overwrite`` is given or the run resumes
-    (``--resume_from``), which continues in its own folder."""
+    (``--resume_from``), which continues in its own folder, and refuse a folder that another live run is writing.
+
+    ``--overwrite`` (without a resume) removes the earlier run's report, checkpoints and tracker logs first: its
+    checkpoints of higher epochs would outlive this run's when the oldest are pruned, and ``--resume_from latest``
+    would resume it. Other files in ``output_dir`` stay.
+    """
     path = script_args.output_dir
-    if os.path.isdir(path) and os.listdir(path) and not (script_args.overwrite or config.resume_from):
+    resuming = bool(config.resume_from)
+    if os.path.isdir(path) and os.listdir(path) and not (script_args.overwrite or resuming):
         raise SystemExit(
             f"output_dir={path!r} exists and is not empty: pass --overwrite to write into it, or choose another "
             "--output_dir."
+        )
+    run_config = copy.copy(config)  # not a new GFlowNetConfig: that would validate (and warn) again
+    run_config.logdir = run_logdir(script_args, config)
+    holder = run_lock_holder(run_config)
+    if holder is not None:
+        raise SystemExit(run_lock_message(run_config, holder))
+    if not script_args.overwrite or resuming:
+        return
+    earlier = [os.path.join(path, name) for name in REPORT_OUTPUTS]
+    earlier += [checkpoint_dir(run_config), tracker_logging_dir(run_config)]
+    removed = [output for output in earlier if os.path.lexists(output)]
+    for output in removed:
+        if os.path.isdir(output) and not os.path.islink(output):
+            shutil.rmtree(output)
+        else:
+            os.remove(output)
+    if removed:
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)}")
+
+
+def check_writable(folder: str) -> None:
+    """Create ``folder`` and write a file in it, so that a folder the run cannot write fails now, not after
+    training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SystemExit(f"--output_dir {folder!r} is not writable ({error}): choose another --output_dir.") from error
+
+
+def check_hub_repo_id(config: GFlowNetConfig) -> None:
+    """The repository ``--push_to_hub`` would create (``hub_model_id``, else ``exp_name``) must be a valid Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    field_name = "hub_model_id" if config.hub_model_id else "exp_name"
+    try:
+        validate_repo_id(getattr(config, field_name))
+    except HFValidationError as error:
+        raise SystemExit(
+            f"--push_to_hub true needs a valid Hub repository id, but --{field_name} {getattr(config, field_name)!r} is "
+            f"not one ({error})"
+        ) from error
+
+
+def check_epochs_left(config: GFlowNetConfig, checkpoint: str) -> None:
+    """Refuse a resume with no epoch left to train, which would only rewrite ``model/`` and ``summary.json``."""
+    epoch = read_trainer_state(checkpoint)["epoch"]
+    if epoch + 1 >= config.num_epochs:
+        raise SystemExit(
+            f"--resume_from {config.resume_from} is {checkpoint!r}, saved after epoch {epoch}, and --num_epochs "
+            f"{config.num_epochs} ends there: there is no epoch left to train. Pass --num_epochs above {epoch + 1} "
+            "to train further."
         )
 
 
@@ -200,10 +284,10 @@ def tilted_target_summary(
     if table is None or not set(prompts) <= set(table["prompts"]):
         return None
     beta = config.train_reward_exp
+    hook = tilted_target_hook(config.sample_num_steps, config.sample_eta, config.sample_guidance_scale, beta)
     for result in (before, after):
-        distances = target_distance(image_attributes(result["images"]), prompts, table, beta)
-        result["target_tv"] = {name: value["tv"] for name, value in distances.items()}
-        result["target_tv_noise"] = {name: value["noise"] for name, value in distances.items()}
+        distances = hook(result["images"], prompts, [], result["rewards"])
+        result["target_tv"], result["target_tv_noise"] = distances["target_tv"], distances["target_tv_noise"]
     objective = get_objective_class(config.objective_name)
     if objective.uses_prior_log_probs:
         note = "the prior tilted by exp(beta R), beta in true units: this objective's own target"
@@ -227,7 +311,12 @@ def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_f
         lora_rank=script_args.lora_rank,
         lora_init_seed=config.seed,
     )
-    return GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline)
+    evaluation_hook = None
+    if script_args.pretrained_model == BUILTIN_MODEL:
+        evaluation_hook = tilted_target_hook(
+            config.sample_num_steps, config.sample_eta, config.sample_guidance_scale, config.train_reward_exp
+        )
+    return GFlowNetDiffusionTrainer(config, reward_fn, prompt_fn, pipeline, evaluation_hook=evaluation_hook)
 
 
 def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
@@ -237,27 +326,32 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     from ..rewards import get_reward_fn
     from ..trainer import resolve_resume_from
 
+    config.logdir = run_logdir(script_args, config)
     check_output_dir(script_args, config)
     # Resolve names before any model is loaded, so a typo fails in a second.
     reward_fn = get_reward_fn(script_args.reward, **script_args.reward_kwargs)
     prompt_fn = get_prompt_fn(script_args.prompts, **script_args.prompt_kwargs)
     evaluation_prompt_fn = get_prompt_fn(
-        script_args.prompts, **{**script_args.prompt_kwargs, "seed": script_args.eval_seed}
+        script_args.prompts, **{**script_args.prompt_kwargs, "seed": config.eval_seed}
     )
-    if config.logdir == GFlowNetConfig.__dataclass_fields__["logdir"].default:
-        config.logdir = os.path.join(script_args.output_dir, "logs")
+    if config.push_to_hub:
+        check_hub_repo_id(config)
     if config.resume_from:
-        resolve_resume_from(config)  # a wrong folder fails here, not after loading the model
+        # A wrong folder, or one with nothing left to train, fails here, not after loading the model.
+        check_epochs_left(config, resolve_resume_from(config))
 
+    check_writable(script_args.output_dir)  # last of the checks that need no model; it creates the folder
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL
     trainer = build_trainer(script_args, config, reward_fn, prompt_fn)
     main = trainer.accelerator.is_main_process
+    # The report and the model are written before the push, so that a failed push loses nothing.
+    push, config.push_to_hub = config.push_to_hub, False
     pairs = [evaluation_prompt_fn() for _ in range(script_args.eval_num_images)]
     prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]
 
-    before = evaluate(trainer, prompts, metadata, script_args.eval_seed, is_shapes)
+    before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
     trainer.train()
-    after = evaluate(trainer, prompts, metadata, script_args.eval_seed, is_shapes)
+    after = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
     # How far the fine-tuned samples moved from the pretrained model's, on the same prompts and noise.
     after["prior_kernel_distance"] = kernel_distance(pixel_features(before["images"]), pixel_features(after["images"]))
     target = tilted_target_summary(config, prompts, before, after) if is_shapes else None
@@ -269,6 +363,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         "algorithm": trainer.objective.display_name,
         "epochs": config.num_epochs,
         "reward_history": trainer.reward_history,
+        "evaluation_history": trainer.evaluation_history,
     }
     if target is not None:
         summary["target"] = target
@@ -281,12 +376,22 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
             captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(
                 os.path.join(script_args.output_dir, f"{name}.png")
             )
-        plot_reward_curve(trainer.reward_history, os.path.join(script_args.output_dir, "reward_curve.png"))
+        plot_reward_curve(
+            trainer.reward_history,
+            os.path.join(script_args.output_dir, "reward_curve.png"),
+            evaluations=trainer.evaluation_history,
+        )
         trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
         with open(os.path.join(script_args.output_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         print(format_summary(summary))
     trainer.accelerator.end_training()
+    if push:
+        try:
+            trainer.push_to_hub()
+        except HubPushError as error:
+            message = f"The run finished and its report and model are in {script_args.output_dir!r}. {error}"
+            raise SystemExit(message) from error
     return summary
 
 

@@ -66,20 +66,37 @@ def captioned_image_grid(
     return grid
 
 
-def plot_reward_curve(history: Sequence[dict], path: Union[str, os.PathLike], title: str = "Reward per epoch") -> None:
-    """Plot the mean reward per epoch with a band of one standard deviation (``history``: dicts with ``epoch``,
-    ``reward_mean`` and ``reward_std``) and save it as an image."""
+def plot_reward_curve(
+    history: Sequence[dict],
+    path: Union[str, os.PathLike],
+    title: str = "Reward per epoch",
+    evaluations: Sequence[dict] = (),
+) -> None:
+    """Plot the reward of each epoch's sampled images (``history``: the trainer's ``reward_history``, dicts with
+    ``epoch``, ``reward_mean`` and the quantiles ``reward_q05`` ... ``reward_q95``) as the median with its 25-75 % and
+    5-95 % bands, and the mean; quantiles rather than mean +- std, which leaves a bounded reward's range. Entries of
+    ``evaluations`` (the trainer's ``evaluation_history``: ``epoch`` and ``reward_mean`` on fixed prompts and noise)
+    are drawn as points. Saved as an image at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    epochs = np.array([entry["epoch"] for entry in history])
-    means = np.array([entry["reward_mean"] for entry in history])
-    stds = np.array([entry["reward_std"] for entry in history])
+    def column(entries: Sequence[dict], key: str) -> np.ndarray:
+        return np.array([entry[key] for entry in entries], dtype=float)
+
+    epochs = column(history, "epoch")
     figure, axis = pyplot.subplots(figsize=(6, 4))
-    axis.plot(epochs, means, marker="o", label="mean")
-    axis.fill_between(epochs, means - stds, means + stds, alpha=0.25, label="± 1 std")
+    if history and "reward_q50" in history[0]:
+        axis.fill_between(epochs, column(history, "reward_q05"), column(history, "reward_q95"), alpha=0.15,
+                          color="C0", label="5-95 %")  # fmt: skip
+        axis.fill_between(epochs, column(history, "reward_q25"), column(history, "reward_q75"), alpha=0.3,
+                          color="C0", label="25-75 %")  # fmt: skip
+        axis.plot(epochs, column(history, "reward_q50"), color="C0", label="median")
+    axis.plot(epochs, column(history, "reward_mean"), color="C1", marker="o", markersize=3, label="mean")
+    if evaluations:
+        axis.plot(column(evaluations, "epoch"), column(evaluations, "reward_mean"), "s", color="C3",
+                  label="evaluation mean (fixed prompts and noise)")  # fmt: skip
     axis.set_xlabel("epoch")
     axis.set_ylabel("reward of sampled images")
     axis.set_title(title)

@@ -134,6 +134,17 @@ class GFlowNetStableDiffusionPipeline(ABC):
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """The text conditioning of a list of prompts."""
 
+    def check_sampler(self, num_steps: int, eta: float) -> None:
+        """Raise ``ValueError`` if sampling ``num_steps`` steps at ``eta`` would not give finite log-probabilities
+        (e.g. a step with zero or underflowing variance), naming the setting; the trainer calls it before anything
+        else is set up. The default accepts everything."""
+        return None
+
+    def prompt_token_counts(self, prompts: list[str]) -> Optional[tuple[list[int], int]]:
+        """``(tokens per prompt without truncation, the most the text encoder reads)``, so that the trainer can warn
+        about prompts cut short; ``None`` (no check) for families without a tokenizer limit."""
+        return None
+
     @abstractmethod
     def set_timesteps(self, num_inference_steps: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """Set the sampler to ``num_inference_steps`` steps (training recomputes steps with this spacing) and

@@ -10,7 +10,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..samplers.ddim import DDIMStepOutput, alphas_cumprod_at, ddim_step_with_logprob, original_sample_and_noise
+from ..samplers.ddim import (
+    DDIMStepOutput,
+    alphas_cumprod_at,
+    check_scheduler,
+    ddim_step_with_logprob,
+    original_sample_and_noise,
+)
 from .pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -185,6 +191,13 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
             max_length=self.tokenizer.model_max_length,
         ).input_ids.to(self.text_encoder.device)
         return PromptEmbeddings(self.text_encoder(tokens)[0])
+
+    def check_sampler(self, num_steps: int, eta: float) -> None:
+        check_scheduler(self.scheduler, num_steps, eta)
+
+    def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
+        counts = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False).input_ids]
+        return counts, self.tokenizer.model_max_length
 
     def predict_noise(
         self,

@@ -13,6 +13,7 @@ per-batch values to log.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 RewardOutput = tuple[torch.Tensor, dict[str, Any]]
+# Rewards are trained on in float32: a larger finite float64 or int becomes inf there.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Any callable with the contract above: a RewardFunction, or a plain function such as DDPO's.
 RewardCallable = Callable[[torch.Tensor, Sequence[str], Sequence[dict] | None], RewardOutput]
 
@@ -81,6 +84,34 @@ def validate_reward_inputs(
             f"metadata has {len(metadata)} entries but images has batch size {batch_size}; they must match"
         )
     return images, list(prompts), list(metadata)
+
+
+def score_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a float32 reward, or ``None`` if it can.
+
+    ``"NaN"``, ``"inf"`` and ``"-inf"`` for non-finite floats; ``"<value> (float32 overflow)"`` for a finite number
+    beyond +-3.4e38 (1e308, or an int such as 10**400 that float64 cannot even hold), so that it is reported
+    like NaN instead of turning into inf in training; ``"None"`` or ``"a <type>, not a number"`` for anything else
+    (bool included: it is no score).
+    """
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return f"a {type(value).__name__}, not a number"
+    if isinstance(value, numbers.Integral):
+        magnitude = abs(int(value))
+        if magnitude <= FLOAT32_MAX:
+            return None
+        sign = "-" if value < 0 else ""
+        return f"~{sign}1e{math.floor(math.log10(magnitude))} (float32 overflow)"
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if abs(value) > FLOAT32_MAX:
+        return f"{value:.3g} (float32 overflow)"
+    return None
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import http.client
 import io
 import json
-import math
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -16,7 +20,84 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import RewardFunction, RewardOutput, to_uint8_hwc
+from .base import FLOAT32_MAX, RewardFunction, RewardOutput, score_problem, to_uint8_hwc
+
+
+class _Deadline:
+    """A total time limit for one HTTP exchange. A socket timeout bounds each read only, so a server that trickles a
+    byte at a time could hold a request (and the epoch waiting on it) for as long as it likes; when the deadline
+    passes, the connection's socket is shut down, which ends any read or write blocked on it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def register(self, sock: socket.socket) -> None:
+        """Watch a connected socket (shut at once if the deadline has passed already, e.g. during a slow connect)."""
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed by the client
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DeadlineConnection:
+    """Mixed into an ``http.client`` connection: its socket is registered with the request's deadline."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self.deadline.register(self.sock)
+
+
+class _HTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPConnection, deadline=self.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPSConnection, deadline=self.deadline), req, context=self._context)
 
 
 class RemoteReward(RewardFunction):
@@ -29,9 +110,11 @@ class RemoteReward(RewardFunction):
     Response: JSON ``{"scores": [B numbers], "info": {...}}`` (``info`` optional). ``headers`` are sent with every
     request, after ``Content-Type: application/json`` (e.g. ``{"Authorization": "Bearer <token>"}``).
 
-    Connection failures, timeouts (``timeout`` seconds per attempt) and HTTP 5xx answers are retried up to
-    ``max_retries`` times with exponential backoff; anything else that is not a well-formed answer raises a
-    ``RuntimeError`` naming the URL and what came back. No score is ever filled in.
+    Connection failures, timeouts and HTTP 5xx answers are retried up to ``max_retries`` times with exponential
+    backoff; anything else that is not a well-formed answer raises a ``RuntimeError`` naming the URL and what came
+    back. ``timeout`` is a total deadline per attempt, for connecting, sending and receiving the whole answer, not a
+    limit per socket read. Scores must be finite numbers within float32's range (1e308 would become inf). No score is
+    ever filled in.
     """
 
     name = "remote"
@@ -87,23 +170,39 @@ class RemoteReward(RewardFunction):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:200].decode("utf-8", "replace")
-                if error.code < 500:
-                    raise RuntimeError(
-                        f"remote reward at {self.url} answered HTTP {error.code} {error.reason}: {detail!r}"
-                    ) from error
-                errors.append(f"HTTP {error.code} {error.reason}: {detail!r}")
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                reason = getattr(error, "reason", error)
-                errors.append(f"{type(reason).__name__}: {reason}")
+            with _Deadline(self.timeout) as deadline:
+                opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
+                try:
+                    with opener.open(request, timeout=self.timeout) as response:
+                        raw = response.read()
+                    if not deadline.expired:
+                        return raw
+                    errors.append(self._timed_out())  # the answer was cut short
+                except urllib.error.HTTPError as error:
+                    detail = self._read_detail(error)
+                    if error.code < 500:
+                        raise RuntimeError(
+                            f"remote reward at {self.url} answered HTTP {error.code} {error.reason}: {detail!r}"
+                        ) from error
+                    errors.append(f"HTTP {error.code} {error.reason}: {detail!r}")
+                except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut answers
+                    reason = getattr(error, "reason", error)
+                    errors.append(self._timed_out() if deadline.expired else f"{type(reason).__name__}: {reason}")
         raise RuntimeError(
-            f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (timeout {self.timeout}s): "
-            + "; ".join(errors)
+            f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (deadline {self.timeout}s "
+            "each): " + "; ".join(errors)
         )
+
+    def _timed_out(self) -> str:
+        return f"TimeoutError: timed out, no complete answer within the {self.timeout}s deadline"
+
+    @staticmethod
+    def _read_detail(error: urllib.error.HTTPError) -> str:
+        """The start of an HTTP error's body; "" if it cannot be read (e.g. cut off by the deadline)."""
+        try:
+            return error.read()[:200].decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException):
+            return ""
 
     def decode_response(self, raw: bytes, batch_size: int) -> tuple[list[float], dict[str, Any]]:
         """Parse and check a server answer; raises ``RuntimeError`` naming the URL and the answer if malformed."""
@@ -122,8 +221,13 @@ class RemoteReward(RewardFunction):
             raise RuntimeError(
                 f"remote reward at {self.url} answered {len(scores)} scores for a batch of {batch_size}: {excerpt!r}"
             )
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-            raise RuntimeError(f"remote reward at {self.url} answered non-numeric or non-finite scores: {excerpt!r}")
+        problems = [f"scores[{i}]: {problem}" for i, s in enumerate(scores) if (problem := score_problem(s))]
+        if problems:
+            raise RuntimeError(
+                f"remote reward at {self.url} answered non-numeric or non-finite scores ({'; '.join(problems[:5])}"
+                f"{' ...' if len(problems) > 5 else ''}): each must be a finite number within float32's range "
+                f"(|score| <= {FLOAT32_MAX:.3g}): {excerpt!r}"
+            )
         info = answer.get("info", {})
         if not isinstance(info, dict):
             raise RuntimeError(f"remote reward at {self.url} answered an 'info' that is not an object: {excerpt!r}")

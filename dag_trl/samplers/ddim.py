@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+# The smallest standard deviation of a step that :func:`check_scheduler` accepts: 2**-20 ~ 9.5e-7, the float32
+# spacing of latents of magnitude 8 (unit-variance latents, 8 sigma). Below it the noise of x_s = mean + std * z is
+# lost when the sum is rounded, so log P_F scores rounding error: a mean recomputed a few ulps away in training moves
+# it by (ulps / std)^2 per element, and once std**2 underflows (eta ~ 1e-20 on Stable Diffusion) it is inf or NaN.
+MIN_STEP_STD = 8 * torch.finfo(torch.float32).eps
+# Scheduler options that change what diffusers' DDIM step does to x0_hat, which ddim_step_with_logprob does not do.
+UNSUPPORTED_SCHEDULER_OPTIONS = {
+    "clip_sample": "clips x0_hat to clip_sample_range",
+    "thresholding": "applies dynamic thresholding to x0_hat",
+}
 
 
 @dataclass
@@ -59,6 +69,15 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     std = std.to(torch.float32)
     elementwise = -((value.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
     return reduce_over_sample(elementwise, reduction)
+
+
+def _check_eta(eta: float) -> None:
+    """Refuse an eta outside (0, 1], where the step has no log-probability or no real mean."""
+    if not 0 < eta <= 1:
+        raise ValueError(
+            f"eta={eta!r} is invalid: expected a number in (0, 1] (with eta = 0 DDIM has no log-probability; above 1 "
+            "the mean's sqrt(1 - abar_s - sigma^2) can be the root of a negative number)."
+        )
 
 
 def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
@@ -155,7 +174,8 @@ def ddim_step_with_logprob(
     :math:`\mu = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\epsilon`, the step samples
     :math:`x_s = \mu + \sigma z` (or takes the given ``prev_sample``) and scores it under
     :math:`P_F = \mathcal N(\mu, \sigma^2 I)` with ``x_s`` detached, so gradients reach the model only through
-    :math:`\mu`. No clipping of :math:`\hat x_0` (Stable Diffusion does not clip).
+    :math:`\mu`. No clipping of :math:`\hat x_0` (Stable Diffusion does not clip; :func:`check_scheduler` refuses
+    schedulers that do).
 
     Args:
         scheduler: a diffusers ``DDIMScheduler`` on which ``set_timesteps`` was called.
@@ -171,11 +191,7 @@ def ddim_step_with_logprob(
     Returns:
         A [`DDIMStepOutput`] whose tensors are float32.
     """
-    if not 0 < eta <= 1:
-        raise ValueError(
-            f"eta={eta!r} is invalid: expected a number in (0, 1] (with eta = 0 DDIM has no log-probability; above 1 "
-            "the mean's sqrt(1 - abar_s - sigma^2) can be the root of a negative number)."
-        )
+    _check_eta(eta)
     batch_size = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch_size)
     if prev_timestep is None:
@@ -202,3 +218,94 @@ def ddim_step_with_logprob(
     return DDIMStepOutput(
         latents=prev_sample, log_probs=log_probs, backward_log_probs=backward, pred_original_sample=original
     )
+
+
+def check_scheduler(scheduler: Any, num_steps: int, eta: float) -> None:
+    r"""Raise ``ValueError`` for a scheduler, step count or eta with which :func:`ddim_step_with_logprob` would
+    sample other than the scheduler describes, or give NaN log-probabilities; call it before training.
+
+    ``scheduler`` is a diffusers scheduler or its config: like the Stable Diffusion pipeline, the check builds a
+    ``DDIMScheduler`` from the config (the given scheduler's timesteps are left alone) and runs ``set_timesteps``
+    and the step's own timestep and ``alphas_cumprod`` logic. Refused:
+
+    - ``clip_sample=True`` or ``thresholding=True``: the policy's step never clips or thresholds ``x0_hat``, so
+      sampling would silently differ from the scheduler (Stable Diffusion's configs set neither).
+    - ``num_steps`` above the scheduler's ``num_train_timesteps``, or so many that the first timestep is past the
+      last trained one (``num_train_timesteps`` steps with ``steps_offset=1``).
+    - timesteps that end at ``t = 0`` (``steps_offset=0`` with ``"leading"`` spacing, ``"linspace"`` spacing, or
+      ``"trailing"`` spacing with more than two thirds of ``num_train_timesteps`` steps):
+      the step from ``t = 0`` has :math:`\bar\alpha_t = \bar\alpha_s = \bar\alpha_0` (no less noisy level
+      exists), zero variance, and a NaN ``log P_F`` and ``log P_B``. Only the timesteps can avoid it, and they come
+      from the scheduler's settings.
+    - ``prediction_type="epsilon"`` with :math:`\bar\alpha_t = 0` at a sampled timestep (zero terminal SNR):
+      :math:`\hat x_0` divides by :math:`\sqrt{\bar\alpha_t}`.
+    - an ``eta`` for which the smallest step standard deviation :math:`\eta \sqrt{\mathrm{var}}` is below
+      :data:`MIN_STEP_STD`; the message gives the smallest ``eta`` that works for this scheduler and step count.
+    """
+    from diffusers import DDIMScheduler
+
+    _check_eta(eta)
+    ddim = DDIMScheduler.from_config(getattr(scheduler, "config", scheduler))
+    config = ddim.config
+    for name, what in UNSUPPORTED_SCHEDULER_OPTIONS.items():
+        if config[name]:
+            raise ValueError(
+                f"scheduler {name}={config[name]!r} is not supported: diffusers' DDIM step then {what}, which the "
+                f"policy's step (ddim_step_with_logprob) does not do, so sampling would differ from the scheduler. "
+                f"Set {name}=False (Stable Diffusion's configs do), e.g. DDIMScheduler.from_config(config, "
+                f"{name}=False)."
+            )
+    if not 1 <= num_steps <= config.num_train_timesteps:
+        raise ValueError(
+            f"GFlowNetConfig.sample_num_steps={num_steps!r} is invalid for this scheduler: expected an integer in "
+            f"[1, {config.num_train_timesteps}] (its num_train_timesteps)."
+        )
+    ddim.set_timesteps(num_steps)
+    timesteps = ddim.timesteps
+    if timesteps[0].item() >= config.num_train_timesteps:
+        raise ValueError(
+            f"GFlowNetConfig.sample_num_steps={num_steps!r} is invalid for this scheduler: with "
+            f"timestep_spacing={config.timestep_spacing!r} and steps_offset={config.steps_offset} its first timestep "
+            f"is t={timesteps[0].item()}, past the last trained one ({config.num_train_timesteps - 1}); expected "
+            "fewer steps."
+        )
+    alpha_prod_t = alphas_cumprod_at(ddim, timesteps)
+    if config.prediction_type == "epsilon" and not (alpha_prod_t > 0).all():
+        raise ValueError(
+            f"scheduler prediction_type='epsilon' is not supported with alphas_cumprod[t]=0 at "
+            f"t={timesteps[~(alpha_prod_t > 0)][0].item()} (rescale_betas_zero_snr={config.rescale_betas_zero_snr}): "
+            "x0_hat divides by sqrt(alphas_cumprod[t]). Use prediction_type='v_prediction', as zero-terminal-SNR "
+            "models do."
+        )
+    step_std = ddim_variance(alpha_prod_t, alphas_cumprod_at(ddim, previous_timestep(ddim, timesteps))).sqrt()
+    degenerate = ~(step_std > 0)
+    if degenerate.any():
+        t = timesteps[degenerate][0].item()
+        if t == 0:
+            raise ValueError(
+                f"scheduler timestep_spacing={config.timestep_spacing!r} with steps_offset={config.steps_offset} is "
+                f"not supported: its {num_steps} timesteps end at t=0, where no less noisy level than "
+                "alphas_cumprod[0] is left, so the last step has zero variance and NaN log-probabilities. Use "
+                "timestep_spacing='leading' with steps_offset=1 (Stable Diffusion's config), whose last timestep is 1."
+            )
+        raise ValueError(
+            f"scheduler betas give the DDIM step from t={t} the standard deviation "
+            f"{step_std[degenerate][0].item():g}: its log-probability needs a positive one (alphas_cumprod must "
+            "decrease strictly between the sampled timesteps and stay below 1)."
+        )
+    smallest = int(step_std.argmin())
+    if not eta * step_std[smallest].item() >= MIN_STEP_STD:
+        smallest_eta = _round_up(MIN_STEP_STD / step_std[smallest].item())
+        raise ValueError(
+            f"GFlowNetConfig.sample_eta={eta!r} is invalid for this scheduler and sample_num_steps={num_steps}: the "
+            f"step from t={timesteps[smallest].item()} would have standard deviation eta * "
+            f"{step_std[smallest].item():.3g} = {eta * step_std[smallest].item():.3g}, below the float32 floor "
+            f"{MIN_STEP_STD:.2g} under which the sampled noise is lost in rounding and log P_F becomes inf or NaN; "
+            f"expected a number in [{smallest_eta:g}, 1]."
+        )
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits, so that the eta a message suggests passes the check."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / scale) * scale

@@ -2,9 +2,10 @@
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_dir, list_checkpoints, resolve_resume_from
 from .distributed import TrainableModules, configure_deepspeed
+from .divergence import TrainingDivergedError
 from .inputs import validate_prompt, validate_rewards
 from .objectives import OBJECTIVES, Objective, TransitionBatch, get_objective_class
-from .trainer import GFlowNetDiffusionTrainer, WorkCounters, derive_seed
+from .trainer import GFlowNetDiffusionTrainer, TrainingInterrupted, WorkCounters, derive_seed
 
 __all__ = [
     "OBJECTIVES",
@@ -12,6 +13,8 @@ __all__ = [
     "GFlowNetDiffusionTrainer",
     "Objective",
     "TrainableModules",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
     "TransitionBatch",
     "WorkCounters",
     "checkpoint_dir",

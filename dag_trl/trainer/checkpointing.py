@@ -1,23 +1,37 @@
-"""Atomic, resumable checkpoints through accelerate's ``save_state`` / ``load_state``.
+"""Atomic, resumable checkpoints through accelerate's ``save_state`` / ``load_state``, and the lock of a run.
 
-A checkpoint folder ``<logdir>/checkpoints/checkpoint_<epoch>`` holds accelerate's state (optimiser, RNG, or
+A checkpoint folder ``<logdir>/checkpoints/checkpoint_<epoch>`` (``<project_dir>/checkpoints/...`` when
+``project_kwargs`` names a ``project_dir``, as TRL's DDPO example does) holds accelerate's state (optimiser, RNG, or
 DeepSpeed's engine files), the denoiser's trained weights in the model family's format (the pipeline writes them),
 the objective's own model (``flow/`` for DAG) and ``trainer_state.json``. It is written to ``<name>.tmp`` and renamed
-when complete, so an interrupted save never leaves a folder that looks complete.
+when complete, so an interrupted save never leaves a folder that looks complete. ``trainer_state.json`` also lists
+every file of the checkpoint with its size and the settings that shape the saved weights, so that a damaged file or a
+checkpoint of another configuration is named before anything is loaded.
+
+While a run trains it holds ``run.lock`` (its process id and host) in the folder above ``checkpoints/``: a second run
+writing the same folder would prune the first one's checkpoints and resume from them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import shutil
-from typing import TYPE_CHECKING
+import socket
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import GFlowNetConfig
+from .divergence import refuse_non_finite_weights
 from .objectives import get_objective_class
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
@@ -26,11 +40,89 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
+RUN_LOCK_NAME = "run.lock"
+# The counters of progress a resume restores; a trainer_state.json without one of them cannot be resumed from.
+REQUIRED_STATE_KEYS = ("epoch", "global_step", "weights_version")
+# accelerate's ProjectConfiguration arguments, with what each accepts (TRL's DDPO passed them all through).
+PROJECT_KWARGS = {
+    "project_dir": "a folder path",
+    "logging_dir": "a folder path",
+    "automatic_checkpoint_naming": "True or False",
+    "total_limit": "an integer >= 1, or None to keep every checkpoint",
+    "iteration": "an integer >= 0",
+    "save_on_each_node": "True or False",
+}
+# Of those, the ones the trainer implements itself: it always names checkpoints (checkpoint_<epoch>) and prunes them,
+# so accelerate must not (its automatic naming ignores the folder each save is given).
+CHECKPOINT_NAMING_KWARGS = ("automatic_checkpoint_naming", "total_limit")
+# Why a save failed when the disk is full: the OS's errors, and what torch's zip writer raises instead of them.
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
+
+
+def validate_project_kwargs(project_kwargs: Any) -> None:
+    """Raise ``ValueError`` naming the key for ``GFlowNetConfig.project_kwargs`` that accelerate's
+    ``ProjectConfiguration`` would refuse or the trainer cannot honour."""
+    if not isinstance(project_kwargs, dict):
+        raise ValueError(
+            f"GFlowNetConfig.project_kwargs={project_kwargs!r} is invalid: expected a dict of "
+            f"ProjectConfiguration arguments ({', '.join(PROJECT_KWARGS)})."
+        )
+    unknown = sorted(set(project_kwargs) - set(PROJECT_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"GFlowNetConfig.project_kwargs has unknown keys {unknown}: accelerate's ProjectConfiguration accepts "
+            f"{', '.join(PROJECT_KWARGS)}."
+        )
+    for name, value in project_kwargs.items():
+        if name in ("project_dir", "logging_dir"):
+            valid = value is None or isinstance(value, (str, os.PathLike))
+        elif name in ("automatic_checkpoint_naming", "save_on_each_node"):
+            valid = isinstance(value, bool)
+        elif name == "total_limit":
+            valid = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not valid:
+            raise ValueError(
+                f"GFlowNetConfig.project_kwargs[{name!r}]={value!r} is invalid: expected {PROJECT_KWARGS[name]}."
+            )
+
+
+def accelerate_project_kwargs(config: GFlowNetConfig) -> dict[str, Any]:
+    """Arguments of accelerate's ``ProjectConfiguration``: ``project_dir`` defaults to ``logdir`` and the rest of
+    ``project_kwargs`` passes through, except checkpoint naming and ``total_limit``, which the trainer applies to its
+    own ``checkpoint_<epoch>`` folders (:func:`checkpoint_limit`)."""
+    kwargs = {"project_dir": config.logdir, **config.project_kwargs}
+    for name in CHECKPOINT_NAMING_KWARGS:
+        kwargs.pop(name, None)
+    return kwargs
+
+
+def run_dir(config: GFlowNetConfig) -> str:
+    """The folder holding a run's ``checkpoints/`` and ``run.lock``: ``project_kwargs["project_dir"]`` when given
+    (TRL's DDPO saves there), else ``logdir``."""
+    return os.fspath(config.project_kwargs.get("project_dir") or config.logdir)
 
 
 def checkpoint_dir(config: GFlowNetConfig) -> str:
-    """The folder holding a run's checkpoints: ``<logdir>/checkpoints``."""
-    return os.path.join(config.logdir, "checkpoints")
+    """The folder holding a run's checkpoints: ``<logdir>/checkpoints`` (``<project_dir>/checkpoints``)."""
+    return os.path.join(run_dir(config), "checkpoints")
+
+
+def checkpoint_limit(config: GFlowNetConfig) -> Optional[int]:
+    """How many checkpoints are kept: ``project_kwargs["total_limit"]`` when given (DDPO's setting; ``None`` keeps
+    all of them, as in accelerate), else ``num_checkpoint_limit``."""
+    if "total_limit" in config.project_kwargs:
+        return config.project_kwargs["total_limit"]
+    return config.num_checkpoint_limit
+
+
+def tracker_logging_dir(config: GFlowNetConfig) -> str:
+    """Where local trackers (TensorBoard) write this project's logs: ``<logging_dir>/<tracker_project_name>``, with
+    accelerate's ``logging_dir`` (``project_kwargs``' own, else the project folder)."""
+    kwargs = accelerate_project_kwargs(config)
+    return os.path.join(os.fspath(kwargs.get("logging_dir") or kwargs["project_dir"]), config.tracker_project_name)
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -48,8 +140,9 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
 
 
 def resolve_resume_from(config: GFlowNetConfig) -> str:
-    """The checkpoint folder ``config.resume_from`` names (``"latest"``: the newest under ``<logdir>/checkpoints``),
-    checked to be one this library wrote. Cheap: call it before loading any model."""
+    """The checkpoint folder ``config.resume_from`` names, checked to be one this library wrote: ``"latest"`` is the
+    newest under :func:`checkpoint_dir`, and a folder that holds ``checkpoint_<N>`` folders (TRL's DDPO convention)
+    its newest one. Cheap: call it before loading any model."""
     resume_from = os.path.normpath(os.path.expanduser(config.resume_from))
     if config.resume_from == "latest":
         checkpoints = list_checkpoints(checkpoint_dir(config))
@@ -60,6 +153,10 @@ def resolve_resume_from(config: GFlowNetConfig) -> str:
         resume_from = checkpoints[-1][1]
     if not os.path.isdir(resume_from):
         raise ValueError(f"GFlowNetConfig.resume_from={config.resume_from!r}: no such folder.")
+    if not os.path.exists(os.path.join(resume_from, TRAINER_STATE_NAME)):
+        checkpoints = list_checkpoints(resume_from)
+        if checkpoints:
+            resume_from = checkpoints[-1][1]
     model_folder = get_objective_class(config.objective_name).model_folder
     required = [TRAINER_STATE_NAME] + ([model_folder] if model_folder else [])
     missing = [name for name in required if not os.path.exists(os.path.join(resume_from, name))]
@@ -67,9 +164,163 @@ def resolve_resume_from(config: GFlowNetConfig) -> str:
         raise ValueError(
             f"GFlowNetConfig.resume_from={config.resume_from!r} is not a complete dag_trl checkpoint: "
             f"missing {missing} (expected a folder written by GFlowNetDiffusionTrainer, e.g. "
-            f"{os.path.join(checkpoint_dir(config), 'checkpoint_0')!r})."
+            f"{os.path.join(checkpoint_dir(config), 'checkpoint_0')!r}, or a folder of such checkpoints)."
         )
     return resume_from
+
+
+def previous_checkpoint(path: str) -> Optional[str]:
+    """The newest complete checkpoint beside ``path`` with a lower epoch, or ``None``."""
+    folder, name = os.path.split(os.path.normpath(path))
+    suffix = name[len("checkpoint_") :]
+    epoch = int(suffix) if name.startswith("checkpoint_") and suffix.isdigit() else None
+    earlier = [other for number, other in list_checkpoints(folder) if epoch is None or number < epoch]
+    earlier = [other for other in earlier if os.path.normpath(other) != os.path.normpath(path)]
+    return earlier[-1] if earlier else None
+
+
+def resume_advice(path: str) -> str:
+    """What to do when the checkpoint ``path`` cannot be resumed from: the previous one, if any is left."""
+    previous = previous_checkpoint(path)
+    if previous is None:
+        return (
+            f"No earlier checkpoint is left in {os.path.dirname(os.path.normpath(path))!r}: restore the file, or "
+            "start a new run (resume_from='')."
+        )
+    return (
+        f"Resume from the previous checkpoint instead: resume_from={previous!r} (or delete {path!r}, after which "
+        "resume_from='latest' picks that one)."
+    )
+
+
+def read_trainer_state(path: str) -> dict[str, Any]:
+    """``trainer_state.json`` of the checkpoint ``path``, with ``ValueError`` naming the file and what to do when it
+    is unreadable or lacks a counter of progress."""
+    file = os.path.join(path, TRAINER_STATE_NAME)
+    try:
+        with open(file) as handle:
+            state = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"Checkpoint {path!r} is damaged: {TRAINER_STATE_NAME} cannot be read ({error}). {resume_advice(path)}"
+        ) from error
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"Checkpoint {path!r} is damaged: {TRAINER_STATE_NAME} holds a {type(state).__name__}, not the JSON "
+            f"object the trainer writes. {resume_advice(path)}"
+        )
+    missing = [key for key in REQUIRED_STATE_KEYS if not isinstance(state.get(key), int)]
+    if missing:
+        raise ValueError(
+            f"Checkpoint {path!r} is damaged: {TRAINER_STATE_NAME} has no integer {missing}. {resume_advice(path)}"
+        )
+    return state
+
+
+def file_sizes(folder: str) -> dict[str, int]:
+    """Every file under ``folder`` with its size in bytes, by '/'-separated relative path."""
+    sizes = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            file = os.path.join(root, name)
+            sizes[os.path.relpath(file, folder).replace(os.sep, "/")] = os.path.getsize(file)
+    return sizes
+
+
+def damaged_files(path: str, state: dict[str, Any]) -> list[str]:
+    """The files that ``trainer_state.json`` lists but that are missing from ``path`` or have another size, each as
+    ``"name (why)"``. Checkpoints written before the list existed have nothing to compare with."""
+    found = file_sizes(path)
+    damaged = []
+    for name, size in sorted(state.get("files", {}).items()):
+        if name not in found:
+            damaged.append(f"{name} (missing)")
+        elif found[name] != size:
+            damaged.append(f"{name} ({found[name]} bytes, saved with {size})")
+    return damaged
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a failed write ran out of disk space or quota: the OS's error, or torch's zip writer's message for
+    it (torch reports a short write as ``unexpected pos``)."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in TORCH_WRITE_FAILURES)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def run_lock_path(config: GFlowNetConfig) -> str:
+    return os.path.join(run_dir(config), RUN_LOCK_NAME)
+
+
+def run_lock_holder(config: GFlowNetConfig) -> Optional[dict[str, Any]]:
+    """The other live run (``{"pid", "host"}``) whose lock is on ``config``'s folder, or ``None``: no lock, this
+    process's own, or a stale one (unreadable, or its process on this host is gone)."""
+    try:
+        with open(run_lock_path(config)) as handle:
+            holder = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a writer died between creating and filling the file
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder  # its process cannot be checked from here
+    if holder["pid"] == os.getpid() or not _process_alive(holder["pid"]):
+        return None
+    return holder
+
+
+def run_lock_message(config: GFlowNetConfig, holder: dict[str, Any]) -> str:
+    return (
+        f"Another run (pid {holder['pid']} on {holder.get('host')!r}) is writing to {run_dir(config)!r}: two runs in "
+        "one folder prune and resume each other's checkpoints. Wait for it to end, or use another logdir "
+        f"(project_dir); if that process is gone, delete {run_lock_path(config)!r}."
+    )
+
+
+def acquire_run_lock(config: GFlowNetConfig) -> None:
+    """Write ``run.lock`` (this process's id and host) in :func:`run_dir`, replacing a stale one; ``RuntimeError``
+    naming the other run's process id if a live run holds it."""
+    path = run_lock_path(config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(3):
+        holder = run_lock_holder(config)
+        if holder is not None:
+            raise RuntimeError(run_lock_message(config, holder))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # stale, or this process's own
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue  # another run created it in between: look at it again
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+        return
+    raise RuntimeError(f"Could not take {path!r}: other runs keep creating it at the same time as this one.")
+
+
+def release_run_lock(config: GFlowNetConfig) -> None:
+    """Remove ``run.lock`` if this process holds it."""
+    path = run_lock_path(config)
+    try:
+        with open(path) as handle:
+            holder = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 class CheckpointingMixin:
@@ -86,30 +337,104 @@ class CheckpointingMixin:
     def checkpoint_dir(self) -> str:
         return checkpoint_dir(self.config)
 
-    def _check_resumable(self, path: str) -> None:
-        """Refuse, before any training, a checkpoint this run cannot load: written with or without DeepSpeed, by
-        another number of processes, for a LoRA where this run trains the whole UNet (or the reverse), or with
-        another objective."""
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
-            state = json.load(handle)
-        this_run = {
+    def _run_settings(self) -> dict[str, Any]:
+        """What a resumed run must match (:meth:`_check_resumable`): the launch (DeepSpeed, process count), the
+        objective, and the pipeline settings that shape the saved weights (``None`` where the family has none)."""
+        pipeline = self.sd_pipeline
+        base_model = getattr(pipeline, "pretrained_model_name", None)
+        if base_model is not None and os.path.isdir(base_model):
+            base_model = os.path.realpath(base_model)  # the same local model however its path is spelled
+        return {
             "deepspeed": self.uses_deepspeed,
             "num_processes": self.accelerator.num_processes,
-            "use_lora": self.sd_pipeline.use_lora,
+            "use_lora": pipeline.use_lora,
             "objective": self.objective.name,
+            "pretrained_model_name": base_model,
+            "pretrained_model_revision": getattr(pipeline, "pretrained_model_revision", None),
+            "lora_rank": getattr(pipeline, "lora_rank", None) if pipeline.use_lora else None,
+            "lora_alpha": getattr(pipeline, "lora_alpha", None) if pipeline.use_lora else None,
         }
-        for key, value in this_run.items():
-            if key in state and state[key] != value:
-                raise ValueError(
-                    f"GFlowNetConfig.resume_from={self.config.resume_from!r} was written with {key}={state[key]!r}, "
-                    f"but this run has {key}={value!r}: resume with the launch settings and pipeline of that run."
-                )
+
+    def _objective_model_differences(self, path: str, model: Optional[torch.nn.Module]) -> dict[str, tuple]:
+        """``{field: (saved, this run)}`` between the objective model's saved ``config.json`` and ``model``'s
+        config; fields that a ``GFlowNetConfig`` field sets (``flow_<key>``) are named by it."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return {}
+        folder = self.objective.model_folder
+        try:
+            with open(os.path.join(path, folder, "config.json")) as handle:
+                saved = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # the file check names a missing or damaged file
+        current = json.loads(json.dumps(dict(config), default=str))
+        differences = {}
+        for key, value in current.items():
+            if key.startswith("_") or key not in saved or saved[key] == value:
+                continue
+            name = f"{folder}_{key}" if f"{folder}_{key}" in GFlowNetConfig.__dataclass_fields__ else f"{folder}.{key}"
+            differences[name] = (saved[key], value)
+        return differences
+
+    def _check_resumable(self, path: str, objective_model: Optional[torch.nn.Module]) -> None:
+        """Refuse, before anything is loaded, a checkpoint this run cannot continue: written with or without
+        DeepSpeed, by another number of processes, with another objective, base model, LoRA or objective-model
+        shape; with an unreadable ``trainer_state.json``; or with a file missing or of another size than saved."""
+        state = read_trainer_state(path)
+        differences = {
+            key: (state[key], value)
+            for key, value in self._run_settings().items()
+            if key in state and state[key] is not None and value is not None and state[key] != value
+        }
+        differences.update(self._objective_model_differences(path, objective_model))
+        if differences:
+            saved = ", ".join(f"{key}={old!r}" for key, (old, _) in differences.items())
+            here = ", ".join(f"{key}={new!r}" for key, (_, new) in differences.items())
+            raise ValueError(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r} ({path!r}) was written with {saved}, but "
+                f"this run has {here}: resume with the launch settings, config and pipeline of that run."
+            )
         # accelerate's files: the optimiser state, or DeepSpeed's engine folder.
         needed = "pytorch_model" if self.uses_deepspeed else "optimizer.bin"
         if not os.path.exists(os.path.join(path, needed)):
             raise ValueError(
                 f"GFlowNetConfig.resume_from={self.config.resume_from!r} has no {needed!r}: it is not a complete "
                 f"checkpoint of a {'DeepSpeed' if self.uses_deepspeed else 'non-DeepSpeed'} run."
+            )
+        damaged = damaged_files(path, state)
+        if damaged:
+            raise ValueError(f"Checkpoint {path!r} is damaged: {'; '.join(damaged)}. {resume_advice(path)}")
+
+    def _acquire_run_lock(self) -> None:
+        """Take ``run.lock`` on the main process; every process raises if another run holds it."""
+        from accelerate.utils import broadcast_object_list
+
+        refusal = None
+        if self.accelerator.is_main_process:
+            try:
+                acquire_run_lock(self.config)
+            except RuntimeError as error:
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise RuntimeError(refusal)
+
+    def _release_run_lock(self) -> None:
+        if self.accelerator.is_main_process:
+            release_run_lock(self.config)
+
+    def _warn_about_other_checkpoints(self) -> None:
+        """A run that does not resume, in a folder that holds another run's checkpoints, would prune its own
+        checkpoints before those of higher epochs, and ``resume_from="latest"`` would pick the other run's."""
+        existing = [epoch for epoch, _ in list_checkpoints(self.checkpoint_dir)]
+        if existing and self.accelerator.is_main_process:
+            warnings.warn(
+                f"{self.checkpoint_dir!r} already holds checkpoints of epochs {existing} from an earlier run, and "
+                "this run does not resume: pruning keeps the highest epochs of both runs and resume_from='latest' "
+                "picks the newest of either. Resume that run (resume_from='latest'), delete its checkpoints, or use "
+                "another logdir.",
+                stacklevel=3,
             )
 
     def _objective_model_index(self, models: list) -> int:
@@ -149,15 +474,39 @@ class CheckpointingMixin:
         # Whatever the pipeline loaded is gone from `remaining`; accelerate must not look for its weights file.
         models[:] = [m for m in models if self.accelerator.unwrap_model(m) in remaining]
 
+    @contextlib.contextmanager
+    def _disk_errors_named(self, final: str, temporary: str) -> Iterator[None]:
+        """Turn a save that ran out of disk space into an ``OSError`` that says so, names the checkpoint and what
+        is left, after removing the partial folder (which also gives the space back)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if not is_disk_full(error):
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)
+            free = shutil.disk_usage(self.checkpoint_dir).free / 2**20
+            previous = list_checkpoints(self.checkpoint_dir)
+            kept = f"the newest complete checkpoint, {previous[-1][1]!r}, is intact" if previous else "no checkpoint"
+            raise OSError(
+                errno.ENOSPC,
+                f"Saving checkpoint {final!r} failed: the disk holding {self.checkpoint_dir!r} is full or over its "
+                f"quota ({error}). The partial folder {temporary!r} was removed ({free:.0f} MiB free now); "
+                f"{kept}. Free some space (or lower num_checkpoint_limit, or move logdir to a larger disk), then "
+                "resume with resume_from='latest'.",
+            ) from error
+
     def save_checkpoint(self, epoch: int) -> str:
-        """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones."""
+        """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones;
+        non-finite weights are refused before anything is written or pruned."""
         final = os.path.join(self.checkpoint_dir, f"checkpoint_{epoch}")
+        refuse_non_finite_weights(self.trainable_parameters(), final)
         temporary = final + ".tmp"
         if self.accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
             os.makedirs(temporary, exist_ok=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(temporary, **self._deepspeed_checkpoint_kwargs(saving=True))
+        with self._disk_errors_named(final, temporary):
+            self.accelerator.save_state(temporary, **self._deepspeed_checkpoint_kwargs(saving=True))
         # Every process writes into the folder (its RNG state, its DeepSpeed optimiser shard): rename it after all.
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -166,19 +515,21 @@ class CheckpointingMixin:
                 "global_step": self.global_step,
                 "weights_version": self.weights_version,
                 "reward_history": self.reward_history,
+                "evaluation_history": self.evaluation_history,
                 "objective_state": self.objective.state_dict(),
-                # What a resumed run must match (_check_resumable).
-                "deepspeed": self.uses_deepspeed,
-                "num_processes": self.accelerator.num_processes,
-                "use_lora": self.sd_pipeline.use_lora,
-                "objective": self.objective.name,
+                **self._run_settings(),
+                # Every file with its size: a resume names the one that is missing or truncated.
+                "files": file_sizes(temporary),
             }
-            with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
-                json.dump(state, handle)
+            with self._disk_errors_named(final, temporary):
+                with open(os.path.join(temporary, TRAINER_STATE_NAME), "w") as handle:
+                    json.dump(state, handle)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
-            for _, old in list_checkpoints(self.checkpoint_dir)[: -self.config.num_checkpoint_limit]:
-                shutil.rmtree(old)
+            limit = checkpoint_limit(self.config)
+            if limit is not None:
+                for _, old in list_checkpoints(self.checkpoint_dir)[:-limit]:
+                    shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -189,12 +540,26 @@ class CheckpointingMixin:
         return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
 
     def _load_checkpoint(self, path: str) -> None:
-        self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
-            state = json.load(handle)
+        state = read_trainer_state(path)
+        try:
+            self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
+        except (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as error:
+            # A file damaged without changing its size (the file list catches the rest before any loading).
+            raise ValueError(
+                f"Checkpoint {path!r} could not be loaded ({type(error).__name__}: {error}). If one of its files is "
+                f"damaged: {resume_advice(path)}"
+            ) from error
         self.first_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.weights_version = state["weights_version"]
         self.reward_history = state.get("reward_history", [])
+        self.evaluation_history = state.get("evaluation_history", [])
         self.objective.load_state_dict(state.get("objective_state", {}))
+        if self.first_epoch >= self.config.num_epochs:
+            warnings.warn(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r}: {path!r} was saved after epoch "
+                f"{state['epoch']}, and num_epochs={self.config.num_epochs} ends there, so train() has no epoch "
+                f"left to run. Set num_epochs above {self.first_epoch} to train further.",
+                stacklevel=3,
+            )
         logger.info("Resumed from %s at epoch %d", path, self.first_epoch)

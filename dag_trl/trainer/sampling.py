@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..models.pipeline import PromptEmbeddings
-from .inputs import validate_prompt
+from .divergence import TrainingDivergedError, first_non_finite
+from .inputs import check_prompts, validate_prompt
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -27,6 +30,7 @@ class SamplingMixin:
     sd_pipeline: GFlowNetStableDiffusionPipeline
     negative_prompt_embeds: PromptEmbeddings
     objective: Objective
+    _prompts_checked: bool = False
 
     def _sample(self, prompt_embeds: PromptEmbeddings, generator: torch.Generator, **options: Any) -> Any:
         """The pipeline's trajectories for ``prompt_embeds`` with the training sampler (steps, eta, guidance with the
@@ -44,17 +48,22 @@ class SamplingMixin:
             )
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int) -> torch.Tensor:
-        """Images for ``prompts`` from the current policy, with the training sampler (steps, eta, guidance, negative
-        prompt) and noise fixed by ``seed``, as float32 ``(B, 3, H, W)`` on the CPU: for evaluations that compare
-        the model before and after training on the same noise."""
-        config = self.config
-        images = []
-        for start in range(0, len(prompts), config.sample_batch_size):
-            chunk = prompts[start : start + config.sample_batch_size]
-            output = self._sample(self.sd_pipeline.encode_prompt(chunk), torch.Generator().manual_seed(seed + start))
-            images.append(output.images.float().cpu())
-        return torch.cat(images)
+    def sample_images(self, prompts: list[str], seed: int, prior: bool = False) -> torch.Tensor:
+        """Images for ``prompts`` from the current policy (``prior=True``: the pretrained model, the adapter switched
+        off), with the training sampler (steps, eta, guidance, negative prompt), as float32 ``(B, 3, H, W)`` on the
+        CPU, on every process: for evaluations that compare models on the same noise. The processes share the
+        chunks of ``sample_batch_size`` prompts, and each chunk's noise is seeded by ``seed`` plus its position, so
+        the images depend neither on the number of processes nor on the batch composition elsewhere."""
+        config, accelerator = self.config, self.accelerator
+        size = config.sample_batch_size
+        mine = []
+        for start in list(range(0, len(prompts), size))[accelerator.process_index :: accelerator.num_processes]:
+            embeds = self.sd_pipeline.encode_prompt(prompts[start : start + size])
+            generator = torch.Generator().manual_seed(seed + start)
+            with self.sd_pipeline.adapter_disabled() if prior else contextlib.nullcontext():
+                mine.append((start, self._sample(embeds, generator).images.float().cpu()))
+        chunks = gather_object(mine) if accelerator.num_processes > 1 else mine
+        return torch.cat([images for _, images in sorted(chunks, key=lambda chunk: chunk[0])])
 
     def _generate_samples(self, epoch: int) -> tuple[dict[str, Any], list]:
         config = self.config
@@ -69,6 +78,10 @@ class SamplingMixin:
             pairs = [validate_prompt(self.prompt_fn()) for _ in range(config.sample_batch_size)]
             prompts = [prompt for prompt, _ in pairs]
             metadata = [meta for _, meta in pairs]
+            if not self._prompts_checked:
+                # Once per run: empty prompts, and prompts the text encoder cuts short, are accepted with a warning.
+                check_prompts(prompts, *(self.sd_pipeline.prompt_token_counts(prompts) or (None, None)))
+                self._prompts_checked = True
             with torch.no_grad():
                 prompt_embeds = self.sd_pipeline.encode_prompt(prompts)
                 output = self._sample(
@@ -76,6 +89,16 @@ class SamplingMixin:
                     generator,
                     log_prob_reduction=config.train_log_prob_reduction,
                     record_prior_log_probs=self.objective.uses_prior_log_probs,
+                )
+            bad = first_non_finite([output.latents, output.log_probs])
+            if bad is not None:
+                # Before the reward function sees the images, which it would be blamed for.
+                largest = max(p.detach().abs().max().item() for p in self.trainable_parameters())
+                raise TrainingDivergedError(
+                    f"Training diverged before epoch {epoch}: the policy's sampled "
+                    f"{('latents', 'log-probabilities')[bad]} hold NaN or infinite values (largest trained weight "
+                    f"{largest:.3g}). Resume from the last checkpoint with a lower train_learning_rate, or check "
+                    "sample_eta and the scheduler."
                 )
             batch_size = len(prompts)
             # One (guided: two-row) UNet call per step, and as many for the prior when the objective records it.

@@ -7,6 +7,7 @@ import shutil
 from typing import TYPE_CHECKING, Optional, Union
 
 from ..io.hub import callable_name, create_model_card, push_folder_to_hub
+from .divergence import refuse_non_finite_weights
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -73,6 +74,7 @@ class SavingMixin:
 
     def _save_trained_weights(self, output_dir: str) -> None:
         """The denoiser's trained weights (diffusers LoRA or ``unet/``) and the objective's model (``flow/``)."""
+        refuse_non_finite_weights(self.trainable_parameters(), output_dir)
         self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
         if self.unwrapped_objective_model is not None:
             self.unwrapped_objective_model.save_pretrained(os.path.join(output_dir, self.objective.model_folder))

@@ -25,8 +25,11 @@ runs the clipping and the optimiser step at the end of each window.
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
+import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -36,13 +39,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import GFlowNetConfig
+from ..evaluation import pixel_features, reward_statistics
 from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
-from .checkpointing import CheckpointingMixin, resolve_resume_from
+from .checkpointing import CheckpointingMixin, accelerate_project_kwargs, list_checkpoints, resolve_resume_from
 from .distributed import TrainableModules, configure_deepspeed
-from .inputs import validate_rewards
+from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
+from .evaluating import EvaluationHook, EvaluationMixin
+from .inputs import check_reward_scale, validate_reward_output
 from .objectives import TransitionBatch, get_objective_class
 from .objectives.losses import reward_exponent
 from .sampling import SamplingMixin
@@ -85,7 +91,31 @@ def take_rows(value: Any, indices: torch.Tensor) -> Any:
     return value
 
 
-class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message names the checkpoint to resume from."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the context, SIGTERM raises ``KeyboardInterrupt("SIGTERM")`` as Ctrl-C does (``"SIGINT"``), so that
+    both end training the same way; outside the main thread, where handlers cannot be set, nothing changes."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt as error:
+        raise KeyboardInterrupt(str(error) or "SIGINT") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixin, SavingMixin):
     """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
 
     Args:
@@ -102,6 +132,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
             tracker (or ``None``). Defaults to [`~dag_trl.io.tracking.log_image_samples`], which logs a grid of the
             samples with their prompts and rewards to wandb, TensorBoard or trackio; pass ``lambda *args: None``
             to log no images.
+        evaluation_hook: ``(images, prompts, metadata, rewards) -> dict`` called at every evaluation (``eval_freq``)
+            on every process; its entries join the evaluation's (e.g. the shapes model's distance from the tilted
+            target, :func:`dag_trl.demo.shapes.target.target_distance`).
+        image_features: ``images -> (B, F) features`` for the evaluation's diversity and prior distance (a CLIP or
+            DINO image tower); defaults to downsampled pixels, :func:`dag_trl.evaluation.pixel_features`.
 
     Prompt functions with a ``reseed(seed)`` method (all of :mod:`dag_trl.prompts`) are reseeded at every epoch
     from ``config.seed``, the process index and the epoch, so that processes draw different prompts and a resumed
@@ -115,6 +150,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         prompt_function: Union[PromptCallable, str],
         sd_pipeline: GFlowNetStableDiffusionPipeline,
         image_samples_hook: Optional[Callable] = None,
+        evaluation_hook: Optional[EvaluationHook] = None,
+        image_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, ProjectConfiguration
@@ -133,6 +170,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
             raise TypeError(
                 f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}."
             )
+        # Settings whose trouble shows only with the pipeline's scheduler (a step with zero variance, an eta whose
+        # variance underflows), before anything is set up.
+        sd_pipeline.check_sampler(config.sample_num_steps, config.sample_eta)
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -146,9 +186,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
         self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
+        self.evaluation_hook = evaluation_hook
+        self.image_features = image_features if image_features is not None else pixel_features
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
 
-        project_config = ProjectConfiguration(project_dir=config.logdir, **config.project_kwargs)
+        # project_kwargs as TRL's DDPOTrainer takes them; checkpoint naming and total_limit are the trainer's own.
+        project_config = ProjectConfiguration(**accelerate_project_kwargs(config))
         # One optimiser step per window: accelerate averages the window's backward passes and, with several
         # processes, synchronises gradients on the last one only (`accumulate` in `train_window`).
         self.accelerator = Accelerator(
@@ -161,8 +204,20 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.uses_deepspeed:
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+
+        torch.manual_seed(config.seed)
+        objective_model = self.objective.create_model(sd_pipeline)
+        if (objective_model is None) != (self.objective.model_folder is None):
+            raise TypeError(
+                f"{type(self.objective).__name__}: model_folder={self.objective.model_folder!r} but create_model "
+                f"returned {type(objective_model).__name__}; set model_folder exactly when the objective has a model."
+            )
+        # Refuse a checkpoint of another run, and a folder another run is writing, before anything is written.
         if self.resume_path is not None:
-            self._check_resumable(self.resume_path)
+            self._check_resumable(self.resume_path, objective_model)
+        else:
+            self._warn_about_other_checkpoints()
+        self._acquire_run_lock()
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
@@ -180,13 +235,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         # Training recomputes steps on stored trajectories, which needs the sampling timestep spacing.
         sd_pipeline.set_timesteps(config.sample_num_steps, device=device)
 
-        torch.manual_seed(config.seed)
-        objective_model = self.objective.create_model(sd_pipeline)
-        if (objective_model is None) != (self.objective.model_folder is None):
-            raise TypeError(
-                f"{type(self.objective).__name__}: model_folder={self.objective.model_folder!r} but create_model "
-                f"returned {type(objective_model).__name__}; set model_folder exactly when the objective has a model."
-            )
         if objective_model is not None:
             objective_model.to(device)
         self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), objective_model)
@@ -221,6 +269,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         self.global_step = 0
         self.weights_version = 0
         self.reward_history: list[dict[str, float]] = []
+        self.evaluation_history: list[dict[str, Any]] = []
+        self._reward_scale_warned = False
+        # fp16 scales the loss (accelerate's gradient scaler, DeepSpeed's dynamic loss scale): a step whose gradients
+        # overflow is skipped, not an error.
+        self.uses_loss_scaling = config.mixed_precision == "fp16"
+        self.skipped_steps = self.consecutive_skipped_steps = 0
         if self.resume_path is not None:
             self._load_checkpoint(self.resume_path)
 
@@ -252,8 +306,28 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
     def train(self, epochs: Optional[int] = None) -> None:
         """Train for ``epochs`` (default ``config.num_epochs``) epochs, resuming where a checkpoint left off."""
         last_epoch = self.config.num_epochs if epochs is None else epochs
-        for epoch in range(self.first_epoch, last_epoch):
-            self.global_step = self.step(epoch, self.global_step)
+        self._acquire_run_lock()  # again: an earlier train() released it
+        epoch = self.first_epoch
+        try:
+            with terminate_as_interrupt():
+                if self.config.eval_freq and self.first_epoch == 0 and not self.evaluation_history:
+                    self.evaluate(0)
+                for epoch in range(self.first_epoch, last_epoch):
+                    self.global_step = self.step(epoch, self.global_step)
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C or SIGTERM (a cluster's pre-emption): resume needs a whole epoch, so say which one it is.
+            checkpoints = list_checkpoints(self.checkpoint_dir)
+            last = (
+                f"the last checkpoint is {checkpoints[-1][1]!r} (epoch {checkpoints[-1][0]}): resume from it with "
+                "resume_from='latest'"
+                if checkpoints
+                else "no checkpoint was written yet"
+            )
+            raise TrainingInterrupted(
+                f"Training was interrupted ({interrupt}) during epoch {epoch}; {last}."
+            ) from None
+        finally:
+            self._release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
             self.push_to_hub()
@@ -271,12 +345,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         self.objective.prepare_samples(samples, self.accelerator)
 
         rewards = self.accelerator.gather(samples["rewards"]).cpu()
-        epoch_metrics = {
-            "epoch": epoch,
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "beta": beta,
-        }
+        if self.accelerator.is_main_process and not self._reward_scale_warned:
+            self._reward_scale_warned = bool(
+                check_reward_scale(rewards.reshape(-1, config.sample_batch_size), beta, epoch)
+            )
+        epoch_metrics = {"epoch": epoch, "beta": beta}
+        epoch_metrics.update({f"reward_{name}": value for name, value in reward_statistics(rewards).items()})
         self.reward_history.append(epoch_metrics)
         self.accelerator.log(epoch_metrics, step=global_step)
         if self.image_samples_hook is not None and self.accelerator.is_main_process:
@@ -291,6 +365,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
             global_step = self._train_on_samples(samples, beta, epoch, global_step, generator)
         self.accelerator.log(self.counters.as_metrics(), step=global_step)
         self.global_step = global_step
+        if config.eval_freq and ((epoch + 1) % config.eval_freq == 0 or epoch + 1 == config.num_epochs):
+            self.evaluate(epoch + 1)  # before the checkpoint, which keeps the evaluation history
         if (epoch + 1) % config.save_freq == 0:
             self.save_checkpoint(epoch)
         return global_step
@@ -299,8 +375,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
         self.counters.reward_calls += 1
         self.counters.reward_samples += len(prompts)
-        rewards, info = self.reward_fn(images, tuple(prompts), tuple(metadata))
-        return validate_rewards(rewards, prompts, epoch, self.accelerator.device), info
+        output = self.reward_fn(images, tuple(prompts), tuple(metadata))
+        return validate_reward_output(output, self.reward_fn, prompts, epoch, self.accelerator.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context for model forwards: the pipeline's, else the accelerator's mixed precision."""
@@ -322,10 +398,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
     ) -> int:
         """One pass over the epoch's samples, one optimiser step per window."""
         windows = self.windows(samples, generator)
+        first_step = global_step
         for window, kept in tqdm(
             windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
         ):
-            metrics = self.train_window(window, kept, beta, epoch)
+            metrics = self.train_window(window, kept, beta, epoch, window_index=global_step - first_step)
             metrics.update({"epoch": epoch, "beta": beta})
             self.accelerator.log(metrics, step=global_step)
             global_step += 1
@@ -350,10 +427,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
             for start in range(0, total, size)
         ]
 
-    def train_window(self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int) -> dict[str, float]:
+    def train_window(
+        self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
+    ) -> dict[str, float]:
         """One optimiser step on a window of whole trajectories (``train_gradient_accumulation_steps`` batches).
 
-        ``kept`` holds, per trajectory, the indices of the transitions trained on. Returns the step's metrics.
+        ``kept`` holds, per trajectory, the indices of the transitions trained on. Returns the step's metrics. A
+        non-finite loss (checked before its backward pass, also under DeepSpeed), gradient norm or updated weight
+        raises :class:`TrainingDivergedError` naming ``epoch`` and ``window_index``; under fp16 the gradient scaler
+        skips overflowing steps instead, and training stops only when they persist.
         """
         config = self.config
         device = self.accelerator.device
@@ -384,6 +466,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
                 with self.accelerator.accumulate(*self.prepared_models):
                     batch = self.transition_batch(window, rows, kept[rows, column], state_rewards, beta)
                     loss, parts = self.objective.loss(batch, self.objective_model)
+                    if not self.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
+                        self._diverged(f"the loss is {loss.item()}", epoch, window_index, parts, window, beta)
                     self.accelerator.backward(loss)
                 for name, value in parts.items():
                     sums[name] += value / num_backwards
@@ -392,12 +476,36 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
             name: self.accelerator.reduce(torch.tensor(value, device=device), "mean").item()
             for name, value in sums.items()
         }
-        metrics.update(self._optimiser_step())
+        metrics.update(
+            self._optimiser_step(lambda what: self._diverged(what, epoch, window_index, metrics, window, beta))
+        )
+        bad = first_non_finite(self.trainable_parameters())
+        if bad is not None:
+            self._diverged(f"trainable parameter {bad} became non-finite", epoch, window_index, metrics, window, beta)
         self.weights_version += 1
         return metrics
 
-    def _optimiser_step(self) -> dict[str, float]:
-        """Clip and step at the end of a window; returns the gradient norms."""
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        """The denoiser's trained parameters (LoRA or all) and the objective's model's."""
+        parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        if self.objective_model is not None:
+            parameters += list(self.objective_model.parameters())
+        return parameters
+
+    def _diverged(
+        self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: dict[str, Any], beta: float
+    ) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        last = checkpoints[-1][1] if checkpoints else None
+        raise TrainingDivergedError(
+            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, last)
+        )
+
+    def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
+        """Clip and step at the end of a window; returns the gradient norms. A non-finite norm calls ``diverged``
+        (which raises) before the step; under fp16 loss scaling, the scaler's skipped steps are counted instead, and
+        ``diverged`` is called when more than ``MAX_CONSECUTIVE_SKIPPED_STEPS`` follow each other."""
         if self.uses_deepspeed:
             # The engine clipped the global norm of all trained networks and stepped inside the last backward pass.
             # Its optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain AdamW.
@@ -411,8 +519,22 @@ class GFlowNetDiffusionTrainer(SamplingMixin, CheckpointingMixin, SavingMixin):
         if self.objective_model is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.objective_model.parameters(), max_norm)
             metrics[f"grad_norm_{self.objective.model_folder}"] = float(norm)
+        if not self.uses_loss_scaling:
+            for name, value in metrics.items():
+                if not math.isfinite(value):
+                    diverged(f"{name} is {value} (the step was not applied)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.uses_loss_scaling:
+            skipped = self.accelerator.optimizer_step_was_skipped
+            self.skipped_steps += int(skipped)
+            self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if skipped else 0
+            metrics["optimizer_steps_skipped"] = float(self.skipped_steps)
+            if self.consecutive_skipped_steps > MAX_CONSECUTIVE_SKIPPED_STEPS:
+                diverged(
+                    f"the fp16 gradient scaler skipped {self.consecutive_skipped_steps} optimiser steps in a row "
+                    "(their gradients overflowed at every loss scale it tried)"
+                )
         return metrics
 
     def _policy(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +102,28 @@ def target_distance(
         name: target_total_variation(attributes[name], table[name], weights, categories)
         for name, categories in ATTRIBUTES.items()
     }
+
+
+def tilted_target_hook(
+    num_steps: int, eta: float, guidance_scale: float, beta: float
+) -> Callable[[torch.Tensor, list, list, torch.Tensor], dict[str, Any]] | None:
+    """An ``evaluation_hook`` for :class:`~dag_trl.GFlowNetDiffusionTrainer` that adds, for the shapes model, the
+    share of each shape colour and ``target_tv`` / ``target_tv_noise`` per attribute against the tilted target at
+    ``beta`` (true units); ``None`` when no base-sample table was computed for these sampler settings. Evaluation
+    prompts outside the table get the colour shares only."""
+    table = load_table(num_steps, eta, guidance_scale)
+    if table is None:
+        return None
+
+    def hook(images: torch.Tensor, prompts: list, metadata: list, rewards: torch.Tensor) -> dict[str, Any]:
+        attributes = image_attributes(images)
+        result: dict[str, Any] = {
+            "colour": {name: share / len(prompts) for name, share in Counter(attributes["shape_colour"]).items()}
+        }
+        if set(prompts) <= set(table["prompts"]):
+            distances = target_distance(attributes, prompts, table, beta)
+            result["target_tv"] = {name: value["tv"] for name, value in distances.items()}
+            result["target_tv_noise"] = {name: value["noise"] for name, value in distances.items()}
+        return result
+
+    return hook

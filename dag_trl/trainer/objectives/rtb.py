@@ -26,6 +26,22 @@ def relative_trajectory_balance_residual(
     return log_partition + policy_log_prob.sum(dim=1) - prior_log_prob.sum(dim=1) - beta * rewards
 
 
+def batch_log_partition(residual: torch.Tensor, prompts: list[str], fallback: torch.Tensor) -> torch.Tensor:
+    r"""Per-prompt batch estimate of :math:`\log Z(c)`: minus the mean of the residual without :math:`\log Z` over the
+    trajectories of the same prompt, :math:`\hat{\log Z}(c) = \frac{1}{K_c} \sum_{i: c_i = c} (\beta R(x_0^i) -
+    \sum_t \log P_F^\theta + \sum_t \log P_F^{\text{prior}})`; ``fallback`` where a prompt has a single trajectory.
+
+    With it, :math:`\delta_i` is the deviation from the group mean, and :math:`2\delta_i \nabla \sum_t \log P_F^\theta`
+    is the exact gradient of the group's log-variance loss :math:`\frac{1}{K}\sum_i (r_i - \bar r)^2` (VarGrad:
+    Richter et al., 2020, arXiv 2010.10436), whose minimum is the same tilted target."""
+    result = fallback.clone()
+    for prompt in set(prompts):
+        rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], device=residual.device)
+        if len(rows) > 1:
+            result[rows] = -residual[rows].mean()
+    return result
+
+
 class RelativeTrajectoryBalance(Objective):
     r"""RTB fine-tunes the denoiser's LoRA so that the sampler's distribution is the prior tilted by the reward,
     :math:`p^{\text{prior}}(x_0 \mid c)\, e^{\beta R(x_0)}`, where the prior is the pretrained model itself (the same
@@ -45,7 +61,7 @@ class RelativeTrajectoryBalance(Objective):
     description = "relative trajectory balance towards the reward-tilted pretrained model"
     hyperparameters = ("train_log_z_learning_rate",)
     model_folder = "log_partition"
-    trajectory_fields = ("rtb_delta",)
+    trajectory_fields = ("rtb_delta", "rtb_log_z_delta")
     uses_prior_log_probs = True
 
     paper = ("Venkatraman et al., 2024", "https://arxiv.org/abs/2405.20971")
@@ -87,16 +103,23 @@ class RelativeTrajectoryBalance(Objective):
         policy_log_probs: Callable[[], torch.Tensor],
         model: Optional[torch.nn.Module],
     ) -> None:
-        log_partition = model(window["prompt_embeds"].hidden_states)
-        window["rtb_delta"] = relative_trajectory_balance_residual(
-            log_partition, policy_log_probs(), window["prior_log_probs"], window["rewards"].float(), beta
+        learned = model(window["prompt_embeds"].hidden_states)
+        residual_without_log_z = relative_trajectory_balance_residual(
+            torch.zeros_like(learned), policy_log_probs(), window["prior_log_probs"], window["rewards"].float(), beta
         )
+        window["rtb_log_z_delta"] = learned + residual_without_log_z
+        log_partition = learned
+        if self.config.train_log_z_estimate == "batch":
+            log_partition = batch_log_partition(residual_without_log_z, window["prompts"], learned)
+        window["rtb_delta"] = log_partition + residual_without_log_z
 
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         delta = batch.trajectory["rtb_delta"]
         num_steps = self.config.sample_num_steps
         log_partition = model(batch.prompt_embeds.hidden_states)
-        surrogate = 2 * delta * (num_steps * batch.log_prob_forward + log_partition)
+        surrogate = (
+            2 * delta * num_steps * batch.log_prob_forward + 2 * batch.trajectory["rtb_log_z_delta"] * log_partition
+        )
         return surrogate.mean(), {
             "loss_rtb": (delta**2).mean().item(),
             "log_partition": log_partition.mean().item(),

@@ -1,0 +1,86 @@
+"""Evaluation during training at ``eval_freq``: fixed prompts and noise, so that successive evaluations differ only by
+the weights; mixed into :class:`GFlowNetDiffusionTrainer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from ..evaluation import diversity, kernel_distance, reward_statistics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..config import GFlowNetConfig
+    from ..models.pipeline import GFlowNetStableDiffusionPipeline
+
+EvaluationHook = Callable[[torch.Tensor, list, list, torch.Tensor], dict[str, Any]]
+
+
+class EvaluationMixin:
+    """``evaluate()``: sample ``eval_num_samples`` images for fixed prompts and noise with the training sampler, and
+    report the reward's mean, standard deviation and quantiles, the per-prompt diversity and the kernel distance from
+    the pretrained model's samples for the same prompts and noise (LoRA runs: the adapter switched off), plus what the
+    ``evaluation_hook`` adds."""
+
+    config: GFlowNetConfig
+    accelerator: Accelerator
+    sd_pipeline: GFlowNetStableDiffusionPipeline
+    prompt_fn: Callable
+    reward_fn: Callable
+    image_features: Callable[[torch.Tensor], torch.Tensor]
+    evaluation_hook: Optional[EvaluationHook]
+    evaluation_history: list[dict[str, Any]]
+
+    def evaluation_prompts(self) -> tuple[list[str], list[dict]]:
+        """The fixed evaluation prompts: ``eval_num_samples`` draws of the prompt function after
+        ``reseed(eval_seed)`` (the trainer reseeds it again before each epoch's draws), or plain draws if it cannot
+        be reseeded. Drawn once and kept."""
+        if getattr(self, "_evaluation_prompts", None) is None:
+            reseed = getattr(self.prompt_fn, "reseed", None)
+            if callable(reseed):
+                reseed(self.config.eval_seed)
+            pairs = [self.prompt_fn() for _ in range(self.config.eval_num_samples)]
+            self._evaluation_prompts = ([prompt for prompt, _ in pairs], [metadata for _, metadata in pairs])
+        return self._evaluation_prompts
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Evaluate the current weights after ``epoch`` trained epochs; logs ``eval/...`` to the trackers, appends to
+        ``evaluation_history`` and returns the entry (on every process)."""
+        prompts, metadata = self.evaluation_prompts()
+        was_training = self.unet.training
+        self.unet.eval()
+        images = self.sample_images(prompts, self.config.eval_seed)
+        rewards, _ = self.reward_fn(images, tuple(prompts), tuple(metadata))
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+        features = self.image_features(images)
+        result: dict[str, Any] = {"epoch": epoch}
+        result.update({f"reward_{name}": value for name, value in reward_statistics(rewards).items()})
+        result["diversity"] = diversity(features, prompts)
+        if self.sd_pipeline.use_lora:
+            if getattr(self, "_prior_evaluation_features", None) is None:
+                self._prior_evaluation_features = self.image_features(
+                    self.sample_images(prompts, self.config.eval_seed, prior=True)
+                )
+            result["prior_kernel_distance"] = kernel_distance(self._prior_evaluation_features, features)
+        if self.evaluation_hook is not None:
+            result.update(self.evaluation_hook(images, prompts, metadata, rewards))
+        if was_training:
+            self.unet.train()
+        self.evaluation_history.append(result)
+        self.accelerator.log(flat_scalars(result, "eval"), step=self.global_step)
+        return result
+
+
+def flat_scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of a nested dict under ``prefix/key/subkey`` names, for the trackers (``None`` left out)."""
+    scalars: dict[str, float] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            scalars.update(flat_scalars(value, f"{prefix}/{name}"))
+        elif isinstance(value, (int, float)):
+            scalars[f"{prefix}/{name}"] = value
+    return scalars

@@ -1,0 +1,79 @@
+"""Evaluation during training (``eval_freq``): when it runs, on which prompts and noise, what it reports and logs, and
+the pretrained model's samples it compares with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, brightness, record_logs, tiny_config
+
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl.evaluation import diversity, pixel_features, reward_statistics
+from dag_trl.prompts import PromptList
+
+
+def make_trainer(tmp_path, tiny_sd_path, evaluation_hook=None, **overrides):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
+    config = tiny_config(tmp_path, eval_num_samples=6, eval_seed=7, sample_num_batches_per_epoch=1, **overrides)
+    return GFlowNetDiffusionTrainer(
+        config, brightness, PromptList(PROMPTS, seed=0), pipeline, evaluation_hook=evaluation_hook
+    )
+
+
+def test_evaluation_prompts_are_the_prompt_sets_draws_after_reseeding_with_eval_seed(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path)
+    expected = PromptList(PROMPTS, seed=7)
+    prompts, _ = trainer.evaluation_prompts()
+    assert prompts == [expected()[0] for _ in range(6)]
+    trainer.prompt_fn()  # the training stream moves on; the evaluation prompts stay
+    assert trainer.evaluation_prompts()[0] == prompts
+
+
+def test_the_prior_images_are_the_pretrained_models_whatever_the_lora(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path)
+    prompts = PROMPTS[:3]
+    before = trainer.sample_images(prompts, seed=3)  # the LoRA starts as the identity (peft's B = 0)
+    with torch.no_grad():
+        for parameter in trainer.sd_pipeline.get_trainable_layers():
+            parameter.add_(0.5)
+    changed = trainer.sample_images(prompts, seed=3)
+    assert (changed - before).abs().max() > 1e-3
+    torch.testing.assert_close(trainer.sample_images(prompts, seed=3, prior=True), before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_evaluations_run_before_training_every_eval_freq_epochs_and_after_the_last(tmp_path, tiny_sd_path):
+    calls = []
+
+    def hook(images, prompts, metadata, rewards):
+        calls.append(len(prompts))
+        return {"extra": {"brightest": rewards.max().item()}}
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, evaluation_hook=hook, num_epochs=3, eval_freq=2)
+    logged = record_logs(trainer)
+    trainer.train()
+    assert [entry["epoch"] for entry in trainer.evaluation_history] == [0, 2, 3]
+    assert calls == [6, 6, 6]
+
+    # The last entry reports the final weights: recompute it from the images of the same prompts and noise.
+    last = trainer.evaluation_history[-1]
+    prompts, _ = trainer.evaluation_prompts()
+    images = trainer.sample_images(prompts, seed=7)
+    rewards = images.mean(dim=(1, 2, 3))
+    for name, value in reward_statistics(rewards).items():
+        assert last[f"reward_{name}"] == pytest.approx(value, abs=1e-6)
+    assert last["diversity"] == pytest.approx(diversity(pixel_features(images), prompts), abs=1e-6)
+    assert last["extra"]["brightest"] == pytest.approx(rewards.max().item(), abs=1e-6)
+    first_kernel_distance = trainer.evaluation_history[0]["prior_kernel_distance"]
+    assert last["prior_kernel_distance"] != first_kernel_distance
+
+    # Logged flat, with the nested entries under their path.
+    evaluation_logs = [values for _, values in logged if "eval/reward_mean" in values]
+    assert len(evaluation_logs) == 3
+    assert evaluation_logs[-1]["eval/extra/brightest"] == last["extra"]["brightest"]
+    assert evaluation_logs[-1]["eval/reward_q95"] == last["reward_q95"]
+
+
+def test_eval_freq_must_be_a_non_negative_integer(tmp_path):
+    with pytest.raises(ValueError, match=r"eval_freq=-1 .*an integer >= 0"):
+        tiny_config(tmp_path, eval_freq=-1)
