@@ -24,6 +24,10 @@ OBJECTIVE_ARGUMENTS: dict[str, list[str]] = {
 }
 
 
+# The curves: 256 fixed evaluation samples before training and every 8 epochs (the large sample only at the end).
+CURVE_ARGUMENTS = ["--eval_freq", "8", "--eval_num_samples", "256"]
+
+
 def run_one(objective: str, seed: int, output: Path, eval_num_images: int) -> dict:
     from dag_trl.demo.cli import parse_arguments, run
 
@@ -32,7 +36,7 @@ def run_one(objective: str, seed: int, output: Path, eval_num_images: int) -> di
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     argv = ["--output_dir", str(folder), "--overwrite", "true", "--seed", str(seed)]
-    argv += ["--eval_num_images", str(eval_num_images), *OBJECTIVE_ARGUMENTS[objective]]
+    argv += ["--eval_num_images", str(eval_num_images), *CURVE_ARGUMENTS, *OBJECTIVE_ARGUMENTS[objective]]
     start = time.time()
     summary = run(*parse_arguments(argv))
     summary["wall_seconds"] = time.time() - start
@@ -51,7 +55,7 @@ def table(output: Path) -> str:
     """One Markdown row per finished run."""
     header = (
         "| objective | seed | reward before -> after | red / yellow after | TV shape colour | TV background | "
-        "TV shape kind | diversity before -> after | kernel distance | adherence (colour / bg / shape) | wall |\n"
+        "TV shape kind | diversity before -> after | kernel distance | adherence (colour / bg / shape) | training |\n"
         "| --- | ---: | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
     )
     rows = []
@@ -67,9 +71,43 @@ def table(output: Path) -> str:
             f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
             f"{after['prior_kernel_distance']:.3f} | {adherence['colour']:.2f} / {adherence['background']:.2f} / "
-            f"{adherence['shape']:.2f} | {summary.get('wall_seconds', 0) / 60:.1f} min |"
+            f"{adherence['shape']:.2f} | {summary.get('train_seconds', 0) / 60:.1f} min |"
         )
     return "\n".join([header, *rows])
+
+
+def plot_curves(output: Path, path: Path) -> None:
+    """Evaluation reward against the TV of the shape colour from the tilted target, along training (the runs'
+    ``evaluation_history``: epochs 0, 8, 16, 24), one line per run, one colour per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(6.5, 4.5))
+    colours = {}
+    for summary_path in sorted(output.glob("*-seed*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        history = [entry for entry in summary.get("evaluation_history", []) if "target_tv" in entry]
+        if not history:
+            continue
+        name = summary["algorithm"]
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        axis.plot(
+            [entry["target_tv"]["shape_colour"] for entry in history],
+            [entry["reward_mean"] for entry in history],
+            "-o", color=colour, markersize=3, label=name if name not in axis.get_legend_handles_labels()[1] else None,
+        )  # fmt: skip
+        axis.annotate(
+            str(history[-1]["epoch"]), (history[-1]["target_tv"]["shape_colour"], history[-1]["reward_mean"])
+        )
+    axis.set_xlabel("TV of the shape colour from the tilted target (beta of the run)")
+    axis.set_ylabel("mean evaluation reward (256 fixed samples)")
+    axis.set_title("Shapes model: reward and distance from the tilted target over training")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
 
 
 def main() -> None:
@@ -81,12 +119,17 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--eval_num_images", type=int, default=2048)
     parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    parser.add_argument(
+        "--figure", type=Path, help="also plot reward against the TV of the shape colour over training"
+    )
     args = parser.parse_args()
     if not args.table:
         for seed in args.seeds:
             for objective in args.objectives:
                 run_one(objective, seed, args.output, args.eval_num_images)
     print(table(args.output))
+    if args.figure:
+        plot_curves(args.output, args.figure)
 
 
 if __name__ == "__main__":

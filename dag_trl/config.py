@@ -507,6 +507,15 @@ class GFlowNetConfig:
             if not check(getattr(self, name)):
                 reject(name, accepted)
         self._validate_objective()
+        if self.push_to_hub:
+            # Checked now, not when the push comes after training.
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            name = "hub_model_id" if self.hub_model_id else "exp_name"
+            try:
+                validate_repo_id(getattr(self, name))
+            except HFValidationError as error:
+                reject(name, f"a valid Hub repository id with push_to_hub=True ({error})")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
         from .trainer.checkpointing import validate_project_kwargs

@@ -276,13 +276,12 @@ def test_an_output_dir_that_cannot_be_written_fails_before_the_model_loads(tmp_p
         run(script_args, config)
 
 
-def test_an_invalid_hub_repository_id_fails_before_the_model_loads(tmp_path):
-    script_args, config = parse_arguments(
-        ["--output_dir", str(tmp_path / "run"), "--pretrained_model", "missing", "--push_to_hub", "true",
-         "--hub_model_id", "me/not a repo id"]
-    )  # fmt: skip
-    with pytest.raises(SystemExit, match=r"--hub_model_id 'me/not a repo id' is not one"):
-        run(script_args, config)
+def test_an_invalid_hub_repository_id_fails_when_the_arguments_are_parsed(tmp_path):
+    arguments = ["--pretrained_model", "missing", "--push_to_hub", "true", "--hub_model_id", "me/not a repo id"]
+    with pytest.raises(ValueError, match=r"hub_model_id='me/not a repo id' is invalid: expected a valid Hub repo"):
+        parse_arguments(arguments)
+    with pytest.raises(ValueError, match=r"exp_name='two words' is invalid: expected a valid Hub repository id"):
+        parse_arguments(["--pretrained_model", "missing", "--push_to_hub", "true", "--exp_name", "two words"])
 
 
 @pytest.mark.integration

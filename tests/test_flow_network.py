@@ -43,3 +43,20 @@ def test_save_pretrained_round_trip(tmp_path):
     assert loaded.config.block_out_channels == [8, 16, 16] and loaded.config.layers_per_block == 2
     for (name, a), (_, b) in zip(flow.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_log_flows_of_hundreds_of_nats_keep_float32_precision_inside_bf16_autocast():
+    from dag_trl.models import LogPartitionHead
+
+    flow = tiny_flow().eval()
+    with torch.no_grad():
+        flow.head.bias.fill_(-900.3)  # a summed log-flow on the shapes model; bfloat16's spacing there is 4
+    latents, timesteps, text = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1]), torch.randn(3, 6, 32)
+    expected = flow(latents, timesteps, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate wraps a prepared model under bf16
+        assert torch.equal(flow(latents, timesteps, text), expected)
+    head = LogPartitionHead(32)
+    with torch.no_grad():
+        head.linear.bias.fill_(2.0123)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head(text), head.linear.bias.expand(3))

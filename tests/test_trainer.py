@@ -427,3 +427,17 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
     )
     assert signal.getsignal(signal.SIGTERM) is handler
     assert not os.path.exists(run_lock_path(trainer.config))
+
+
+def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is_not_exact(tmp_path, tiny_sd_path):
+    from conftest import make_resumable_trainer
+
+    make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=1).train()
+
+    def one_prompt():
+        return "a cat", {}
+
+    config = tiny_config(tmp_path, num_epochs=2, sample_num_batches_per_epoch=1, save_freq=1, resume_from="latest")
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
+    with pytest.warns(UserWarning, match=r"prompt function 'one_prompt' has no reseed\(seed\) method, so the resumed"):
+        GFlowNetDiffusionTrainer(config, brightness, one_prompt, pipeline)

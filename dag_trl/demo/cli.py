@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -220,20 +221,6 @@ def check_writable(folder: str) -> None:
         raise SystemExit(f"--output_dir {folder!r} is not writable ({error}): choose another --output_dir.") from error
 
 
-def check_hub_repo_id(config: GFlowNetConfig) -> None:
-    """The repository ``--push_to_hub`` would create (``hub_model_id``, else ``exp_name``) must be a valid Hub id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    field_name = "hub_model_id" if config.hub_model_id else "exp_name"
-    try:
-        validate_repo_id(getattr(config, field_name))
-    except HFValidationError as error:
-        raise SystemExit(
-            f"--push_to_hub true needs a valid Hub repository id, but --{field_name} {getattr(config, field_name)!r} is "
-            f"not one ({error})"
-        ) from error
-
-
 def check_epochs_left(config: GFlowNetConfig, checkpoint: str) -> None:
     """Refuse a resume with no epoch left to train, which would only rewrite ``model/`` and ``summary.json``."""
     epoch = read_trainer_state(checkpoint)["epoch"]
@@ -334,8 +321,6 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     evaluation_prompt_fn = get_prompt_fn(
         script_args.prompts, **{**script_args.prompt_kwargs, "seed": config.eval_seed}
     )
-    if config.push_to_hub:
-        check_hub_repo_id(config)
     if config.resume_from:
         # A wrong folder, or one with nothing left to train, fails here, not after loading the model.
         check_epochs_left(config, resolve_resume_from(config))
@@ -350,7 +335,11 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]
 
     before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
+    start, earlier_evaluations = time.perf_counter(), len(trainer.evaluation_history)
     trainer.train()
+    # Training time alone: the evaluations during training (eval_freq) are reported on their own.
+    evaluation_seconds = sum(entry["seconds"] for entry in trainer.evaluation_history[earlier_evaluations:])
+    train_seconds = time.perf_counter() - start - evaluation_seconds
     after = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
     # How far the fine-tuned samples moved from the pretrained model's, on the same prompts and noise.
     after["prior_kernel_distance"] = kernel_distance(pixel_features(before["images"]), pixel_features(after["images"]))
@@ -362,6 +351,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         "prompts": script_args.prompts,
         "algorithm": trainer.objective.display_name,
         "epochs": config.num_epochs,
+        "train_seconds": train_seconds,
         "reward_history": trainer.reward_history,
         "evaluation_history": trainer.evaluation_history,
     }
@@ -398,7 +388,8 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable report printed at the end of a run."""
     lines = [
-        f"{summary['algorithm']} on {summary['pretrained_model']} ({summary['epochs']} epochs), reward "
+        f"{summary['algorithm']} on {summary['pretrained_model']} ({summary['epochs']} epochs, "
+        f"{summary.get('train_seconds', 0) / 60:.1f} min of training), reward "
         f"{summary['reward']}, prompts {summary['prompts']}",
         f"mean reward before: {summary['before']['reward_mean']:.4f} (std {summary['before']['reward_std']:.4f})",
         f"mean reward after:  {summary['after']['reward_mean']:.4f} (std {summary['after']['reward_std']:.4f})",

@@ -81,7 +81,17 @@ class FlowNetwork(ModelMixin, ConfigMixin):
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         """Log-flow of each state: ``sample`` (B, C, H, W), ``timestep`` (B,) or scalar, ``encoder_hidden_states``
-        (B, L, D). Returns a float32 tensor of shape (B,)."""
+        (B, L, D). Returns a float32 tensor of shape (B,).
+
+        Runs in the weights' dtype even inside an autocast region (accelerate wraps prepared models in one under
+        mixed precision): with summed log-probabilities the log-flows reach hundreds of nats (about -900 on the
+        shapes model), where bfloat16's spacing is 4 nats, so the network and the loss use float32 weights."""
+        with torch.autocast(sample.device.type, enabled=False):
+            return self._forward(sample, timestep, encoder_hidden_states)
+
+    def _forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         embedding = self.time_embedding(self.time_proj(timestep).to(dtype))

@@ -27,7 +27,9 @@ class LogPartitionHead(ModelMixin, ConfigMixin):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``log Z`` of each prompt, float32 ``(B,)``, from ``hidden_states`` ``(B, L, D)``."""
+        """``log Z`` of each prompt, float32 ``(B,)``, from ``hidden_states`` ``(B, L, D)``; in the weights' dtype
+        even inside an autocast region (see :meth:`FlowNetwork.forward`)."""
         pooled = hidden_states.float().mean(dim=1)
         features = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1).float()
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1).float()

@@ -3,6 +3,7 @@ the weights; mixed into :class:`GFlowNetDiffusionTrainer`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -50,6 +51,7 @@ class EvaluationMixin:
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Evaluate the current weights after ``epoch`` trained epochs; logs ``eval/...`` to the trackers, appends to
         ``evaluation_history`` and returns the entry (on every process)."""
+        start = time.perf_counter()
         prompts, metadata = self.evaluation_prompts()
         was_training = self.unet.training
         self.unet.eval()
@@ -70,6 +72,7 @@ class EvaluationMixin:
             result.update(self.evaluation_hook(images, prompts, metadata, rewards))
         if was_training:
             self.unet.train()
+        result["seconds"] = time.perf_counter() - start
         self.evaluation_history.append(result)
         self.accelerator.log(flat_scalars(result, "eval"), step=self.global_step)
         return result

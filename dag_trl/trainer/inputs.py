@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io.hub import callable_name
 from ..rewards.base import FLOAT32_MAX, score_problem
 
 # beta * (max R - min R) beyond which a batch's rewards swamp the log-space, in nats. The objectives compare beta * R
@@ -17,12 +18,6 @@ from ..rewards.base import FLOAT32_MAX, score_problem
 # is routine); but at 1e4 nats float32 resolves only about 1e-3 nats, the size of the policy's per-step log-ratio
 # changes, and the squared residuals reach 1e8: the reward scale, not the images, drives the loss.
 LOG_SPACE_LIMIT_NATS = 1e4
-
-
-def callable_name(function: Any) -> str:
-    """A readable name of a user callable for error messages: its qualified name, or its class for an instance."""
-    function = getattr(function, "func", function)  # functools.partial
-    return getattr(function, "__qualname__", None) or type(function).__name__
 
 
 def _scalars(values: Any) -> list[Any]:

@@ -28,6 +28,7 @@ import contextlib
 import math
 import signal
 import threading
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
+from ..io.hub import callable_name
 from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..prompts import PromptCallable, get_prompt_fn
@@ -189,6 +191,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.evaluation_hook = evaluation_hook
         self.image_features = image_features if image_features is not None else pixel_features
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
+        if self.resume_path is not None and not callable(getattr(prompt_function, "reseed", None)):
+            warnings.warn(
+                f"The prompt function {callable_name(prompt_function)!r} has no reseed(seed) method, so the resumed "
+                "run draws other prompts than the uninterrupted run would have: the resume is not exact. Give it "
+                "one (dag_trl.prompts.PromptList has it).",
+                stacklevel=2,
+            )
 
         # project_kwargs as TRL's DDPOTrainer takes them; checkpoint naming and total_limit are the trainer's own.
         project_config = ProjectConfiguration(**accelerate_project_kwargs(config))
@@ -204,6 +213,19 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.uses_deepspeed:
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+            if (
+                config.mixed_precision != "no"
+                and config.train_log_prob_reduction == "sum"
+                and self.objective.uses_state_rewards
+            ):
+                # The engine holds 16-bit copies of the flow network, whose log-flows then reach hundreds of nats
+                # at a spacing of several nats; outside DeepSpeed the flow network keeps float32 weights.
+                raise ValueError(
+                    f"train_log_prob_reduction='sum' with mixed_precision={config.mixed_precision!r} under DeepSpeed "
+                    f"is refused for train_objective={config.objective_name!r}: DeepSpeed trains 16-bit copies of the "
+                    "flow network, which cannot hold summed log-flows (hundreds of nats) to a nat. Use "
+                    "train_log_prob_reduction='mean', mixed_precision='no', or DDP (which keeps float32 weights)."
+                )
 
         torch.manual_seed(config.seed)
         objective_model = self.objective.create_model(sd_pipeline)
@@ -315,6 +337,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 for epoch in range(self.first_epoch, last_epoch):
                     self.global_step = self.step(epoch, self.global_step)
         except KeyboardInterrupt as interrupt:
+            # Rewards still being computed for the abandoned epoch are not waited for.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers)
             # Ctrl-C or SIGTERM (a cluster's pre-emption): resume needs a whole epoch, so say which one it is.
             checkpoints = list_checkpoints(self.checkpoint_dir)
             last = (
