@@ -46,6 +46,12 @@ def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_overrid
     assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
 
 
+def test_the_recipes_tracker_can_be_turned_off_from_the_command_line():
+    assert parse_arguments([])[1].log_with == "tensorboard"
+    assert parse_arguments(["--log_with", "none"])[1].log_with is None
+    assert parse_arguments(["--log_with", "None"])[1].log_with is None
+
+
 def test_a_config_file_for_the_builtin_model_goes_on_top_of_the_packaged_recipe(tmp_path):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(yaml.safe_dump({"num_epochs": 5, "train_klpf": 0.5}))

@@ -441,3 +441,26 @@ def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is
     pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
     with pytest.warns(UserWarning, match=r"prompt function 'one_prompt' has no reseed\(seed\) method, so the resumed"):
         GFlowNetDiffusionTrainer(config, brightness, one_prompt, pipeline)
+
+
+def test_deepspeed_in_16_bits_refuses_summed_log_flows_but_not_mean_ones_or_rtb(tmp_path):
+    from dag_trl.trainer.distributed import check_deepspeed_precision
+    from dag_trl.trainer.objectives import get_objective_class
+
+    summed = tiny_config(tmp_path, mixed_precision="bf16", train_log_prob_reduction="sum")
+    with pytest.raises(
+        ValueError, match=r"train_log_prob_reduction='sum' with mixed_precision='bf16' under DeepSpeed"
+    ):
+        check_deepspeed_precision(summed, get_objective_class("dag_db")(summed))
+    for config in (
+        tiny_config(tmp_path, mixed_precision="bf16"),  # mean-reduced log-flows are a few nats
+        tiny_config(tmp_path, mixed_precision="no", train_log_prob_reduction="sum"),
+        tiny_config(
+            tmp_path,
+            mixed_precision="bf16",
+            train_objective="rtb",
+            train_log_prob_reduction="sum",
+            train_reward_exp_anneal="none",
+        ),  # fmt: skip
+    ):
+        check_deepspeed_precision(config, get_objective_class(config.objective_name)(config))

@@ -57,3 +57,16 @@ def configure_deepspeed(plugin: Any, config: GFlowNetConfig) -> None:
                 f"The DeepSpeed config sets {key}={current!r}, but the trainer needs {value!r} ({source}): "
                 'set it to "auto" or leave it out.'
             )
+
+
+def check_deepspeed_precision(config: GFlowNetConfig, objective: Any) -> None:
+    """Refuse 16-bit DeepSpeed with summed log-probabilities for objectives with a flow network (DAG): the engine
+    trains 16-bit copies of it, whose log-flows reach hundreds of nats at a spacing of several nats (bfloat16's is 4
+    at 900). Outside DeepSpeed the flow network keeps float32 weights and runs in float32."""
+    if config.mixed_precision != "no" and config.train_log_prob_reduction == "sum" and objective.uses_state_rewards:
+        raise ValueError(
+            f"train_log_prob_reduction='sum' with mixed_precision={config.mixed_precision!r} under DeepSpeed is "
+            f"refused for train_objective={config.objective_name!r}: DeepSpeed trains 16-bit copies of the flow "
+            "network, which cannot hold summed log-flows (hundreds of nats) to a nat. Use "
+            "train_log_prob_reduction='mean', mixed_precision='no', or DDP (which keeps float32 weights)."
+        )

@@ -47,7 +47,7 @@ from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
 from .checkpointing import CheckpointingMixin, accelerate_project_kwargs, list_checkpoints, resolve_resume_from
-from .distributed import TrainableModules, configure_deepspeed
+from .distributed import TrainableModules, check_deepspeed_precision, configure_deepspeed
 from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
 from .evaluating import EvaluationHook, EvaluationMixin
 from .inputs import check_reward_scale, validate_reward_output
@@ -212,20 +212,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         )
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.uses_deepspeed:
+            check_deepspeed_precision(config, self.objective)
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
-            if (
-                config.mixed_precision != "no"
-                and config.train_log_prob_reduction == "sum"
-                and self.objective.uses_state_rewards
-            ):
-                # The engine holds 16-bit copies of the flow network, whose log-flows then reach hundreds of nats
-                # at a spacing of several nats; outside DeepSpeed the flow network keeps float32 weights.
-                raise ValueError(
-                    f"train_log_prob_reduction='sum' with mixed_precision={config.mixed_precision!r} under DeepSpeed "
-                    f"is refused for train_objective={config.objective_name!r}: DeepSpeed trains 16-bit copies of the "
-                    "flow network, which cannot hold summed log-flows (hundreds of nats) to a nat. Use "
-                    "train_log_prob_reduction='mean', mixed_precision='no', or DDP (which keeps float32 weights)."
-                )
 
         torch.manual_seed(config.seed)
         objective_model = self.objective.create_model(sd_pipeline)

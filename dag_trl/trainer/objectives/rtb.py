@@ -52,14 +52,16 @@ class RelativeTrajectoryBalance(Objective):
     without gradient, from the current weights (:meth:`prepare_window`), and each transition is backpropagated on
     its own (one transition's memory at a time) with the surrogate :math:`N \cdot 2\delta \log P_F^\theta(t) +
     2\delta \log Z`, whose accumulation over the window's ``N`` transitions per trajectory is the exact gradient.
-    ``log Z(c)`` is the objective's own model (:class:`~dag_trl.models.log_partition.LogPartitionHead`), trained at
-    ``train_log_z_learning_rate``.
+    ``log Z(c)`` in :math:`\delta` is, with ``train_log_z_estimate="batch"`` (the default), the per-prompt batch
+    estimate of :func:`batch_log_partition` (the gradient is then the log-variance loss's), else the objective's own
+    model (:class:`~dag_trl.models.log_partition.LogPartitionHead`), which is trained at
+    ``train_log_z_learning_rate`` on its own residual in both cases.
     """
 
     name = "rtb"
     display_name = "RTB"
     description = "relative trajectory balance towards the reward-tilted pretrained model"
-    hyperparameters = ("train_log_z_learning_rate",)
+    hyperparameters = ("train_log_z_learning_rate", "train_log_z_estimate")
     model_folder = "log_partition"
     trajectory_fields = ("rtb_delta", "rtb_log_z_delta")
     uses_prior_log_probs = True
