@@ -152,6 +152,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train_log_z_learning_rate": _number(0, low_open=True),
     "train_log_z_estimate": _choice(LOG_Z_ESTIMATES),
     "train_objective": _optional(_string(non_empty=True), "to pick by train_klpf"),
+    "lora_min_timestep": _integer(0),
     "train_klpf": _number(note=" (<= 0: DAG-DB, > 0: DAG-KL)"),
     "train_log_prob_reduction": _choice(LOG_PROB_REDUCTIONS),
     "train_gradient_checkpointing": _BOOL,
@@ -322,6 +323,13 @@ class GFlowNetConfig:
             log-variance loss's, VarGrad, with the same target; a prompt drawn once in a window falls back to the
             learned value); `"learned"`: the learned `log Z(c)` everywhere. The learned estimate is trained in both
             cases (it is logged and saved).
+        lora_min_timestep (`int`, *optional*, defaults to `0`):
+            The denoising steps from timesteps below this one use the pretrained model (the LoRA switched off) when
+            sampling and training, so they are never trained. `0`: the LoRA acts at every step. On the last,
+            low-noise steps a change of the noise prediction costs the most KL from the pretrained model
+            (log-probability ratios scale with the mean's shift over the step's small standard deviation) and
+            changes the image least, so RTB, whose residual sums these ratios, spends its signal there; see the
+            algorithm docs for the measurement. Needs a LoRA.
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
@@ -423,6 +431,9 @@ class GFlowNetConfig:
     )
     train_objective: Optional[str] = field(
         default=None, metadata={"help": "'dag_db', 'dag_kl', 'rtb', 'ddpo'; None: by train_klpf."}
+    )
+    lora_min_timestep: int = field(
+        default=0, metadata={"help": "Steps from timesteps below this use the pretrained model (LoRA off)."}
     )
     train_klpf: float = field(default=-1.0, metadata={"help": "<= 0: DAG-DB; > 0: DAG-KL weight."})
     train_log_prob_reduction: str = field(default="mean", metadata={"help": "'mean' (paper) or 'sum'."})

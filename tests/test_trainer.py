@@ -464,3 +464,34 @@ def test_deepspeed_in_16_bits_refuses_summed_log_flows_but_not_mean_ones_or_rtb(
         ),  # fmt: skip
     ):
         check_deepspeed_precision(config, get_objective_class(config.objective_name)(config))
+
+
+def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained_model(tmp_path, tiny_sd_path):
+    from conftest import make_resumable_trainer
+
+    trainer = make_resumable_trainer(
+        tmp_path, tiny_sd_path, train_objective="rtb", train_log_prob_reduction="sum",
+        train_reward_exp_anneal="none", lora_min_timestep=300,
+    )  # fmt: skip
+    timesteps = trainer.sd_pipeline.set_timesteps(trainer.config.sample_num_steps).tolist()
+    frozen = [t < 300 for t in timesteps]
+    assert frozen == [False, False, True, True]  # 4 DDIM steps of 1000: 751, 501, 251, 1
+    with torch.no_grad():
+        for parameter in trainer.sd_pipeline.get_trainable_layers():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    samples, _ = trainer._generate_samples(epoch=0)
+    difference = (samples["log_probs"] - samples["prior_log_probs"]).abs()
+    assert (difference[:, 2:] == 0).all() and (difference[:, :2] > 1e-4).all()
+    # Training: the frozen steps' log-probabilities are the recorded ones and send no gradient to the LoRA.
+    rows = torch.arange(4)
+    for step in (0, 3):
+        _, _, log_probs = trainer._policy(
+            samples["latents"][rows, step], samples["timesteps"][rows, step], samples["prompt_embeds"][rows],
+            samples["latents"][rows, step + 1],
+        )  # fmt: skip
+        torch.testing.assert_close(log_probs, samples["log_probs"][rows, step], rtol=0, atol=1e-3)
+        if frozen[step]:
+            assert not log_probs.requires_grad
+        else:
+            gradients = torch.autograd.grad(log_probs.sum(), trainer.sd_pipeline.get_trainable_layers())
+            assert all(g.abs().max() > 0 for g in gradients)

@@ -259,11 +259,13 @@ class GFlowNetStableDiffusionPipeline(ABC):
         log_prob_reduction: str = "mean",
         show_progress: bool = False,
         record_prior_log_probs: bool = False,
+        lora_min_timestep: int = 0,
     ) -> GFlowNetPipelineOutput:
         """Sample trajectories from prompt embeddings and record what training needs.
 
         With ``record_prior_log_probs``, each sampled transition is also scored under the pretrained model (see
-        :meth:`adapter_disabled`): one more model call per step.
+        :meth:`adapter_disabled`): one more model call per step. Steps from timesteps below ``lora_min_timestep``
+        are the pretrained model's (the adapter switched off; their prior log-probability is their own).
 
         Guidance is applied when ``negative_prompt_embeds`` is given and ``guidance_scale != 1``. Latents and
         log-probabilities are float32 and refer to the same tensor values, so recomputing a log-probability on the
@@ -286,13 +288,17 @@ class GFlowNetStableDiffusionPipeline(ABC):
         else:
             timesteps_iterator = timesteps
         for timestep in timesteps_iterator:
-            guided, conditional = self.predict_noise(
-                latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
-            )
+            frozen = int(timestep) < lora_min_timestep
+            with self.adapter_disabled() if frozen else contextlib.nullcontext():
+                guided, conditional = self.predict_noise(
+                    latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
+                )
             step = self.scheduler_step(
                 guided, timestep, latents, eta=eta, generator=generator, log_prob_reduction=log_prob_reduction
             )
-            if record_prior_log_probs:
+            if record_prior_log_probs and frozen:
+                all_prior_log_probs.append(step.log_probs)
+            elif record_prior_log_probs:
                 with self.adapter_disabled():
                     prior_guided, _ = self.predict_noise(
                         latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale

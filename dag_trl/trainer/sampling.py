@@ -44,6 +44,7 @@ class SamplingMixin:
                 guidance_scale=config.sample_guidance_scale,
                 eta=config.sample_eta,
                 generator=generator,
+                lora_min_timestep=config.lora_min_timestep,
                 **options,
             )
 

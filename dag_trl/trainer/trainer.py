@@ -175,6 +175,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         # Settings whose trouble shows only with the pipeline's scheduler (a step with zero variance, an eta whose
         # variance underflows), before anything is set up.
         sd_pipeline.check_sampler(config.sample_num_steps, config.sample_eta)
+        if config.lora_min_timestep and not sd_pipeline.use_lora:
+            raise ValueError(
+                f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
+                "steps below it use the pretrained model, the LoRA switched off."
+            )
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -558,13 +563,29 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         next_latents: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(guided, conditional, log P_F(next_latents | latents))`` of the training policy (guided if
-        ``train_cfg``) under the current weights."""
+        ``train_cfg``) under the current weights; rows at timesteps below ``lora_min_timestep`` are the pretrained
+        model's (no gradient reaches the LoRA from them)."""
         config = self.config
         negative = self.negative_prompt_embeds.expand(len(latents)) if config.train_cfg else None
-        with self.autocast():
-            guided, conditional = self.sd_pipeline.predict_noise(
-                latents, timesteps, prompt_embeds, negative, config.sample_guidance_scale, unet=self.unet
-            )
+
+        def predict(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.autocast():
+                return self.sd_pipeline.predict_noise(
+                    latents[rows], timesteps[rows], prompt_embeds[rows], None if negative is None else negative[rows],
+                    config.sample_guidance_scale, unet=self.unet,
+                )  # fmt: skip
+
+        frozen = timesteps < config.lora_min_timestep
+        if not frozen.any():
+            guided, conditional = predict(torch.arange(len(latents), device=latents.device))
+        else:
+            guided, conditional = torch.empty_like(latents), torch.empty_like(latents)
+            trained = torch.nonzero(~frozen).squeeze(-1)
+            if len(trained):
+                guided[trained], conditional[trained] = predict(trained)
+            with self.sd_pipeline.adapter_disabled():
+                rows = torch.nonzero(frozen).squeeze(-1)
+                guided[rows], conditional[rows] = predict(rows)
         step = self.sd_pipeline.scheduler_step(
             guided,
             timesteps,
