@@ -330,6 +330,20 @@ def test_zero_terminal_snr_needs_v_prediction():
     check_scheduler(scheduler_with(**zero_snr, prediction_type="v_prediction"), 4, 1.0)
 
 
+@pytest.mark.parametrize("num_steps", [3, 16, 28, 50])
+def test_the_first_step_of_a_zero_terminal_snr_model_is_finite(num_steps):
+    # At abar_t = 0 and eta = 1 the mean's sqrt(1 - abar_s - sigma^2) has an argument of 0 that rounds below 0.
+    scheduler = scheduler_with(
+        rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+    )
+    scheduler.set_timesteps(num_steps)
+    first = scheduler.timesteps[0]
+    assert scheduler.alphas_cumprod[first].item() == 0.0
+    sample, model_output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    step = ddim_step_with_logprob(scheduler, model_output, first, sample, eta=1.0, generator=torch.Generator())
+    assert torch.isfinite(step.latents).all() and torch.isfinite(step.log_probs).all()
+
+
 def test_betas_that_leave_a_step_without_variance_are_refused():
     from diffusers import DDIMScheduler
 

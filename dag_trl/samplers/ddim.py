@@ -204,7 +204,8 @@ def ddim_step_with_logprob(
     std = eta * ddim_variance(alpha_prod_t, alpha_prod_prev).sqrt()
     std = _per_sample(std, original)
     alpha_prev = _per_sample(alpha_prod_prev, original)
-    mean = alpha_prev.sqrt() * original + (1 - alpha_prev - std**2).sqrt() * noise
+    # At eta = 1 the argument is 0 in exact arithmetic where abar_t = 0 (zero terminal SNR) and rounds to -6e-8.
+    mean = alpha_prev.sqrt() * original + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * noise
 
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor
