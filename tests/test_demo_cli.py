@@ -46,6 +46,20 @@ def test_builtin_model_without_config_uses_the_packaged_recipe_and_flags_overrid
     assert config.num_epochs == 100 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
 
 
+def test_rtb_on_the_builtin_model_adds_its_own_recipe_under_the_flags():
+    script_args, config = parse_arguments(["--train_objective", "rtb"])
+    assert (config.train_reward_exp, config.lora_min_timestep, config.train_gradient_accumulation_steps) == (
+        3.0,
+        100,
+        1,
+    )
+    assert script_args.output_dir == "runs/rtb" and config.sample_num_steps == 20  # the shapes recipe below it
+    assert config.train_log_prob_reduction == "sum"  # RTB's required setting
+    _, config = parse_arguments(["--train_objective", "rtb", "--lora_min_timestep", "0", "--train_reward_exp", "5"])
+    assert (config.lora_min_timestep, config.train_reward_exp) == (0, 5.0)
+    assert parse_arguments(["--train_klpf", "1"])[1].lora_min_timestep == 0  # other objectives: the shapes recipe only
+
+
 def test_the_recipes_tracker_can_be_turned_off_from_the_command_line():
     assert parse_arguments([])[1].log_with == "tensorboard"
     assert parse_arguments(["--log_with", "none"])[1].log_with is None

@@ -156,8 +156,13 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
     model = flag_value(argv, "pretrained_model") or file_settings.get("pretrained_model", BUILTIN_MODEL)
     if model != BUILTIN_MODEL:
         return parser.parse_args_and_config(argv)
-    # The built-in model trains with the packaged CPU-sized recipe; a --config file's settings go on top of it.
-    recipe = yaml.safe_load((resources.files("dag_trl.demo") / "assets" / BUILTIN_RECIPE).read_text())
+    # The built-in model trains with the packaged CPU-sized recipe, then the chosen objective's settings for it (if it
+    # has any: shapes_recipe_<objective>.yaml); a --config file's settings go on top.
+    assets = resources.files("dag_trl.demo") / "assets"
+    recipe = yaml.safe_load((assets / BUILTIN_RECIPE).read_text())
+    objective = flag_value(argv, "train_objective") or file_settings.get("train_objective")
+    if objective and (assets / f"shapes_recipe_{objective}.yaml").is_file():
+        recipe.update(yaml.safe_load((assets / f"shapes_recipe_{objective}.yaml").read_text()))
     with tempfile.TemporaryDirectory() as folder:
         merged = os.path.join(folder, "recipe.yaml")
         with open(merged, "w") as handle:
