@@ -462,6 +462,8 @@ class GFlowNetConfig:
         # The command line cannot pass None: `--log_with none` turns the tracker (e.g. a recipe's) off.
         if isinstance(self.log_with, str) and self.log_with.lower() in ("none", ""):
             self.log_with = None
+        if self.resume_from is None:  # "no resume", as the empty default
+            self.resume_from = ""
         # Paths may be given as pathlib.Path; trackers and checkpoints record the config as JSON, which needs str.
         for name in ("logdir", "resume_from"):
             if isinstance(getattr(self, name), os.PathLike):
