@@ -50,7 +50,7 @@ def test_rtb_on_the_builtin_model_adds_its_own_recipe_under_the_flags():
     script_args, config = parse_arguments(["--train_objective", "rtb"])
     assert (config.train_reward_exp, config.lora_min_timestep, config.train_gradient_accumulation_steps) == (
         3.0,
-        100,
+        150,
         1,
     )
     assert script_args.output_dir == "runs/rtb" and config.sample_num_steps == 20  # the shapes recipe below it
