@@ -1,11 +1,12 @@
 """The side-by-side study of the objectives on the shapes model (CPU): DAG-DB, DAG-KL, RTB and DDPO, several seeds,
 the same number of sampled trajectories (the packaged recipe's), each run evaluated on a large fixed sample.
 
-Resumable: each run writes ``<output>/<objective>-seed<seed>/summary.json`` and finished runs are skipped, so the study
-can span sessions. ``--table`` prints the Markdown table of every finished run without training anything.
+Resumable: each run trains in ``<output>/<objective>-seed<seed>/`` and its summary is kept, in the repository, as
+``<results>/<objective>-seed<seed>.json``; runs with a kept summary are skipped, so the study spans sessions.
+``--table`` prints the Markdown table of every kept run without training anything; ``--figure`` plots their curves.
 
-    python benchmarks/study_objectives.py --output runs/study --seeds 0 1 2 --eval_num_images 2048
-    python benchmarks/study_objectives.py --output runs/study --table
+    python benchmarks/study_objectives.py --seeds 0 1 2 --eval_num_images 2048 --figure docs/study_curves.png
+    python benchmarks/study_objectives.py --table
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ OBJECTIVE_ARGUMENTS: dict[str, list[str]] = {
 CURVE_ARGUMENTS = ["--eval_freq", "8", "--eval_num_samples", "256"]
 
 
-def run_one(objective: str, seed: int, output: Path, eval_num_images: int) -> dict:
+def run_one(objective: str, seed: int, output: Path, results: Path, eval_num_images: int) -> dict:
     from dag_trl.demo.cli import parse_arguments, run
 
     folder = output / f"{objective}-seed{seed}"
-    summary_path = folder / "summary.json"
+    summary_path = results / f"{objective}-seed{seed}.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     argv = ["--output_dir", str(folder), "--overwrite", "true", "--seed", str(seed)]
@@ -40,6 +41,7 @@ def run_one(objective: str, seed: int, output: Path, eval_num_images: int) -> di
     start = time.time()
     summary = run(*parse_arguments(argv))
     summary["wall_seconds"] = time.time() - start
+    results.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -51,7 +53,7 @@ def tv_cell(after: dict, name: str) -> str:
     return f"{after['target_tv'][name]:.3f} (+-{after['target_tv_noise'][name]:.3f})"
 
 
-def table(output: Path) -> str:
+def table(results: Path) -> str:
     """One Markdown row per finished run."""
     header = (
         "| objective | seed | reward before -> after | red / yellow after | TV shape colour | TV background | "
@@ -59,14 +61,14 @@ def table(output: Path) -> str:
         "| --- | ---: | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
     )
     rows = []
-    for path in sorted(output.glob("*-seed*/summary.json")):
+    for path in sorted(results.glob("*-seed*.json")):
         summary = json.loads(path.read_text())
         before, after = summary["before"], summary["after"]
         colours = after["colour_distribution"]
         adherence = after["adherence_full_prompts"]
 
         rows.append(
-            f"| {summary['algorithm']} | {path.parent.name.rsplit('seed', 1)[1]} | "
+            f"| {summary['algorithm']} | {path.stem.rsplit('seed', 1)[1]} | "
             f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f} | "
             f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
@@ -76,7 +78,7 @@ def table(output: Path) -> str:
     return "\n".join([header, *rows])
 
 
-def plot_curves(output: Path, path: Path) -> None:
+def plot_curves(results: Path, path: Path) -> None:
     """Evaluation reward against the TV of the shape colour from the tilted target, along training (the runs'
     ``evaluation_history``: epochs 0, 8, 16, 24), one line per run, one colour per objective."""
     import matplotlib
@@ -86,7 +88,7 @@ def plot_curves(output: Path, path: Path) -> None:
 
     figure, axis = pyplot.subplots(figsize=(6.5, 4.5))
     colours = {}
-    for summary_path in sorted(output.glob("*-seed*/summary.json")):
+    for summary_path in sorted(results.glob("*-seed*.json")):
         summary = json.loads(summary_path.read_text())
         history = [entry for entry in summary.get("evaluation_history", []) if "target_tv" in entry]
         if not history:
@@ -112,7 +114,10 @@ def plot_curves(output: Path, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("runs/study"))
+    parser.add_argument("--output", type=Path, default=Path("runs/study"), help="where the runs train")
+    parser.add_argument(
+        "--results", type=Path, default=Path(__file__).parent / "results" / "study", help="the kept summaries"
+    )
     parser.add_argument(
         "--objectives", nargs="+", default=list(OBJECTIVE_ARGUMENTS), choices=list(OBJECTIVE_ARGUMENTS)
     )
@@ -126,10 +131,10 @@ def main() -> None:
     if not args.table:
         for seed in args.seeds:
             for objective in args.objectives:
-                run_one(objective, seed, args.output, args.eval_num_images)
-    print(table(args.output))
+                run_one(objective, seed, args.output, args.results, args.eval_num_images)
+    print(table(args.results))
     if args.figure:
-        plot_curves(args.output, args.figure)
+        plot_curves(args.results, args.figure)
 
 
 if __name__ == "__main__":
