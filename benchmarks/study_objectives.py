@@ -56,9 +56,9 @@ def tv_cell(after: dict, name: str) -> str:
 def table(results: Path) -> str:
     """One Markdown row per finished run."""
     header = (
-        "| objective | seed | reward before -> after | red / yellow after | TV shape colour | TV background | "
+        "| objective | seed | epochs | reward before -> after | red / yellow after | TV shape colour | TV background | "
         "TV shape kind | diversity before -> after | kernel distance | adherence (colour / bg / shape) | training |\n"
-        "| --- | ---: | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
+        "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
     )
     rows = []
     for path in sorted(results.glob("*-seed*.json")):
@@ -68,7 +68,7 @@ def table(results: Path) -> str:
         adherence = after["adherence_full_prompts"]
 
         rows.append(
-            f"| {summary['algorithm']} | {path.stem.rsplit('seed', 1)[1]} | "
+            f"| {summary['algorithm']} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
             f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f} | "
             f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
