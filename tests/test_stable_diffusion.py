@@ -128,3 +128,24 @@ def test_v_prediction_pipeline_x0_hat(tiny_sd_v_prediction_path):
     torch.testing.assert_close(
         pipeline.predict_original_sample(velocity, torch.tensor([501]), noisy), x0, rtol=1e-4, atol=1e-4
     )
+
+
+def test_a_nested_adapter_disabled_keeps_the_lora_off_until_the_outermost_exits(tiny_sd_path):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
+    pipeline.set_timesteps(4)
+    with torch.no_grad():
+        for parameter in pipeline.get_trainable_layers():
+            parameter.add_(0.5)
+    latents, embeds = torch.randn(1, 4, 8, 8), pipeline.encode_prompt(["a red circle"])
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad():
+            return pipeline.predict_noise(latents, pipeline.scheduler.timesteps[0], embeds, None, 1.0)[0]
+
+    with_lora = predict()
+    with pipeline.adapter_disabled():
+        prior = predict()
+        with pipeline.adapter_disabled():  # e.g. a lora_min_timestep step while sampling the prior
+            pass
+        assert torch.equal(predict(), prior)
+    assert torch.equal(predict(), with_lora) and not torch.equal(prior, with_lora)

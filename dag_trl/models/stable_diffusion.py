@@ -58,6 +58,7 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         self.sd_pipeline = StableDiffusionPipeline.from_pretrained(self.pretrained_model_name, **kwargs)
         self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
         self._use_lora = use_lora
+        self._adapter_off = False  # inside adapter_disabled()
         self.lora_rank = lora_rank
         self.lora_alpha = lora_rank if lora_alpha is None else lora_alpha
 
@@ -128,17 +129,24 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """The pretrained UNet: the LoRA switched off (diffusers' ``disable_adapters``), no second copy."""
+        """The pretrained UNet: the LoRA switched off (diffusers' ``disable_adapters``), no second copy. Re-entrant:
+        a nested use (e.g. a ``lora_min_timestep`` step while sampling the prior) leaves the LoRA off until the
+        outermost one exits."""
         if not self.use_lora:
             raise ValueError(
                 "use_lora=False: the whole UNet is trained, so there is no adapter to switch off and no pretrained "
                 "prior left to score with; train a LoRA (use_lora=True) for objectives that use the prior."
             )
+        if self._adapter_off:
+            yield
+            return
         self.unet.disable_adapters()
+        self._adapter_off = True
         try:
             yield
         finally:
             self.unet.enable_adapters()
+            self._adapter_off = False
 
     def get_trainable_layers(self) -> list[torch.nn.Parameter]:
         return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
