@@ -568,16 +568,16 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         config = self.config
         negative = self.negative_prompt_embeds.expand(len(latents)) if config.train_cfg else None
 
-        def predict(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def predict(rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = (latents, timesteps, prompt_embeds, negative)
+            if rows is not None:
+                inputs = tuple(None if value is None else value[rows] for value in inputs)
             with self.autocast():
-                return self.sd_pipeline.predict_noise(
-                    latents[rows], timesteps[rows], prompt_embeds[rows], None if negative is None else negative[rows],
-                    config.sample_guidance_scale, unet=self.unet,
-                )  # fmt: skip
+                return self.sd_pipeline.predict_noise(*inputs, config.sample_guidance_scale, unet=self.unet)
 
         frozen = timesteps < config.lora_min_timestep
         if not frozen.any():
-            guided, conditional = predict(torch.arange(len(latents), device=latents.device))
+            guided, conditional = predict()  # the usual case: no copies of the batch
         else:
             guided, conditional = torch.empty_like(latents), torch.empty_like(latents)
             trained = torch.nonzero(~frozen).squeeze(-1)
