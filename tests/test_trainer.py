@@ -482,6 +482,8 @@ def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained
     samples, _ = trainer._generate_samples(epoch=0)
     difference = (samples["log_probs"] - samples["prior_log_probs"]).abs()
     assert (difference[:, 2:] == 0).all() and (difference[:, :2] > 1e-4).all()
+    # 4 trajectories x (4 guided steps + the prior on the 2 steps it does not share) x 2 rows of guidance.
+    assert trainer.counters.unet_forward_no_grad == 4 * (4 + 2) * 2
     # Training: the frozen steps' log-probabilities are the recorded ones and send no gradient to the LoRA.
     rows = torch.arange(4)
     for step in (0, 3):
