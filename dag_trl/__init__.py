@@ -5,7 +5,10 @@ from .config import GFlowNetConfig
 from .io.hub import HubPushError, create_model_card, push_folder_to_hub
 from .io.tracking import log_image_samples
 from .models import (
+    DefaultGFlowNetFluxPipeline,
+    DefaultGFlowNetStableDiffusion3Pipeline,
     DefaultGFlowNetStableDiffusionPipeline,
+    DefaultGFlowNetStableDiffusionXLPipeline,
     FlowNetwork,
     GFlowNetPipelineOutput,
     GFlowNetStableDiffusionPipeline,
@@ -20,7 +23,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DDIMStepOutput",
+    "DefaultGFlowNetFluxPipeline",
+    "DefaultGFlowNetStableDiffusion3Pipeline",
     "DefaultGFlowNetStableDiffusionPipeline",
+    "DefaultGFlowNetStableDiffusionXLPipeline",
     "FlowNetwork",
     "GFlowNetConfig",
     "GFlowNetDiffusionTrainer",

@@ -54,14 +54,18 @@ class ScriptArguments:
 
     Parameters:
         pretrained_model (`str`, defaults to `"builtin:shapes"`):
-            Hub id or local folder of a Stable Diffusion 1.x / 2.x model in diffusers format, or `"builtin:shapes"`
-            for the small offline model built by :mod:`dag_trl.demo.shapes`.
+            Hub id or local folder of a diffusers model (SD 1.x / 2.x, SDXL, SD3 / SD3.5 or FLUX.1: the family is
+            read from its `model_index.json`), or `"builtin:shapes"` for the small offline model built by
+            :mod:`dag_trl.demo.shapes`.
         pretrained_revision (`str`, defaults to `"main"`):
             Hub revision of `pretrained_model`.
         use_lora (`bool`, defaults to `True`):
             Train a LoRA (else the whole UNet).
         lora_rank (`int`, defaults to `4`):
             LoRA rank.
+        pipeline_kwargs (`dict` or JSON `str`, defaults to `{}`):
+            Further keyword arguments of the family's pipeline class, e.g. `{"sampler": "flow_grpo"}`,
+            `{"resolution": 512}` or `{"torch_dtype": "bfloat16"}` for SD3 / FLUX (see docs/models.md).
         reward (`str`, defaults to `"shapes_colour_preference"`):
             Reward name, see `dag_trl.rewards.available_rewards()`.
         reward_kwargs (`dict` or JSON `str`, defaults to `{}`):
@@ -85,6 +89,9 @@ class ScriptArguments:
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision."})
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (else the full UNet)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
+    pipeline_kwargs: Any = field(
+        default_factory=dict, metadata={"help": "JSON keyword arguments of the model family's pipeline."}
+    )
     reward: str = field(default="shapes_colour_preference", metadata={"help": "Reward name."})
     reward_kwargs: Any = field(default_factory=dict, metadata={"help": "JSON keyword arguments of the reward."})
     prompts: str = field(default="shapes", metadata={"help": "Prompt set name."})
@@ -95,7 +102,7 @@ class ScriptArguments:
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder of the built-in model."})
 
     def __post_init__(self) -> None:
-        for name in ("reward_kwargs", "prompt_kwargs"):
+        for name in ("reward_kwargs", "prompt_kwargs", "pipeline_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -293,15 +300,20 @@ def tilted_target_summary(
 
 def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_fn: Any, prompt_fn: Any) -> Any:
     """The pipeline the script arguments name (with a LoRA seeded by ``config.seed``) and a trainer on it."""
-    from ..models import DefaultGFlowNetStableDiffusionPipeline
+    from ..models import pipeline_family
     from ..trainer import GFlowNetDiffusionTrainer
 
-    pipeline = DefaultGFlowNetStableDiffusionPipeline(
-        resolve_model(script_args),
+    model = resolve_model(script_args)
+    pipeline_kwargs = dict(script_args.pipeline_kwargs)
+    if isinstance(pipeline_kwargs.get("torch_dtype"), str):
+        pipeline_kwargs["torch_dtype"] = getattr(torch, pipeline_kwargs["torch_dtype"])
+    pipeline = pipeline_family(model, script_args.pretrained_revision)(
+        model,
         pretrained_model_revision=script_args.pretrained_revision,
         use_lora=script_args.use_lora,
         lora_rank=script_args.lora_rank,
         lora_init_seed=config.seed,
+        **pipeline_kwargs,
     )
     evaluation_hook = None
     if script_args.pretrained_model == BUILTIN_MODEL:

@@ -71,6 +71,34 @@ class PromptEmbeddings:
         )
 
 
+def classifier_free_guidance(
+    model_call: Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: Union[int, float, torch.Tensor],
+    prompt_embeds: PromptEmbeddings,
+    negative_prompt_embeds: Optional[PromptEmbeddings],
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(guided, conditional)`` outputs of ``model_call(latents, timesteps, embeds)`` (float32) with
+    classifier-free guidance (Ho & Salimans, 2022).
+
+    With ``negative_prompt_embeds`` the model runs once on the batch ``[unconditional; conditional]`` and the guided
+    output is :math:`o_u + w (o_c - o_u)`; without, guided = conditional. ``timesteps`` is a scalar or per sample
+    ``(B,)``; ``model_call`` receives them per sample.
+    """
+    timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+    if negative_prompt_embeds is None:
+        conditional = model_call(latents, timesteps, prompt_embeds)
+        return conditional, conditional
+    output = model_call(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]),
+        PromptEmbeddings.cat([negative_prompt_embeds, prompt_embeds]),
+    )
+    unconditional, conditional = output.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional), conditional
+
+
 @dataclass
 class GFlowNetPipelineOutput:
     """Trajectories sampled by a [`GFlowNetStableDiffusionPipeline`].
@@ -139,6 +167,16 @@ class GFlowNetStableDiffusionPipeline(ABC):
         (e.g. a step with zero or underflowing variance), naming the setting; the trainer calls it before anything
         else is set up. The default accepts everything."""
         return None
+
+    def detailed_balance_holds(self, eta: float) -> bool:
+        """Whether the sampler at ``eta`` can satisfy detailed balance against the noising kernel ``P_B`` (which
+        DAG's objectives assume): DDIM only at ``eta = 1`` (see :mod:`dag_trl.samplers.gaussian`)."""
+        return eta == 1
+
+    def encode_negative_prompt(self, prompt: str) -> PromptEmbeddings:
+        """The guidance's unconditional input for ``prompt`` (default: :meth:`encode_prompt`); families whose
+        pipelines use zeros for an empty negative prompt (SDXL) override it."""
+        return self.encode_prompt([prompt])
 
     def prompt_token_counts(self, prompts: list[str]) -> Optional[tuple[list[int], int]]:
         """``(tokens per prompt without truncation, the most the text encoder reads)``, so that the trainer can warn

@@ -3,9 +3,6 @@ DDPO pipeline."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -17,12 +14,14 @@ from ..samplers.ddim import (
     ddim_step_with_logprob,
     original_sample_and_noise,
 )
-from .pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+from .diffusers_family import DiffusersGFlowNetPipeline
+from .pipeline import PromptEmbeddings, classifier_free_guidance
 
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# The UNet's attention projections (self- and cross-attention), as in diffusers' LoRA training scripts.
+LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 
-class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
+class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
     """A diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) with a DDIM scheduler, frozen VAE and text encoder, and
     a LoRA (or the full UNet) to train.
 
@@ -34,74 +33,28 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
         lora_init_seed: seed of the LoRA initialisation (Gaussian ``A``, zero ``B``), drawn from a private random
             state so that the same seed gives the same initial adapter in every run; the global one is untouched.
+        torch_dtype: the dtype to load the weights in (``None``: as saved).
     """
 
-    def __init__(
-        self,
-        pretrained_model_name: str,
-        *,
-        pretrained_model_revision: str = "main",
-        use_lora: bool = True,
-        lora_rank: int = 4,
-        lora_alpha: Optional[float] = None,
-        lora_init_seed: int = 0,
-    ):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    diffusers_pipeline_class = "StableDiffusionPipeline"
+    denoiser_name = "unet"
+    lora_target_modules = LORA_TARGET_MODULES
+    lora_keys_in_diffusers_format = True
+    loading_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
-        if not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"lora_rank={lora_rank!r} is invalid: expected an integer >= 1.")
-        self.pretrained_model_name = str(pretrained_model_name)
-        self.pretrained_model_revision = pretrained_model_revision
-        kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-        if not os.path.isdir(self.pretrained_model_name):
-            kwargs["revision"] = pretrained_model_revision
-        self.sd_pipeline = StableDiffusionPipeline.from_pretrained(self.pretrained_model_name, **kwargs)
-        self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
-        self._use_lora = use_lora
-        self._adapter_off = False  # inside adapter_disabled()
-        self.lora_rank = lora_rank
-        self.lora_alpha = lora_rank if lora_alpha is None else lora_alpha
+    def sampling_scheduler(self, scheduler: Any) -> Any:
+        """A ``DDIMScheduler`` with the saved scheduler's configuration (its noise schedule and timesteps)."""
+        from diffusers import DDIMScheduler
 
-        self.sd_pipeline.vae.requires_grad_(False)
-        self.sd_pipeline.text_encoder.requires_grad_(False)
-        self.sd_pipeline.unet.requires_grad_(not use_lora)
-        if use_lora:
-            from peft import LoraConfig
-
-            lora_config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=self.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=LORA_TARGET_MODULES,
-            )
-            # The UNet is still on the CPU here, so forking the CPU random state covers every draw.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(lora_init_seed)
-                self.sd_pipeline.unet.add_adapter(lora_config)
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.sd_pipeline.unet
-
-    @property
-    def vae(self) -> torch.nn.Module:
-        return self.sd_pipeline.vae
+        return DDIMScheduler.from_config(scheduler.config)
 
     @property
     def tokenizer(self):
         return self.sd_pipeline.tokenizer
 
     @property
-    def scheduler(self):
-        return self.sd_pipeline.scheduler
-
-    @property
     def text_encoder(self) -> torch.nn.Module:
         return self.sd_pipeline.text_encoder
-
-    @property
-    def use_lora(self) -> bool:
-        return self._use_lora
 
     @property
     def latent_channels(self) -> int:
@@ -110,84 +63,6 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
     @property
     def prompt_embedding_dim(self) -> int:
         return self.text_encoder.config.hidden_size
-
-    def prepare_for_training(
-        self, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool = False
-    ) -> None:
-        """VAE and text encoder in ``weight_dtype``; the UNet in ``weight_dtype`` with float32 LoRA parameters, or
-        all float32 for full fine-tuning."""
-        self.vae.to(device, dtype=weight_dtype)
-        self.text_encoder.to(device, dtype=weight_dtype)
-        if self.use_lora:
-            self.unet.to(device, dtype=weight_dtype)
-            for parameter in self.get_trainable_layers():
-                parameter.data = parameter.data.float()
-        else:
-            self.unet.to(device, dtype=torch.float32)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        """The pretrained UNet: the LoRA switched off (diffusers' ``disable_adapters``), no second copy. Re-entrant:
-        a nested use (e.g. a ``lora_min_timestep`` step while sampling the prior) leaves the LoRA off until the
-        outermost one exits."""
-        if not self.use_lora:
-            raise ValueError(
-                "use_lora=False: the whole UNet is trained, so there is no adapter to switch off and no pretrained "
-                "prior left to score with; train a LoRA (use_lora=True) for objectives that use the prior."
-            )
-        if self._adapter_off:
-            yield
-            return
-        self.unet.disable_adapters()
-        self._adapter_off = True
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-            self._adapter_off = False
-
-    def get_trainable_layers(self) -> list[torch.nn.Parameter]:
-        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
-
-    def lora_state_dict(self, unet: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
-        """The UNet's LoRA weights with diffusers' key names, as ``load_lora_weights`` reads them."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet if unet is not None else self.unet))
-
-    def save_pretrained(self, output_dir: Union[str, os.PathLike], unet: Optional[torch.nn.Module] = None) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` (LoRA) or a diffusers ``unet/`` folder (full fine-tuning)."""
-        from diffusers import StableDiffusionPipeline
-
-        unet = unet if unet is not None else self.unet
-        if self.use_lora:
-            StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=self.lora_state_dict(unet))
-        else:
-            unet.save_pretrained(os.path.join(output_dir, "unet"))
-
-    def load_trained_weights(self, unet: torch.nn.Module, input_dir: str) -> None:
-        """Load the LoRA (``pytorch_lora_weights.safetensors``) or ``unet/`` folder in ``input_dir`` into ``unet``."""
-        from diffusers import UNet2DConditionModel
-
-        if self.use_lora:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_unet_state_dict_to_peft
-            from peft import set_peft_model_state_dict
-
-            lora_state, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-            unet_state = {k.removeprefix("unet."): v for k, v in lora_state.items() if k.startswith("unet.")}
-            result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state))
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ValueError(
-                    f"The LoRA checkpoint in {input_dir} does not fit this UNet: unexpected {unexpected[:5]}."
-                )
-        else:
-            loaded = UNet2DConditionModel.from_pretrained(os.path.join(input_dir, "unet"))
-            unet.load_state_dict(loaded.state_dict())
 
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """Last hidden state of the text encoder for ``prompts`` (padded to the tokenizer's maximum length)."""
@@ -216,27 +91,20 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
         guidance_scale: float,
         unet: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""UNet outputs at ``(latents, timesteps)`` with classifier-free guidance (Ho & Salimans, 2022).
-
-        With ``negative_prompt_embeds`` the UNet runs once on the batch ``[unconditional; conditional]`` and the
-        guided output is :math:`\epsilon_u + w(\epsilon_c - \epsilon_u)`; without, guided = conditional. Returns
-        ``(guided, conditional)`` in float32; per-sample ``timesteps`` of shape ``(B,)`` are allowed. ``unet`` is the
-        module to call, for example the accelerate-prepared (DDP-wrapped) UNet during training.
+        r"""UNet outputs at ``(latents, timesteps)`` with classifier-free guidance
+        ([`classifier_free_guidance`]): ``(guided, conditional)`` in float32; per-sample ``timesteps`` of shape
+        ``(B,)`` are allowed. ``unet`` is the module to call, for example the accelerate-prepared (DDP-wrapped) UNet
+        during training.
         """
         unet = self.unet if unet is None else unet
-        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        unet_dtype = self.unet.dtype
-        if negative_prompt_embeds is None:
-            conditional = unet(latents.to(unet_dtype), timesteps, prompt_embeds.hidden_states.to(unet_dtype))
-            conditional = conditional.sample.float()
-            return conditional, conditional
-        output = unet(
-            torch.cat([latents, latents]).to(unet_dtype),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([negative_prompt_embeds.hidden_states, prompt_embeds.hidden_states]).to(unet_dtype),
-        ).sample.float()
-        unconditional, conditional = output.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional), conditional
+        dtype = self.unet.dtype
+
+        def call(latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeddings) -> torch.Tensor:
+            return unet(latents.to(dtype), timesteps, embeds.hidden_states.to(dtype)).sample.float()
+
+        return classifier_free_guidance(
+            call, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale
+        )
 
     def predict_original_sample(
         self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor
@@ -247,12 +115,6 @@ class DefaultGFlowNetStableDiffusionPipeline(GFlowNetStableDiffusionPipeline):
             model_output, latents, alpha_prod, self.scheduler.config.prediction_type
         )
         return original
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode Stable Diffusion latents (divided by the VAE's ``scaling_factor`` first) to float32 images in [0, 1]."""
-        vae_dtype = self.vae.dtype
-        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def scheduler_step(
         self,

@@ -3,6 +3,8 @@
 * :mod:`dag_trl.testing.tiny_models`: randomly initialised models of the real classes, built offline in seconds and
   saved like Hub checkpoints: a Stable Diffusion pipeline of any size (tiny for the tests, SD1.5's for a benchmark,
   the shapes demo's before training) and the CLIP and ImageReward towers of the model-based rewards.
+* :mod:`dag_trl.testing.tiny_families`: tiny random SDXL, SD3 and FLUX pipelines (the real classes and config keys),
+  saved like Hub checkpoints, for the model-family tests.
 * :mod:`dag_trl.testing.images`: deterministic test images.
 * :mod:`dag_trl.testing.reference_loop`: the straightforward DAG training window, the oracle the trainer's optimised
   loop is tested and benchmarked against.

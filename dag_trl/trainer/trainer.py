@@ -117,6 +117,11 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
+    sampler = getattr(pipeline, "sampler", None)
+    return f" and sampler={sampler!r}" if sampler else ""
+
+
 class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixin, SavingMixin):
     """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
 
@@ -189,6 +194,14 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 ) from error
         self.config = config
         self.objective = get_objective_class(config.objective_name)(config)
+        if self.objective.uses_detailed_balance and not sd_pipeline.detailed_balance_holds(config.sample_eta):
+            warnings.warn(
+                f"{self.objective.display_name} trains detailed balance against the noising kernel, which has a "
+                f"solution only for the Gaussian-posterior sampler (DDIM at eta=1); this pipeline samples with "
+                f"sample_eta={config.sample_eta}{_sampler_name(sd_pipeline)}, so the objective has no exact fixed "
+                "point (RTB and DDPO need no backward kernel).",
+                stacklevel=2,
+            )
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
@@ -255,7 +268,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), objective_model)
 
         with torch.no_grad():
-            self.negative_prompt_embeds = sd_pipeline.encode_prompt([config.negative_prompts])
+            self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         if self.uses_deepspeed:

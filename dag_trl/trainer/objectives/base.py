@@ -85,6 +85,8 @@ class Objective(ABC):
         required_settings: config values the objective cannot train without, each with the reason:
             ``{field: (value, why)}``; :meth:`validate_config` refuses other values, and the ``dag-trl`` CLI sets
             them when neither the command line nor the ``--config`` file does.
+        uses_detailed_balance: the loss is detailed balance against the noising kernel ``P_B``, which has a solution
+            only for samplers that are the Gaussian posterior (DDIM at ``eta = 1``); the trainer warns on others.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
             adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
     """
@@ -98,6 +100,7 @@ class Objective(ABC):
     model_folder: ClassVar[Optional[str]] = None
     trajectory_fields: ClassVar[tuple[str, ...]] = ()
     uses_prior_log_probs: ClassVar[bool] = False
+    uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def __init__(self, config: GFlowNetConfig):

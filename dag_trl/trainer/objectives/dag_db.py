@@ -21,6 +21,7 @@ class DAGDetailedBalance(Objective):
     term :math:`u` (``train_unet_reg``). The flow network :math:`F_\phi` is the objective's own model.
     """
 
+    uses_detailed_balance = True
     name = "dag_db"
     display_name = "DAG-DB"
     description = "detailed balance"

@@ -1,0 +1,230 @@
+"""What every diffusers-based family shares: loading a pipeline from the Hub or a folder, freezing what is not
+trained, a LoRA (peft) on the denoiser that can be switched off for the prior, and saving that LoRA in the format the
+family's own diffusers pipeline reads back with ``load_lora_weights``.
+
+A family subclass names its diffusers pipeline class, its denoiser (``unet`` or ``transformer``) and its LoRA target
+modules, and implements the sampling side of [`GFlowNetStableDiffusionPipeline`] (text conditioning, the model call,
+the stochastic step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+from .pipeline import GFlowNetStableDiffusionPipeline
+
+
+class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
+    """A diffusers pipeline whose denoiser is trained (through a LoRA, or all of it) and whose other components (VAE,
+    text encoders) stay frozen.
+
+    Args:
+        pretrained_model_name: a Hub id or a local folder written by the family's ``save_pretrained``.
+        pretrained_model_revision: the Hub revision (ignored for local folders).
+        use_lora: train a LoRA (Hu et al., 2022, arXiv 2106.09685) on :attr:`lora_target_modules`; else the whole
+            denoiser.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
+        lora_init_seed: seed of the LoRA initialisation (Gaussian ``A``, zero ``B``), drawn from a private random
+            state so that the same seed gives the same initial adapter in every run; the global one is untouched.
+        torch_dtype: the dtype to load the weights in (``None``: as saved). Large families load in bfloat16 so that
+            they fit in memory before :meth:`prepare_for_training` places them.
+    """
+
+    # The diffusers pipeline class (its name in ``diffusers``), which loads the model and saves / reads its LoRA.
+    diffusers_pipeline_class: ClassVar[str]
+    # The attribute of that pipeline holding the denoiser: "unet" or "transformer".
+    denoiser_name: ClassVar[str]
+    # Module names (suffixes) that get a LoRA.
+    lora_target_modules: ClassVar[tuple[str, ...]]
+    # Whether the family's diffusers scripts convert peft's LoRA keys to diffusers' names before saving (the UNet
+    # families do; transformer families save peft's names).
+    lora_keys_in_diffusers_format: ClassVar[bool] = False
+    # Extra keyword arguments for the pipeline's from_pretrained.
+    loading_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        pretrained_model_name: str,
+        *,
+        pretrained_model_revision: str = "main",
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: Optional[float] = None,
+        lora_init_seed: int = 0,
+        torch_dtype: Optional[torch.dtype] = None,
+    ):
+        if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1:
+            raise ValueError(f"lora_rank={lora_rank!r} is invalid: expected an integer >= 1.")
+        self.pretrained_model_name = str(pretrained_model_name)
+        self.pretrained_model_revision = pretrained_model_revision
+        kwargs: dict[str, Any] = dict(self.loading_kwargs)
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        if not os.path.isdir(self.pretrained_model_name):
+            kwargs["revision"] = pretrained_model_revision
+        self.sd_pipeline = self.pipeline_class().from_pretrained(self.pretrained_model_name, **kwargs)
+        self.sd_pipeline.scheduler = self.sampling_scheduler(self.sd_pipeline.scheduler)
+        self._use_lora = use_lora
+        self._adapter_off = False  # inside adapter_disabled()
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_rank if lora_alpha is None else lora_alpha
+
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.unet.requires_grad_(not use_lora)
+        if use_lora:
+            from peft import LoraConfig
+
+            lora_config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=self.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(self.lora_target_modules),
+            )
+            # The denoiser is still on the CPU here, so forking the CPU random state covers every draw.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(lora_init_seed)
+                self.unet.add_adapter(lora_config)
+
+    @classmethod
+    def pipeline_class(cls) -> Any:
+        """The diffusers pipeline class of this family."""
+        return getattr(importlib.import_module("diffusers"), cls.diffusers_pipeline_class)
+
+    def sampling_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler the policy samples with, from the one saved with the model (default: that one)."""
+        return scheduler
+
+    # ------------------------------------------------------------------ components
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser (a UNet or a transformer)."""
+        return getattr(self.sd_pipeline, self.denoiser_name)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.sd_pipeline.vae
+
+    @property
+    def scheduler(self) -> Any:
+        return self.sd_pipeline.scheduler
+
+    @property
+    def use_lora(self) -> bool:
+        return self._use_lora
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The pipeline's modules other than the denoiser (VAE, text encoders)."""
+        return [
+            module
+            for name, module in self.sd_pipeline.components.items()
+            if isinstance(module, torch.nn.Module) and name != self.denoiser_name
+        ]
+
+    def prepare_for_training(
+        self, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool = False
+    ) -> None:
+        """Frozen modules in ``weight_dtype``; the denoiser in ``weight_dtype`` with float32 LoRA parameters, or all
+        float32 for full fine-tuning."""
+        for module in self.frozen_modules():
+            module.to(device, dtype=weight_dtype)
+        if self.use_lora:
+            self.unet.to(device, dtype=weight_dtype)
+            for parameter in self.get_trainable_layers():
+                parameter.data = parameter.data.float()
+        else:
+            self.unet.to(device, dtype=torch.float32)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The pretrained denoiser: the LoRA switched off (diffusers' ``disable_adapters``), no second copy.
+        Re-entrant: a nested use (e.g. a ``lora_min_timestep`` step while sampling the prior) leaves the LoRA off
+        until the outermost one exits."""
+        if not self.use_lora:
+            raise ValueError(
+                f"use_lora=False: the whole {self.denoiser_name} is trained, so there is no adapter to switch off and "
+                "no pretrained prior left to score with; train a LoRA (use_lora=True) for objectives that use the "
+                "prior."
+            )
+        if self._adapter_off:
+            yield
+            return
+        self.unet.disable_adapters()
+        self._adapter_off = True
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            self._adapter_off = False
+
+    def get_trainable_layers(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def lora_state_dict(self, unet: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
+        """The denoiser's LoRA weights with the key names the family's ``load_lora_weights`` reads."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(unet if unet is not None else self.unet)
+        if self.lora_keys_in_diffusers_format:
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            state = convert_state_dict_to_diffusers(state)
+        return state
+
+    def save_pretrained(self, output_dir: Union[str, os.PathLike], unet: Optional[torch.nn.Module] = None) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (LoRA, read by the family pipeline's ``load_lora_weights``) or
+        the whole denoiser as a diffusers ``unet/`` or ``transformer/`` folder (full fine-tuning)."""
+        unet = unet if unet is not None else self.unet
+        if self.use_lora:
+            layers = {f"{self.denoiser_name}_lora_layers": self.lora_state_dict(unet)}
+            self.pipeline_class().save_lora_weights(output_dir, **layers)
+        else:
+            unet.save_pretrained(os.path.join(output_dir, self.denoiser_name))
+
+    def load_trained_weights(self, unet: torch.nn.Module, input_dir: str) -> None:
+        """Load what :meth:`save_pretrained` wrote in ``input_dir`` into ``unet``."""
+        if not self.use_lora:
+            loaded = type(self.unet).from_pretrained(os.path.join(input_dir, self.denoiser_name))
+            unet.load_state_dict(loaded.state_dict())
+            return
+        from peft import set_peft_model_state_dict
+
+        loaded = self.pipeline_class().lora_state_dict(input_dir)
+        lora_state = loaded[0] if isinstance(loaded, tuple) else loaded
+        prefix = f"{self.denoiser_name}."
+        state = {key.removeprefix(prefix): value for key, value in lora_state.items() if key.startswith(prefix)}
+        if self.lora_keys_in_diffusers_format:
+            from diffusers.utils import convert_unet_state_dict_to_peft
+
+            state = convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(unet, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(
+                f"The LoRA checkpoint in {input_dir} does not fit this {self.denoiser_name}: unexpected "
+                f"{unexpected[:5]}."
+            )
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents to float32 images in [0, 1]: ``latents / scaling_factor + shift_factor`` (the shift is
+        0 for families without one) through the VAE."""
+        config = self.vae.config
+        scaled = latents.to(self.vae.dtype) / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            scaled = scaled + config.shift_factor
+        images = self.vae.decode(scaled, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,272 @@
+"""The SDXL, SD3 and FLUX families on tiny random models built offline: the family is read from model_index.json,
+the flow-matching step's log-probabilities equal independent closed forms, every objective trains through the same
+trainer, the saved LoRA round-trips through the family's own diffusers pipeline, and resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import brightness, tiny_config
+
+from dag_trl import GFlowNetDiffusionTrainer
+from dag_trl.models import (
+    DefaultGFlowNetFluxPipeline,
+    DefaultGFlowNetStableDiffusion3Pipeline,
+    DefaultGFlowNetStableDiffusionPipeline,
+    DefaultGFlowNetStableDiffusionXLPipeline,
+    pipeline_family,
+)
+from dag_trl.prompts import PromptList
+from dag_trl.testing.tiny_families import (
+    TINY_FLUX,
+    TINY_SD3,
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+)
+
+FAMILIES = {
+    "sdxl": (build_tiny_sdxl_pipeline, DefaultGFlowNetStableDiffusionXLPipeline, {}),
+    "sd3": (
+        build_tiny_sd3_pipeline,
+        DefaultGFlowNetStableDiffusion3Pipeline,
+        {"max_sequence_length": TINY_SD3.max_sequence_length},
+    ),
+    "flux": (
+        build_tiny_flux_pipeline,
+        DefaultGFlowNetFluxPipeline,
+        {"max_sequence_length": TINY_FLUX.max_sequence_length, "resolution": TINY_FLUX.image_size},
+    ),
+}
+FLOW_FAMILIES = ("sd3", "flux")
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def family_paths(tmp_path_factory) -> dict[str, str]:
+    return {name: str(build(tmp_path_factory.mktemp(name))) for name, (build, _, _) in FAMILIES.items()}
+
+
+def make_pipeline(family: str, family_paths: dict, **overrides):
+    _, cls, kwargs = FAMILIES[family]
+    return cls(family_paths[family], **{**kwargs, **overrides})
+
+
+def lora_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if "lora_" in name}
+
+
+# ---------------------------------------------------------------------------------------------- picking the family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_is_read_from_model_index(family, family_paths):
+    assert pipeline_family(family_paths[family]) is FAMILIES[family][1]
+
+
+def test_sd_family_and_an_unknown_pipeline_class(tmp_path, tiny_sd_path):
+    assert pipeline_family(str(tiny_sd_path)) is DefaultGFlowNetStableDiffusionPipeline
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match=r"names the pipeline 'KandinskyPipeline', which has no model family.*Flux"):
+        pipeline_family(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- the flow step
+
+
+def normal_log_density(value: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Summed over the sample, float64."""
+    return (-((value - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+def rectified_flow_posterior(x_t, velocity, t, s, eta):
+    """DDIM with eta for x_t = (1 - t) x0 + t eps, written from the definitions in float64: mean and std of
+    P_F(x_s | x_t), and scale and std of P_B(x_t | x_s)."""
+    t_c, s_c = max(t, 1e-4), max(s, 1e-4)
+    x0, eps = x_t - t * velocity, x_t + (1 - t) * velocity
+    alpha_t, sigma_t, alpha_s, sigma_s = 1 - t_c, t_c, 1 - s_c, s_c
+    scale = alpha_t / alpha_s
+    noising_variance = sigma_t**2 - scale**2 * sigma_s**2
+    posterior_variance = noising_variance * sigma_s**2 / sigma_t**2
+    std = eta * math.sqrt(posterior_variance)
+    mean = alpha_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
+    return mean, std, scale, math.sqrt(noising_variance)
+
+
+def flow_grpo_reference(x_t, velocity, t, s, sigma_max, level):
+    """Flow-GRPO's SDE step (arXiv 2505.05470, eq. 9, as its sampler writes it): mean and std of x_s."""
+    noise = math.sqrt(t / (1 - (sigma_max if t == 1 else t))) * level
+    dt = s - t
+    mean = x_t * (1 + noise**2 / (2 * t) * dt) + velocity * (1 + noise**2 * (1 - t) / (2 * t)) * dt
+    return mean, noise * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+@pytest.mark.parametrize("sampler,eta", [("ddim", 1.0), ("ddim", 0.4), ("flow_grpo", 1.0)])
+def test_flow_step_log_probabilities_equal_the_closed_forms(family, sampler, eta, family_paths):
+    pipeline = make_pipeline(family, family_paths, sampler=sampler)
+    timesteps = pipeline.set_timesteps(4)
+    sigmas = pipeline.scheduler.sigmas.double()
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, pipeline.latent_channels, 8, 8)
+    for index in range(4):  # the first step starts at t = 1, the last ends at t = 0 (clamped)
+        x_t = torch.randn(shape, generator=generator, dtype=torch.float64)
+        velocity = torch.randn(shape, generator=generator, dtype=torch.float64)
+        step = pipeline.scheduler_step(
+            velocity.float(), timesteps[index], x_t.float(), eta=eta, generator=generator, log_prob_reduction="sum"
+        )
+        t, s = sigmas[index].item(), sigmas[index + 1].item()
+        x_s = step.latents.double()
+        _, _, scale, backward_std = rectified_flow_posterior(x_t, velocity, t, s, eta)
+        if sampler == "ddim":
+            mean, std, _, _ = rectified_flow_posterior(x_t, velocity, t, s, eta)
+        else:
+            mean, std = flow_grpo_reference(x_t, velocity, t, s, sigmas[1].item(), pipeline.noise_level)
+            s_c = max(s, 0.0)
+            scale, backward_std = (1 - t) / (1 - s_c), math.sqrt(t**2 - ((1 - t) / (1 - s_c)) ** 2 * s_c**2)
+        expected_forward = normal_log_density(x_s, mean, std)
+        expected_backward = normal_log_density(x_t, scale * x_s, backward_std)
+        torch.testing.assert_close(step.log_probs.double(), expected_forward, rtol=2e-5, atol=2e-2)
+        torch.testing.assert_close(step.backward_log_probs.double(), expected_backward, rtol=2e-5, atol=2e-2)
+        # the sample is the mean plus std times standard normal noise: its standardised residual has unit scale
+        residual = ((x_s - mean) / std).flatten()
+        assert 0.8 < residual.std().item() < 1.2
+        x0_hat = x_t - t * velocity  # the DAG forward-looking term's state prediction
+        torch.testing.assert_close(step.pred_original_sample.double(), x0_hat, rtol=1e-5, atol=1e-5)
+        predicted = pipeline.predict_original_sample(velocity.float(), timesteps[index].expand(2), x_t.float())
+        torch.testing.assert_close(predicted.double(), x0_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_grpo_refuses_an_eta_and_dag_warns_on_samplers_without_detailed_balance(tmp_path, family_paths):
+    pipeline = make_pipeline("sd3", family_paths, sampler="flow_grpo")
+    with pytest.raises(ValueError, match=r"sample_eta=0.5 is invalid with sampler='flow_grpo'.*noise_level=0.7"):
+        pipeline.check_sampler(4, 0.5)
+    prompts = PromptList(PROMPTS, seed=0)
+    with pytest.warns(UserWarning, match=r"detailed balance.*sample_eta=1.0 and sampler='flow_grpo'"):
+        GFlowNetDiffusionTrainer(tiny_config(tmp_path / "dag"), brightness, prompts, pipeline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        GFlowNetDiffusionTrainer(tiny_config(tmp_path / "ddpo", train_objective="ddpo"), brightness, prompts, pipeline)
+    with pytest.raises(ValueError, match=r"sampler='euler' is invalid: expected one of \('ddim', 'flow_grpo'\)"):
+        make_pipeline("flux", family_paths, sampler="euler")
+    with pytest.raises(ValueError, match=r"resolution=18 is invalid: expected a positive multiple of 4"):
+        make_pipeline("flux", family_paths, resolution=18)
+
+
+def test_sdxl_empty_negative_prompt_is_zeros_as_in_diffusers(family_paths):
+    pipeline = make_pipeline("sdxl", family_paths)
+    empty, other = pipeline.encode_negative_prompt(""), pipeline.encode_negative_prompt("blurry")
+    assert not empty.hidden_states.any() and not empty.pooled.any()
+    assert other.hidden_states.abs().sum() > 0 and other.pooled.abs().sum() > 0
+    side = float(pipeline.resolution)
+    assert empty.extra["time_ids"].tolist() == [[side, side, 0.0, 0.0, side, side]]
+
+
+def test_flux_conditions_on_its_distilled_guidance(family_paths):
+    outputs = []
+    for scale in (1.0, 3.5):
+        pipeline = make_pipeline("flux", family_paths, guidance_embedding_scale=scale)
+        pipeline.set_timesteps(4)
+        embeds = pipeline.encode_prompt(["a red circle"])
+        latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        guided, conditional = pipeline.predict_noise(latents, pipeline.scheduler.timesteps[1], embeds, None, 1.0)
+        assert torch.equal(guided, conditional)
+        outputs.append(conditional)
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+OBJECTIVES = {
+    "dag_db": {"train_reward_exp_anneal": "none"},
+    "dag_kl": {"train_klpf": 1.0, "train_reward_exp_anneal": "none"},
+    "rtb": {
+        "train_objective": "rtb",
+        "train_timestep_fraction": 1.0,
+        "train_log_prob_reduction": "sum",
+        "train_reward_exp_anneal": "none",
+        "train_reward_exp": 3.0,
+    },
+    "ddpo": {"train_objective": "ddpo"},
+}
+
+
+def family_trainer(folder, family, family_paths, num_epochs=1, **overrides):
+    pipeline = make_pipeline(family, family_paths)
+    settings = dict(num_epochs=num_epochs, sample_num_steps=3, sample_num_batches_per_epoch=1, **overrides)
+    config = tiny_config(folder, **settings)
+    return GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="shapes", seed=0), pipeline)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_one_epoch_of_every_objective_moves_the_lora(tmp_path, family, objective, family_paths):
+    trainer = family_trainer(tmp_path, family, family_paths, **OBJECTIVES[objective])
+    before = lora_parameters(trainer.sd_pipeline.unet)
+    trainer.train()
+    after = lora_parameters(trainer.sd_pipeline.unet)
+    assert before.keys() == after.keys() and before
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert all(torch.isfinite(value).all() for value in after.values())
+    assert math.isfinite(trainer.reward_history[-1]["reward_mean"])
+    final_images = trainer.config.sample_batch_size * trainer.config.sample_num_batches_per_epoch
+    if trainer.objective.uses_state_rewards:  # DAG scored x0_hat of intermediate states, from the velocity
+        assert trainer.counters.vae_decodes > final_images
+    else:
+        assert trainer.counters.vae_decodes == final_images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_lora_gives_the_same_denoiser_in_the_family_diffusers_pipeline(tmp_path, family, family_paths):
+    trained = make_pipeline(family, family_paths)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for parameter in trained.get_trainable_layers():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    trained.save_pretrained(tmp_path)
+    assert os.path.exists(tmp_path / "pytorch_lora_weights.safetensors")
+
+    plain = make_pipeline(family, family_paths, use_lora=False)
+    plain.sd_pipeline.load_lora_weights(str(tmp_path))  # the family's own diffusers loader
+    timesteps = trained.set_timesteps(4)
+    plain.set_timesteps(4)
+    embeds = trained.encode_prompt(["a red circle", "a cat"])
+    latents = trained.initial_latents(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        ours, _ = trained.predict_noise(latents, timesteps[1], embeds, None, 1.0)
+        theirs, _ = plain.predict_noise(latents, timesteps[1], embeds, None, 1.0)
+        with trained.adapter_disabled():
+            prior, _ = trained.predict_noise(latents, timesteps[1], embeds, None, 1.0)
+    torch.testing.assert_close(theirs, ours)
+    assert not torch.allclose(prior, ours)  # the LoRA changes the output: the round trip is not vacuous
+
+    reloaded = make_pipeline(family, family_paths)
+    reloaded.load_trained_weights(reloaded.unet, str(tmp_path))
+    for name, value in lora_parameters(trained.unet).items():
+        assert torch.equal(lora_parameters(reloaded.unet)[name], value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, family, family_paths):
+    settings = dict(num_epochs=2, save_freq=1)
+    straight = family_trainer(tmp_path / "straight", family, family_paths, **settings)
+    straight.train()
+    interrupted = family_trainer(tmp_path / "resumed", family, family_paths, **settings)
+    interrupted.train(epochs=1)
+    del interrupted
+    resumed = family_trainer(tmp_path / "resumed", family, family_paths, resume_from="latest", **settings)
+    assert resumed.first_epoch == 1
+    resumed.train()
+    for name, value in lora_parameters(straight.sd_pipeline.unet).items():
+        assert torch.equal(lora_parameters(resumed.sd_pipeline.unet)[name], value), name
+    flow_straight = straight.unwrapped_objective_model.state_dict()
+    for name, value in resumed.unwrapped_objective_model.state_dict().items():
+        assert torch.equal(value, flow_straight[name]), name
+    assert resumed.reward_history == straight.reward_history
