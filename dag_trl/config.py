@@ -298,7 +298,9 @@ class GFlowNetConfig:
         train_cfg (`bool`, *optional*, defaults to `True`):
             Use classifier-free guidance when recomputing the policy's noise prediction during training. Off, with
             `sample_guidance_scale` != 1, transitions sampled by the guided policy are scored under the conditional
-            one (as the reference code allows): the DAG-KL ratio then starts away from 1.
+            one (as the reference code allows): the DAG-KL ratio then starts away from 1. At
+            `sample_guidance_scale` = 1 there is nothing to guide: training makes the one conditional call that
+            sampling made, whatever this says.
         train_adv_clip_max (`float`, *optional*, defaults to `5.0`):
             DAG-KL and DDPO: clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`.
         train_clip_range (`float`, *optional*, defaults to `1e-4`):

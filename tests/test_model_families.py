@@ -270,3 +270,13 @@ def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, famil
     for name, value in resumed.unwrapped_objective_model.state_dict().items():
         assert torch.equal(value, flow_straight[name]), name
     assert resumed.reward_history == straight.reward_history
+
+
+def test_an_already_loaded_diffusers_pipeline_is_used_as_it_is(family_paths):
+    from diffusers import StableDiffusion3Pipeline
+
+    loaded = StableDiffusion3Pipeline.from_pretrained(family_paths["sd3"])
+    pipeline = make_pipeline("sd3", {"sd3": loaded})
+    assert pipeline.sd_pipeline is loaded and pipeline.unet is loaded.transformer
+    assert pipeline.pretrained_model_name == family_paths["sd3"]
+    assert any("lora_" in name for name, _ in loaded.transformer.named_parameters())

@@ -83,6 +83,31 @@ def test_first_update_starts_at_ratio_one_and_zero_regulariser(tmp_path, tiny_sd
     assert second["regulariser"] > 0  # the weights moved after the first optimiser step
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_training_recomputes_the_sampled_log_probabilities_with_the_calls_sampling_made(
+    tmp_path, tiny_sd_path, guidance_scale
+):
+    trainer, _ = make_trainer(
+        tmp_path, tiny_sd_path, sample_guidance_scale=guidance_scale, sample_num_batches_per_epoch=1
+    )
+    samples, _ = trainer._generate_samples(epoch=0)
+    batch_rows = []
+    hook = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda module, inputs: batch_rows.append(len(inputs[0])))
+    with torch.no_grad():
+        for step in range(trainer.config.sample_num_steps):
+            _, _, log_probs = trainer._policy(
+                samples["latents"][:, step],
+                samples["timesteps"][:, step],
+                samples["prompt_embeds"],
+                samples["latents"][:, step + 1],
+            )
+            assert torch.equal(log_probs, samples["log_probs"][:, step])
+    hook.remove()
+    # train_cfg=True guides only where sampling did: one conditional call per row at guidance 1, two rows at 5
+    rows = len(samples["log_probs"])
+    assert batch_rows == [rows * (1 if guidance_scale == 1.0 else 2)] * trainer.config.sample_num_steps
+
+
 def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state(tmp_path, tiny_sd_path):
     trainer, _ = make_trainer(tmp_path, tiny_sd_path, num_epochs=1, train_reward_exp_anneal="none")
     samples, _ = trainer._generate_samples(epoch=0)

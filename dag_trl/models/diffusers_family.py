@@ -25,7 +25,8 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     text encoders) stay frozen.
 
     Args:
-        pretrained_model_name: a Hub id or a local folder written by the family's ``save_pretrained``.
+        pretrained_model_name: a Hub id or a local folder written by the family's ``save_pretrained``, or an already
+            loaded pipeline of the family's diffusers class (e.g. one built with quantised or random weights).
         pretrained_model_revision: the Hub revision (ignored for local folders).
         use_lora: train a LoRA (Hu et al., 2022, arXiv 2106.09685) on :attr:`lora_target_modules`; else the whole
             denoiser.
@@ -51,7 +52,7 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
 
     def __init__(
         self,
-        pretrained_model_name: str,
+        pretrained_model_name: Union[str, os.PathLike, Any],
         *,
         pretrained_model_revision: str = "main",
         use_lora: bool = True,
@@ -62,14 +63,20 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     ):
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1:
             raise ValueError(f"lora_rank={lora_rank!r} is invalid: expected an integer >= 1.")
-        self.pretrained_model_name = str(pretrained_model_name)
         self.pretrained_model_revision = pretrained_model_revision
-        kwargs: dict[str, Any] = dict(self.loading_kwargs)
-        if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
-        if not os.path.isdir(self.pretrained_model_name):
-            kwargs["revision"] = pretrained_model_revision
-        self.sd_pipeline = self.pipeline_class().from_pretrained(self.pretrained_model_name, **kwargs)
+        if isinstance(pretrained_model_name, self.pipeline_class()):
+            self.sd_pipeline = pretrained_model_name
+            self.pretrained_model_name = str(getattr(self.sd_pipeline.config, "_name_or_path", "") or "")
+            if torch_dtype is not None:
+                self.sd_pipeline.to(dtype=torch_dtype)
+        else:
+            self.pretrained_model_name = str(pretrained_model_name)
+            kwargs: dict[str, Any] = dict(self.loading_kwargs)
+            if torch_dtype is not None:
+                kwargs["torch_dtype"] = torch_dtype
+            if not os.path.isdir(self.pretrained_model_name):
+                kwargs["revision"] = pretrained_model_revision
+            self.sd_pipeline = self.pipeline_class().from_pretrained(self.pretrained_model_name, **kwargs)
         self.sd_pipeline.scheduler = self.sampling_scheduler(self.sd_pipeline.scheduler)
         self._use_lora = use_lora
         self._adapter_off = False  # inside adapter_disabled()

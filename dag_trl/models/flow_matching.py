@@ -17,7 +17,8 @@ family (FLUX packs them only for its transformer), so that the flow network sees
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Union
+import os
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
@@ -52,7 +53,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
 
     def __init__(
         self,
-        pretrained_model_name: str,
+        pretrained_model_name: Union[str, os.PathLike, Any],
         *,
         pretrained_model_revision: str = "main",
         use_lora: bool = True,

@@ -57,13 +57,13 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             next_timesteps = window["timesteps"][rows, (steps + 1).clamp(max=num_steps - 1)]
             next_timesteps = torch.where(terminal, torch.zeros_like(next_timesteps), next_timesteps)
             embeds = window["prompt_embeds"][rows]
-            negative = trainer.negative_prompt_embeds.expand(len(rows)) if config.train_cfg else None
+            negative = trainer.negative_prompt_embeds.expand(len(rows)) if trainer.trains_with_guidance else None
 
             with trainer.autocast():
                 guided, _ = pipeline.predict_noise(
                     latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
                 )
-            counters.unet_forward_grad += len(rows) * (2 if config.train_cfg else 1)
+            counters.unet_forward_grad += len(rows) * (2 if trainer.trains_with_guidance else 1)
             step = ddim_step_with_logprob(
                 pipeline.scheduler,
                 guided,

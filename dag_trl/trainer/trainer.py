@@ -269,6 +269,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
 
         with torch.no_grad():
             self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
+        # Training recomputes guided outputs only where sampling guided them: at guidance 1 the sampler makes one
+        # conditional call, and an [unconditional; conditional] batch would double the cost for a guided output
+        # equal to the conditional one up to rounding (so it would not reproduce the sampled log-probabilities).
+        self.trains_with_guidance = config.train_cfg and config.sample_guidance_scale != 1.0
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         if self.uses_deepspeed:
@@ -579,7 +583,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         ``train_cfg``) under the current weights; rows at timesteps below ``lora_min_timestep`` are the pretrained
         model's (no gradient reaches the LoRA from them)."""
         config = self.config
-        negative = self.negative_prompt_embeds.expand(len(latents)) if config.train_cfg else None
+        negative = self.negative_prompt_embeds.expand(len(latents)) if self.trains_with_guidance else None
 
         def predict(rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
             inputs = (latents, timesteps, prompt_embeds, negative)
@@ -626,7 +630,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     window["prompt_embeds"][rows],
                     window["latents"][rows, step + 1],
                 )
-                self.counters.unet_forward_no_grad += len(rows) * (2 if self.config.train_cfg else 1)
+                self.counters.unet_forward_no_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         return result
 
     def transition_batch(
@@ -639,7 +643,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
     ) -> TransitionBatch:
         """The transitions ``x_t -> x_s`` of ``(rows, steps)`` with the policy's log-probability under the current
         weights (one model forward with gradient) and, if the objective uses them, the states' rewards."""
-        config = self.config
         device = window["latents"].device
         num_steps = window["log_probs"].shape[1]
         rows_d, steps_d = rows.to(device), steps.to(device)
@@ -651,7 +654,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         prompt_embeds = window["prompt_embeds"][rows_d]
 
         guided, conditional, log_probs = self._policy(latents, timesteps, prompt_embeds, next_latents)
-        self.counters.unet_forward_grad += len(rows) * (2 if config.train_cfg else 1)
+        self.counters.unet_forward_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         final_rewards = window["rewards"][rows_d].float()
         reward_now = reward_next = None
         if state_rewards is not None:
