@@ -280,3 +280,26 @@ def test_an_already_loaded_diffusers_pipeline_is_used_as_it_is(family_paths):
     assert pipeline.sd_pipeline is loaded and pipeline.unet is loaded.transformer
     assert pipeline.pretrained_model_name == family_paths["sd3"]
     assert any("lora_" in name for name, _ in loaded.transformer.named_parameters())
+
+
+def test_cli_picks_the_family_from_the_model_folder_with_its_pipeline_kwargs(tmp_path, family_paths):
+    from dag_trl.demo.cli import build_trainer, parse_arguments, pipeline_keyword_arguments
+
+    recipe = tmp_path / "recipe.yaml"  # the *_kwargs dicts come from YAML
+    recipe.write_text(
+        f"pretrained_model: {family_paths['sd3']}\n"
+        "pipeline_kwargs: {max_sequence_length: 16, sampler: flow_grpo, torch_dtype: float32}\n"
+    )
+    argv = ["--config", str(recipe)]
+    argv += ["--train_objective", "ddpo", "--sample_num_steps", "3", "--logdir", str(tmp_path / "logs")]
+    script_args, config = parse_arguments(argv)
+    trainer = build_trainer(script_args, config, brightness, PromptList(PROMPTS, seed=0))
+    pipeline = trainer.sd_pipeline
+    assert type(pipeline) is DefaultGFlowNetStableDiffusion3Pipeline
+    assert (pipeline.sampler, pipeline.max_sequence_length) == ("flow_grpo", 16)
+    assert pipeline_keyword_arguments({"torch_dtype": "bfloat16", "resolution": 16}) == {
+        "torch_dtype": torch.bfloat16,
+        "resolution": 16,
+    }
+    with pytest.raises(ValueError, match=r"pipeline_kwargs.torch_dtype='bf16' is invalid: expected a torch dtype"):
+        pipeline_keyword_arguments({"torch_dtype": "bf16"})

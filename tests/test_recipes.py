@@ -29,8 +29,37 @@ PAPER = dict(
 )  # fmt: skip
 
 
+# The other families' recipes: the model each names and the family class its model_index.json selects.
+FAMILY_RECIPES = {
+    "sdxl_aesthetic": ("stabilityai/stable-diffusion-xl-base-1.0", "DefaultGFlowNetStableDiffusionXLPipeline"),
+    "sd35_medium_aesthetic": ("stabilityai/stable-diffusion-3.5-medium", "DefaultGFlowNetStableDiffusion3Pipeline"),
+    "flux_dev_aesthetic": ("black-forest-labs/FLUX.1-dev", "DefaultGFlowNetFluxPipeline"),
+}
+
+
 def test_every_recipe_is_listed():
-    assert sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.yaml")) == sorted(RECIPES)
+    listed = sorted([*RECIPES, *FAMILY_RECIPES])
+    assert sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.yaml")) == listed
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_RECIPES))
+def test_family_recipe_parses_and_its_pipeline_kwargs_are_the_family_s(name):
+    import dag_trl.models as models
+    from dag_trl.models import FlowMatchingGFlowNetPipeline
+
+    model, family_name = FAMILY_RECIPES[name]
+    script_args, config = parse_arguments(["--config", str(EXAMPLES / "recipes" / f"{name}.yaml")])
+    assert script_args.pretrained_model == model and script_args.output_dir == f"runs/{name}"
+    assert config.mixed_precision == "bf16" and config.train_gradient_checkpointing is True
+    family = getattr(models, family_name)
+    accepted = set(inspect.signature(family.__init__).parameters)
+    if issubclass(family, FlowMatchingGFlowNetPipeline):
+        accepted |= set(inspect.signature(FlowMatchingGFlowNetPipeline.__init__).parameters)
+    assert set(script_args.pipeline_kwargs) <= accepted
+    assert script_args.pipeline_kwargs["torch_dtype"] == "bfloat16"
+    if family_name == "DefaultGFlowNetFluxPipeline":  # guidance-distilled: no classifier-free guidance on top
+        assert config.sample_guidance_scale == 1.0
+    get_reward_fn(script_args.reward, **script_args.reward_kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -298,22 +298,34 @@ def tilted_target_summary(
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
 
 
+def pipeline_keyword_arguments(pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``pipeline_kwargs`` with a ``torch_dtype`` name (``"bfloat16"``, as YAML gives it) made a ``torch.dtype``."""
+    result = dict(pipeline_kwargs)
+    name = result.get("torch_dtype")
+    if isinstance(name, str):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(
+                f"pipeline_kwargs.torch_dtype={name!r} is invalid: expected a torch dtype name such as 'bfloat16', "
+                "'float16' or 'float32'."
+            )
+        result["torch_dtype"] = dtype
+    return result
+
+
 def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_fn: Any, prompt_fn: Any) -> Any:
     """The pipeline the script arguments name (with a LoRA seeded by ``config.seed``) and a trainer on it."""
     from ..models import pipeline_family
     from ..trainer import GFlowNetDiffusionTrainer
 
     model = resolve_model(script_args)
-    pipeline_kwargs = dict(script_args.pipeline_kwargs)
-    if isinstance(pipeline_kwargs.get("torch_dtype"), str):
-        pipeline_kwargs["torch_dtype"] = getattr(torch, pipeline_kwargs["torch_dtype"])
     pipeline = pipeline_family(model, script_args.pretrained_revision)(
         model,
         pretrained_model_revision=script_args.pretrained_revision,
         use_lora=script_args.use_lora,
         lora_rank=script_args.lora_rank,
         lora_init_seed=config.seed,
-        **pipeline_kwargs,
+        **pipeline_keyword_arguments(script_args.pipeline_kwargs),
     )
     evaluation_hook = None
     if script_args.pretrained_model == BUILTIN_MODEL:
