@@ -14,6 +14,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REWARD_EXP_ANNEALS = ("linear", "none")
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 LOG_Z_ESTIMATES = ("batch", "learned")
+TRANSITION_ORDERS = ("by_timestep", "random")
 # Accelerator arguments the trainer sets from the config; accelerator_kwargs must not repeat them.
 ACCELERATOR_ARGUMENTS_SET_BY_TRAINER = frozenset(
     {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps", "gradient_accumulation_plugin"}
@@ -146,6 +147,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train_adv_clip_max": _number(0, low_open=True),
     "train_clip_range": _number(0, low_open=True),
     "train_timestep_fraction": _number(0, 1, low_open=True),
+    "train_transition_order": _choice(TRANSITION_ORDERS),
     "train_reward_exp": _number(0),
     "train_reward_exp_anneal": _choice(REWARD_EXP_ANNEALS),
     "train_unet_reg": _number(0),
@@ -307,6 +309,14 @@ class GFlowNetConfig:
             DAG-KL and DDPO: PPO clip range of the probability ratio.
         train_timestep_fraction (`float`, *optional*, defaults to `1.0`):
             Fraction of each trajectory's transitions trained on, in `(0, 1]` (a random subset per trajectory).
+        train_transition_order (`str`, *optional*, defaults to `"by_timestep"`):
+            How a window's kept transitions form batches (each batch takes one transition from each of
+            `train_batch_size` trajectories): `"by_timestep"` visits each trajectory's transitions from the last to
+            the first, so at `train_timestep_fraction=1` every batch holds one timestep, and a state's reward is
+            shared by the two transitions that use it; `"random"` (the reference implementation's) visits them in a
+            random order, so batches mix timesteps (DAG-KL's leave-one-out baseline then compares transitions of
+            different timesteps) and some state rewards need one more model call. DAG-DB, RTB and DDPO get the same
+            gradient either way.
         train_reward_exp (`float`, *optional*, defaults to `100.0`):
             Reward exponent beta: the target distribution is proportional to `exp(beta * R(x_0))` (with
             `train_log_prob_reduction="mean"` the effective exponent is `beta * D`, see the docs).
@@ -424,6 +434,9 @@ class GFlowNetConfig:
     train_adv_clip_max: float = field(default=5.0, metadata={"help": "DAG-KL and DDPO advantage clip."})
     train_clip_range: float = field(default=1e-4, metadata={"help": "DAG-KL and DDPO PPO ratio clip range."})
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of transitions trained, (0, 1]."})
+    train_transition_order: str = field(
+        default="by_timestep", metadata={"help": "Batching of a window's transitions: by_timestep or random."}
+    )
     train_reward_exp: float = field(default=100.0, metadata={"help": "Reward exponent beta, >= 0."})
     train_reward_exp_anneal: str = field(default="linear", metadata={"help": "'linear' or 'none'."})
     train_unet_reg: float = field(default=1.0, metadata={"help": "Weight of the proximal regulariser."})

@@ -281,16 +281,25 @@ def capture_gradients_at_step(trainer):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "klpf, train_cfg, fraction",
-    [(-1.0, True, 1.0), (1.0, True, 1.0), (-1.0, False, 1.0), (1.0, False, 0.5), (-1.0, True, 0.5)],
-    ids=["db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half"],
+    "klpf, train_cfg, fraction, order",
+    [
+        (-1.0, True, 1.0, "by_timestep"),
+        (1.0, True, 1.0, "by_timestep"),
+        (-1.0, False, 1.0, "by_timestep"),
+        (1.0, False, 0.5, "by_timestep"),
+        (-1.0, True, 0.5, "by_timestep"),
+        (1.0, True, 1.0, "random"),
+        (-1.0, True, 0.5, "random"),
+    ],
+    ids=["db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half", "kl-cfg-random", "db-cfg-half-random"],
 )
-def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path, klpf, train_cfg, fraction):
+def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path, klpf, train_cfg, fraction, order):
     from dag_trl.testing.reference_loop import reference_train_window
     from dag_trl.trainer import WorkCounters
 
     overrides = dict(train_klpf=klpf, train_cfg=train_cfg, train_timestep_fraction=fraction, train_reward_exp=10.0,
-                     train_reward_exp_anneal="none", sample_num_batches_per_epoch=2)  # fmt: skip
+                     train_reward_exp_anneal="none", sample_num_batches_per_epoch=2,
+                     train_transition_order=order)  # fmt: skip
     optimised, _ = make_trainer(tmp_path / "a", tiny_sd_path, **overrides)
     reference, _ = make_trainer(tmp_path / "b", tiny_sd_path, **overrides)
     reference.unet.load_state_dict(optimised.unet.state_dict())
@@ -330,7 +339,9 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
     assert counters.vae_decodes - 8 <= transitions + 8  # sampling decoded 8 final images
     assert reference_counters.unet_forward_no_grad == 2 * transitions
     sampling_forwards = 8 * 4 * 2
-    if fraction == 1.0:
+    if order == "random":  # a kept next state visited later is scored ahead, once
+        assert counters.unet_forward_no_grad - sampling_forwards <= transitions
+    elif fraction == 1.0:
         assert counters.unet_forward_no_grad == sampling_forwards  # nothing beyond sampling
     else:
         assert counters.unet_forward_no_grad - sampling_forwards <= transitions // 2
@@ -522,3 +533,23 @@ def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained
         else:
             gradients = torch.autograd.grad(log_probs.sum(), trainer.sd_pipeline.get_trainable_layers())
             assert all(g.abs().max() > 0 for g in gradients)
+
+
+@pytest.mark.parametrize("order", ["by_timestep", "random"])
+def test_transition_order_puts_one_timestep_in_a_batch_or_mixes_them(tmp_path, tiny_sd_path, order):
+    trainer, _ = make_trainer(
+        tmp_path, tiny_sd_path, train_klpf=1.0, train_transition_order=order, sample_num_batches_per_epoch=1
+    )
+    seen, loss = [], trainer.objective.loss
+
+    def recording_loss(batch, model):
+        seen.append(batch.timesteps.tolist())
+        return loss(batch, model)
+
+    trainer.objective.loss = recording_loss
+    samples, _ = trainer._generate_samples(epoch=0)
+    for window, kept in trainer.windows(samples, torch.Generator().manual_seed(0)):
+        trainer.train_window(window, kept, beta=1.0, epoch=0)
+    one_timestep = [len(set(timesteps)) == 1 for timesteps in seen]
+    assert len(seen) == 8  # 2 batches x 4 kept timesteps
+    assert all(one_timestep) if order == "by_timestep" else not all(one_timestep)

@@ -42,7 +42,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
     config = trainer.config
     pipeline = trainer.sd_pipeline
     num_steps = window["log_probs"].shape[1]
-    kept = torch.sort(kept, dim=1, descending=True).values
+    if config.train_transition_order == "by_timestep":
+        kept = torch.sort(kept, dim=1, descending=True).values
     num_kept = kept.shape[1]
     batches = range(0, kept.shape[0], config.train_batch_size)
     assert len(batches) * num_kept == trainer.accelerator.gradient_accumulation_steps

@@ -55,6 +55,12 @@ class StateRewardCache:
         else:
             self._add_fresh([state for state in needed if state not in kept_set])
 
+    def add_missing(self, states: list[State]) -> None:
+        """Score those of ``states`` not yet known, with one no-grad conditional forward each."""
+        missing = [state for state in states if state not in self.rewards]
+        if missing:
+            self._add_fresh(missing)
+
     def add_from_outputs(
         self,
         states: list[State],

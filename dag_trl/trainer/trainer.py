@@ -474,7 +474,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         """
         config = self.config
         device = self.accelerator.device
-        kept = torch.sort(kept, dim=1, descending=True).values
+        if config.train_transition_order == "by_timestep":
+            kept = torch.sort(kept, dim=1, descending=True).values
         self.objective.prepare_window(window, beta, lambda: self.policy_log_probs(window), self.objective_model)
         state_rewards = None
         if self.objective.uses_state_rewards:
@@ -662,6 +663,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
             state_rewards.add_from_outputs(states, latents, timesteps, conditional)
             reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)
+            # In random order a kept next state may come later in the window: score it now.
+            state_rewards.add_missing([(row, state + 1) for row, state in states if state + 1 < num_steps])
             reward_next = final_rewards.clone()
             for index, (row, state) in enumerate(states):
                 if state + 1 < num_steps:
