@@ -7,6 +7,7 @@ Resumable: each run trains in ``<output>/<objective>-seed<seed>/`` and its summa
 
     python benchmarks/study_objectives.py --seeds 0 1 2 --eval_num_images 2048 --figure docs/study_curves.png
     python benchmarks/study_objectives.py --table
+    python benchmarks/study_objectives.py --seeds 0 --objectives dag_kl_full_by_timestep dag_kl_full_random  # A/B
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ OBJECTIVE_ARGUMENTS: dict[str, list[str]] = {
     "rtb": ["--train_objective", "rtb", "--train_reward_exp", "3"],
     "ddpo": ["--train_objective", "ddpo", "--train_clip_range", "0.2"],
 }
+# The DAG-KL batch-grouping A/B, at train_timestep_fraction=1 (every transition trained): batches of one timestep
+# (the trainer's default) against the reference implementation's mixed batches. Not in the default run.
+GROUPING_ARGUMENTS: dict[str, list[str]] = {
+    f"dag_kl_full_{order}": [
+        "--train_klpf",
+        "1.0",
+        "--train_timestep_fraction",
+        "1.0",
+        "--train_transition_order",
+        order,
+    ]
+    for order in ("by_timestep", "random")
+}
+RUN_ARGUMENTS = {**OBJECTIVE_ARGUMENTS, **GROUPING_ARGUMENTS}
 
 
 # The curves: 256 fixed evaluation samples before training and every 8 epochs (the large sample only at the end).
@@ -37,7 +52,7 @@ def run_one(objective: str, seed: int, output: Path, results: Path, eval_num_ima
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     argv = ["--output_dir", str(folder), "--overwrite", "true", "--seed", str(seed)]
-    argv += ["--eval_num_images", str(eval_num_images), *CURVE_ARGUMENTS, *OBJECTIVE_ARGUMENTS[objective]]
+    argv += ["--eval_num_images", str(eval_num_images), *CURVE_ARGUMENTS, *RUN_ARGUMENTS[objective]]
     start = time.time()
     summary = run(*parse_arguments(argv))
     summary["wall_seconds"] = time.time() - start
@@ -51,6 +66,14 @@ def tv_cell(after: dict, name: str) -> str:
     if name not in after.get("target_tv", {}):
         return "-"
     return f"{after['target_tv'][name]:.3f} (+-{after['target_tv_noise'][name]:.3f})"
+
+
+def run_label(path: Path, summary: dict) -> str:
+    """The objective's display name, with the batch grouping for the A/B runs."""
+    run = path.stem.rsplit("-seed", 1)[0]
+    if run in GROUPING_ARGUMENTS:
+        return f"{summary['algorithm']} (fraction 1, {run.removeprefix('dag_kl_full_').replace('_', ' ')})"
+    return summary["algorithm"]
 
 
 def table(results: Path) -> str:
@@ -68,7 +91,7 @@ def table(results: Path) -> str:
         adherence = after["adherence_full_prompts"]
 
         rows.append(
-            f"| {summary['algorithm']} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
+            f"| {run_label(path, summary)} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
             f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f} | "
             f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
@@ -89,6 +112,8 @@ def plot_curves(results: Path, path: Path) -> None:
     figure, axis = pyplot.subplots(figsize=(6.5, 4.5))
     colours = {}
     for summary_path in sorted(results.glob("*-seed*.json")):
+        if summary_path.stem.rsplit("-seed", 1)[0] in GROUPING_ARGUMENTS:
+            continue  # the A/B runs are in the table only
         summary = json.loads(summary_path.read_text())
         history = [entry for entry in summary.get("evaluation_history", []) if "target_tv" in entry]
         if not history:
@@ -118,9 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--results", type=Path, default=Path(__file__).parent / "results" / "study", help="the kept summaries"
     )
-    parser.add_argument(
-        "--objectives", nargs="+", default=list(OBJECTIVE_ARGUMENTS), choices=list(OBJECTIVE_ARGUMENTS)
-    )
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVE_ARGUMENTS), choices=list(RUN_ARGUMENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--eval_num_images", type=int, default=2048)
     parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
