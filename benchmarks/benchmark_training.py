@@ -2,6 +2,8 @@
 
     python benchmarks/benchmark_training.py --setting tiny-cpu [--repeats 3]
     python benchmarks/benchmark_training.py --setting sd15-gpu [--sample-batches 2] [--mixed-precision bf16]
+    python benchmarks/benchmark_training.py --setting {sdxl,sd3,flux}-cpu     # tiny families, a smoke run
+    python benchmarks/benchmark_training.py --setting {sdxl,sd35,flux}-gpu    # real sizes, random weights [--resolution]
 
 Each repeat samples one epoch once (``trainer._generate_samples``), cuts it into windows (``trainer.windows``) and
 trains on those windows twice from the same starting weights and optimiser state: once with the product loop
@@ -17,6 +19,24 @@ Settings:
 - ``sd15-gpu``: an SD1.5-architecture pipeline with random weights built from configs in code (no Hub), the paper's
   batch sizes (sample 16, train 8, 50 steps, accumulation 4) and, as the reward, a randomly initialised CLIP
   ViT-L/14 image tower with the LAION aesthetic head on 224 px images: the cost of the aesthetic scorer.
+- ``sdxl-cpu``, ``sd3-cpu``, ``flux-cpu``: smoke runs of the other families at the tests' tiny sizes
+  (:mod:`dag_trl.testing.tiny_families`: 16 px images), 4 steps, 4 trajectories, one repeat, a mean-brightness
+  reward; well under a minute each on one CPU thread. They take the GPU settings' code path (a pipeline assembled in
+  memory and handed to the family's class), so they check it without a GPU.
+- ``sdxl-gpu``, ``sd35-gpu``, ``flux-gpu``: the real architectures with random weights, assembled in memory
+  directly on the GPU in bfloat16 (:data:`~dag_trl.testing.tiny_families.SDXL_BASE_ARCHITECTURE`: 2.6B UNet and
+  CLIP-L + bigG; :data:`~dag_trl.testing.tiny_families.SD35_MEDIUM_ARCHITECTURE`: 2.2B MMDiT-X, CLIP-L + bigG +
+  T5-XXL; :data:`~dag_trl.testing.tiny_families.FLUX1_DEV_ARCHITECTURE`: 11.9B transformer, CLIP-L + T5-XXL), with
+  character-level tokenizers at the real maximum lengths (77 CLIP tokens; 256 T5 tokens for SD3.5, 512 for FLUX).
+  Short runs, meant to take two to three minutes each on one H200 including the build: 1024 px (SDXL, SD3.5) or 512 px (FLUX, through
+  ``--resolution``), 10 steps, 2 trajectories, train batch 2, gradient checkpointing, bf16, brightness reward, one
+  repeat; guidance 5 for SDXL and SD3.5 (trained with guidance), FLUX.1-dev's distilled guidance 3.5 and no true
+  classifier-free guidance.
+
+Every setting is DAG-DB unless ``--klpf`` is positive (DAG-KL). Each setting has a pipeline factory: SD1 settings
+save the pipeline to a temporary folder and load it with ``DefaultGFlowNetStableDiffusionPipeline``; the other
+families assemble the diffusers pipeline in memory (nothing multi-GB is written) and pass the object to their family's
+class.
 
 Peak memory is CUDA's ``max_memory_allocated`` on a GPU; on CPU it is the process's peak resident set size (VmHWM)
 after resetting it through ``/proc/self/clear_refs`` before each phase, or, where that is not possible, getrusage's
@@ -47,7 +67,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer  # noqa: E402
+from dag_trl.models import (  # noqa: E402
+    DefaultGFlowNetFluxPipeline,
+    DefaultGFlowNetStableDiffusion3Pipeline,
+    DefaultGFlowNetStableDiffusionXLPipeline,
+    DiffusersGFlowNetPipeline,
+    FlowMatchingGFlowNetPipeline,
+)
 from dag_trl.testing.reference_loop import reference_train_window  # noqa: E402
+from dag_trl.testing.tiny_families import (  # noqa: E402
+    FLUX1_DEV_ARCHITECTURE,
+    SD35_MEDIUM_ARCHITECTURE,
+    SDXL_BASE_ARCHITECTURE,
+    TINY_FLUX_ARCHITECTURE,
+    TINY_SD3_ARCHITECTURE,
+    TINY_SDXL_ARCHITECTURE,
+    make_flux_pipeline,
+    make_sd3_pipeline,
+    make_sdxl_pipeline,
+)
 from dag_trl.testing.tiny_models import SDArchitecture, build_tiny_sd_pipeline  # noqa: E402
 from dag_trl.trainer import WorkCounters, get_objective_class  # noqa: E402
 from dag_trl.trainer.trainer import take_rows  # noqa: E402
@@ -88,15 +126,19 @@ class PhaseResult:
 
 @dataclass
 class Setting:
-    """Defaults that differ between the two settings."""
+    """Defaults that differ between the settings."""
 
     config: dict[str, Any]
-    pipeline_builder: Callable[[Path, argparse.Namespace], Path]
+    # Returns the pipeline to train, given a temporary folder it may write to and the arguments.
+    pipeline_factory: Callable[[Path, argparse.Namespace], DiffusersGFlowNetPipeline]
     reward: str
     device: str
     mixed_precision: str
     repeats: int
     threads: int | None
+    # The --resolution default (the SD1 settings' 512; SD1.5 reads it, tiny SD has its own 16 px).
+    resolution: int = 512
+    gradient_checkpointing: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- pipelines and rewards
@@ -110,6 +152,57 @@ def build_sd15(path: Path, args: argparse.Namespace) -> Path:
     """Save an SD1.5-architecture ``StableDiffusionPipeline`` with random weights, built offline from configs."""
     architecture = dataclasses.replace(SD15_ARCHITECTURE, image_size=args.resolution)
     return build_tiny_sd_pipeline(path, architecture=architecture)
+
+
+def saved_sd_pipeline(builder: Callable[[Path, argparse.Namespace], Path]) -> Callable:
+    """The SD1 settings' factory: ``builder`` saves a ``StableDiffusionPipeline`` into the folder, which
+    ``DefaultGFlowNetStableDiffusionPipeline`` loads like a Hub checkpoint."""
+
+    def factory(folder: Path, args: argparse.Namespace) -> DiffusersGFlowNetPipeline:
+        model_path = builder(folder / "model", args)
+        return DefaultGFlowNetStableDiffusionPipeline(str(model_path), lora_rank=args.lora_rank)
+
+    return factory
+
+
+def weight_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The dtype the trainer keeps frozen weights in under ``--mixed-precision`` (None: float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+
+
+def in_memory_pipeline(
+    family: type[DiffusersGFlowNetPipeline], make: Callable, architecture: Any, **kwargs
+) -> Callable:
+    """A factory that assembles ``make(architecture)`` (a ``make_*_pipeline`` of
+    :mod:`dag_trl.testing.tiny_families`) with random weights directly on the run's device in the mixed-precision
+    dtype, and hands the diffusers pipeline to ``family``. ``--resolution`` is SDXL's image size (its UNet's sample
+    size) and the rectified-flow families' ``resolution``; they read ``architecture.max_sequence_length`` T5 tokens.
+    """
+
+    def factory(folder: Path, args: argparse.Namespace) -> DiffusersGFlowNetPipeline:
+        start = time.perf_counter()
+        family_kwargs = dict(kwargs, lora_rank=args.lora_rank)
+        if issubclass(family, FlowMatchingGFlowNetPipeline):
+            sizes = architecture
+            family_kwargs.update(resolution=args.resolution, max_sequence_length=architecture.max_sequence_length)
+        else:
+            sizes = dataclasses.replace(architecture, image_size=args.resolution)
+        dtype = weight_dtype(args)
+        diffusers_pipeline = make(sizes, seed=0, device=args.device, dtype=dtype)
+        synchronise(torch.device(args.device))
+        counts = ", ".join(
+            f"{name} {sum(p.numel() for p in module.parameters()) / 1e6:,.1f}M"
+            for name, module in diffusers_pipeline.components.items()
+            if isinstance(module, torch.nn.Module)
+        )
+        print(
+            f"assembled {type(diffusers_pipeline).__name__} with random weights on {args.device} in "
+            f"{dtype or torch.float32} in {time.perf_counter() - start:.1f} s: {counts} parameters",
+            flush=True,
+        )
+        return family(diffusers_pipeline, **family_kwargs)
+
+    return factory
 
 
 def brightness_reward(args: argparse.Namespace, device: torch.device) -> Callable:
@@ -165,7 +258,7 @@ SETTINGS = {
             flow_attention_heads=2,
             flow_time_embedding_dim=8,
         ),
-        pipeline_builder=build_tiny,
+        pipeline_factory=saved_sd_pipeline(build_tiny),
         reward="brightness",
         device="cpu",
         mixed_precision="no",
@@ -180,7 +273,7 @@ SETTINGS = {
             train_batch_size=8,
             train_gradient_accumulation_steps=4,
         ),
-        pipeline_builder=build_sd15,
+        pipeline_factory=saved_sd_pipeline(build_sd15),
         reward="clip-aesthetic",
         device="cuda",
         mixed_precision="bf16",
@@ -188,6 +281,72 @@ SETTINGS = {
         threads=None,
     ),
 }
+# The other families' CPU smoke runs at the tiny sizes: one window of 4 trajectories of 4 steps.
+FAMILY_CPU_CONFIG = dict(
+    sample_num_steps=4,
+    sample_batch_size=2,
+    sample_num_batches_per_epoch=2,
+    train_batch_size=2,
+    train_gradient_accumulation_steps=2,
+    flow_block_out_channels=[8, 16],
+    flow_attention_heads=2,
+    flow_time_embedding_dim=8,
+)
+# Their GPU runs at the real sizes: one window of 2 trajectories of 10 steps.
+FAMILY_GPU_CONFIG = dict(
+    sample_num_steps=10,
+    sample_batch_size=2,
+    sample_num_batches_per_epoch=1,
+    train_batch_size=2,
+    train_gradient_accumulation_steps=1,
+)
+# FLUX.1-dev is guidance-distilled: no true classifier-free guidance (its recipes' sample_guidance_scale).
+FLUX_GUIDANCE = dict(sample_guidance_scale=1.0)
+FAMILIES = {
+    "sdxl": (
+        DefaultGFlowNetStableDiffusionXLPipeline,
+        make_sdxl_pipeline,
+        TINY_SDXL_ARCHITECTURE,
+        SDXL_BASE_ARCHITECTURE,
+        {},
+    ),
+    "sd3": (
+        DefaultGFlowNetStableDiffusion3Pipeline,
+        make_sd3_pipeline,
+        TINY_SD3_ARCHITECTURE,
+        SD35_MEDIUM_ARCHITECTURE,
+        {},
+    ),
+    "flux": (
+        DefaultGFlowNetFluxPipeline,
+        make_flux_pipeline,
+        TINY_FLUX_ARCHITECTURE,
+        FLUX1_DEV_ARCHITECTURE,
+        FLUX_GUIDANCE,
+    ),
+}
+for _name, (_family, _make, _tiny, _real, _extra) in FAMILIES.items():
+    SETTINGS[f"{_name}-cpu"] = Setting(
+        config={**FAMILY_CPU_CONFIG, **_extra},
+        pipeline_factory=in_memory_pipeline(_family, _make, _tiny),
+        reward="brightness",
+        device="cpu",
+        mixed_precision="no",
+        repeats=1,
+        threads=1,
+        resolution=_tiny.image_size,
+    )
+    SETTINGS[f"{'sd35' if _name == 'sd3' else _name}-gpu"] = Setting(
+        config={**FAMILY_GPU_CONFIG, **_extra},
+        pipeline_factory=in_memory_pipeline(_family, _make, _real),
+        reward="brightness",
+        device="cuda",
+        mixed_precision="bf16",
+        repeats=1,
+        threads=None,
+        resolution=512 if _name == "flux" else 1024,
+        gradient_checkpointing=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -338,7 +497,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="tiny-cpu")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the setting's")
-    parser.add_argument("--repeats", type=int, help="timed repeats (default: 3 tiny-cpu, 1 sd15-gpu)")
+    parser.add_argument("--repeats", type=int, help="timed repeats (default: 3 tiny-cpu, else 1)")
     parser.add_argument("--steps", type=int, help="DDIM steps per trajectory")
     parser.add_argument("--sample-batch-size", type=int)
     parser.add_argument("--sample-batches", type=int, help="sampling batches per epoch")
@@ -348,9 +507,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--decode-batch-size", type=int, help="train_decode_batch_size (default: the config's)")
     parser.add_argument("--klpf", type=float, default=-1.0, help="<= 0: DAG-DB; > 0: DAG-KL")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="default: on for the *-gpu settings of SDXL, SD3.5 and FLUX, else off",
+    )
     parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=512, help="sd15-gpu image size (multiple of 64)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="image size of sd15-gpu (multiple of 64; default 512) and of the SDXL, SD3 and FLUX settings (default: "
+        "1024 sdxl-gpu and sd35-gpu, 512 flux-gpu, 16 for the tiny ones); tiny-cpu ignores it",
+    )
     parser.add_argument("--reward", choices=["brightness", "clip-aesthetic"], help="default: per setting")
     parser.add_argument(
         "--threads",
@@ -468,11 +636,19 @@ def main() -> None:
     repeats = args.repeats or setting.repeats
     args.threads = args.threads or setting.threads
     args.device = setting.device if args.device == "auto" else args.device
+    args.resolution = args.resolution or setting.resolution
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = setting.gradient_checkpointing
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(
             f"--setting {args.setting} needs a CUDA device and none is visible to torch {torch.__version__}. "
             "Run it on a GPU machine, or add --device cpu (with e.g. --steps 2 --sample-batch-size 2 "
-            "--sample-batches 1 --resolution 128 --mixed-precision no) for a slow check of the code path."
+            "--sample-batches 1 --resolution 128 --mixed-precision no) for a slow check of the code path"
+            + (
+                "."
+                if args.setting == "sd15-gpu"
+                else "; for SDXL, SD3 and FLUX the tiny sdxl-cpu, sd3-cpu and flux-cpu settings check it in seconds."
+            )
         )
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -480,8 +656,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dag-trl-bench-") as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        model_path = setting.pipeline_builder(tmp / "model", args)
-        pipeline = DefaultGFlowNetStableDiffusionPipeline(str(model_path), lora_rank=args.lora_rank)
+        pipeline = setting.pipeline_factory(tmp, args)
         config = make_config(args, setting, str(tmp / "logs"))
         reward_choice = args.reward or setting.reward
         reward = REWARDS[reward_choice](args, torch.device(args.device))

@@ -1,5 +1,6 @@
 """The tiny SDXL, SD3 and FLUX pipelines of :mod:`dag_trl.testing.tiny_families`: seeded builds are bit-identical,
-and each folder loads back through its family's diffusers pipeline class like a Hub checkpoint."""
+and each folder loads back through its family's diffusers pipeline class like a Hub checkpoint; the real-size
+architectures assemble (on the meta device) into modules of the published sizes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import pytest
 import torch
 
 from dag_trl.testing.tiny_families import (
+    FLUX1_DEV_ARCHITECTURE,
+    SD35_MEDIUM_ARCHITECTURE,
+    SDXL_BASE_ARCHITECTURE,
     TINY_FLUX,
     TINY_SD3,
     TINY_SDXL,
     build_tiny_flux_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
+    make_flux_pipeline,
+    make_sd3_pipeline,
+    make_sdxl_pipeline,
 )
 
 BUILDERS = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
@@ -199,3 +206,62 @@ def test_pipelines_run_end_to_end(family, built):
     ).images
     assert images.shape == (1, 3, sizes.image_size, sizes.image_size)
     assert torch.isfinite(images).all() and images.std() > 0
+
+
+# The real models' sizes in tensors of their released checkpoints (parameters and persistent buffers): SDXL base 1.0,
+# SD3.5 medium (its model card's 2.5B, of which 226M are the 384x384 positional-embedding table) and FLUX.1-dev,
+# with their CLIP ViT-L, OpenCLIP bigG and T5-XXL text encoders and their VAEs.
+REAL = {
+    "sdxl": (
+        make_sdxl_pipeline,
+        SDXL_BASE_ARCHITECTURE,
+        {"text_encoder": 123.1e6, "text_encoder_2": 694.7e6, "unet": 2.567e9, "vae": 83.65e6},
+    ),
+    "sd3": (
+        make_sd3_pipeline,
+        SD35_MEDIUM_ARCHITECTURE,
+        {
+            "text_encoder": 123.7e6,
+            "text_encoder_2": 694.7e6,
+            "text_encoder_3": 4.762e9,
+            "transformer": 2.5e9,
+            "vae": 83.82e6,
+        },
+    ),
+    "flux": (
+        make_flux_pipeline,
+        FLUX1_DEV_ARCHITECTURE,
+        {"text_encoder": 123.1e6, "text_encoder_2": 4.762e9, "transformer": 11.90e9, "vae": 83.82e6},
+    ),
+}
+
+
+def checkpoint_size(module: torch.nn.Module) -> int:
+    """Parameters (tied ones once) and persistent floating buffers: the tensors ``save_pretrained`` writes."""
+    saved = set(module.state_dict())
+    buffers = sum(b.numel() for name, b in module.named_buffers() if name in saved and b.is_floating_point())
+    return sum(p.numel() for p in module.parameters()) + buffers
+
+
+@pytest.mark.parametrize("family", REAL)
+def test_real_sizes_assemble_on_the_meta_device_with_the_published_sizes(family):
+    make, architecture, published = REAL[family]
+    pipe = make(architecture, device="meta", dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32  # restored after the construction
+    assert isinstance(pipe, pipeline_class(family))
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert modules.keys() == published.keys()
+    for name, module in modules.items():
+        assert {(t.device.type, t.dtype) for t in module.parameters()} == {("meta", torch.bfloat16)}, name
+        assert not module.training, name
+        assert checkpoint_size(module) == pytest.approx(published[name], rel=0.05), name
+    sizes = architecture.sizes
+    assert pipe.vae_scale_factor == sizes.vae_scale_factor == 8
+    assert pipe.vae.config.latent_channels == sizes.latent_channels
+    denoiser = (pipe.unet if family == "sdxl" else pipe.transformer).config
+    if family == "sdxl":
+        assert (denoiser.cross_attention_dim, denoiser.projection_class_embeddings_input_dim) == (2048, 2816)
+        assert (sizes.prompt_dim, sizes.pooled_dim, denoiser.sample_size) == (2048, 1280, 128)
+    else:
+        assert denoiser.joint_attention_dim == sizes.prompt_dim == 4096
+        assert denoiser.pooled_projection_dim == sizes.pooled_dim == (2048 if family == "sd3" else 768)

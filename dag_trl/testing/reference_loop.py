@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ..samplers.ddim import ddim_step_with_logprob
 from ..trainer import WorkCounters
 from ..trainer.objectives.losses import (
     detailed_balance_residual,
@@ -56,7 +55,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             timesteps = window["timesteps"][rows, steps]
             terminal = (steps + 1) == num_steps
             next_timesteps = window["timesteps"][rows, (steps + 1).clamp(max=num_steps - 1)]
-            next_timesteps = torch.where(terminal, torch.zeros_like(next_timesteps), next_timesteps)
+            # A terminal row's next state is the final sample: its x0_hat and flow are computed at the row's own
+            # timestep (a time the family's schedule has) and discarded, as the reference computes and discards them.
             embeds = window["prompt_embeds"][rows]
             negative = trainer.negative_prompt_embeds.expand(len(rows)) if trainer.trains_with_guidance else None
 
@@ -65,8 +65,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                     latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
                 )
             counters.unet_forward_grad += len(rows) * (2 if trainer.trains_with_guidance else 1)
-            step = ddim_step_with_logprob(
-                pipeline.scheduler,
+            step = pipeline.scheduler_step(
                 guided,
                 timesteps,
                 latents,
