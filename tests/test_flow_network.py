@@ -60,3 +60,23 @@ def test_log_flows_of_hundreds_of_nats_keep_float32_precision_inside_bf16_autoca
         head.linear.bias.fill_(2.0123)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(head(text), head.linear.bias.expand(3))
+
+
+def test_pooled_embedding_conditions_the_flow_when_configured(tmp_path):
+    import pytest
+
+    flow = tiny_flow(pooled_embedding_dim=5).eval()
+    latents, text, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 32), torch.randn(2, 5)
+    with torch.no_grad():
+        out = flow(latents, torch.tensor([981, 501]), text, pooled)
+        other = flow(latents, torch.tensor([981, 501]), text, pooled + 1)
+    assert not torch.allclose(out, other)
+    with pytest.raises(ValueError, match=r"built with pooled_embedding_dim=5 and needs the pooled prompt embedding"):
+        flow(latents, torch.tensor([981, 501]), text)
+    flow.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = FlowNetwork.from_pretrained(tmp_path)(latents, torch.tensor([981, 501]), text, pooled)
+    torch.testing.assert_close(reloaded, out)
+    plain = tiny_flow().eval()  # SD 1.x: no pooled input, a pooled tensor is ignored
+    with torch.no_grad():
+        assert torch.equal(plain(latents, 5, text, pooled), plain(latents, 5, text))

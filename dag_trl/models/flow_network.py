@@ -30,6 +30,8 @@ class FlowNetwork(ModelMixin, ConfigMixin):
         attention_heads: heads of every cross-attention layer.
         time_embedding_dim: width of the sinusoidal embedding; its MLP outputs 4x this width.
         norm_num_groups: group-norm groups; ``None`` picks the largest divisor of all widths up to 32.
+        pooled_embedding_dim: width of a pooled prompt embedding (SDXL, SD3, FLUX), added to the timestep embedding
+            through a linear layer, as those families' denoisers do; ``None`` (SD 1.x / 2.x): no pooled input.
     """
 
     _supports_gradient_checkpointing = False
@@ -44,6 +46,7 @@ class FlowNetwork(ModelMixin, ConfigMixin):
         attention_heads: int = 8,
         time_embedding_dim: int = 64,
         norm_num_groups: int | None = None,
+        pooled_embedding_dim: int | None = None,
     ):
         super().__init__()
         block_out_channels = tuple(block_out_channels)
@@ -52,6 +55,9 @@ class FlowNetwork(ModelMixin, ConfigMixin):
         temb_dim = 4 * time_embedding_dim
         self.time_proj = Timesteps(time_embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(time_embedding_dim, temb_dim)
+        self.pooled_embedding = (
+            None if pooled_embedding_dim is None else torch.nn.Linear(pooled_embedding_dim, temb_dim)
+        )
         self.conv_in = torch.nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.down_blocks = torch.nn.ModuleList()
         input_channels = block_out_channels[0]
@@ -78,23 +84,39 @@ class FlowNetwork(ModelMixin, ConfigMixin):
         self.head = torch.nn.Linear(block_out_channels[-1], 1)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Log-flow of each state: ``sample`` (B, C, H, W), ``timestep`` (B,) or scalar, ``encoder_hidden_states``
-        (B, L, D). Returns a float32 tensor of shape (B,).
+        (B, L, D), ``pooled`` (B, D') when the network was built with ``pooled_embedding_dim`` (else ignored).
+        Returns a float32 tensor of shape (B,).
 
         Runs in the weights' dtype even inside an autocast region (accelerate wraps prepared models in one under
         mixed precision): with summed log-probabilities the log-flows reach hundreds of nats (about -900 on the
         shapes model), where bfloat16's spacing is 4 nats, so the network and the loss use float32 weights."""
         with torch.autocast(sample.device.type, enabled=False):
-            return self._forward(sample, timestep, encoder_hidden_states)
+            return self._forward(sample, timestep, encoder_hidden_states, pooled)
 
     def _forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled: torch.Tensor | None,
     ) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         embedding = self.time_embedding(self.time_proj(timestep).to(dtype))
+        if self.pooled_embedding is not None:
+            if pooled is None:
+                raise ValueError(
+                    "This flow network was built with pooled_embedding_dim="
+                    f"{self.config.pooled_embedding_dim} and needs the pooled prompt embedding."
+                )
+            embedding = embedding + self.pooled_embedding(pooled.to(dtype))
         hidden = self.conv_in(sample.to(dtype))
         text = encoder_hidden_states.to(dtype)
         for block in self.down_blocks:

@@ -62,6 +62,10 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
         return self.default_resolution
 
     @property
+    def pooled_embedding_dim(self) -> int:
+        return self.unet.config.pooled_projection_dim
+
+    @property
     def prompt_embedding_dim(self) -> int:
         return self.unet.config.joint_attention_dim
 

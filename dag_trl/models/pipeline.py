@@ -158,6 +158,12 @@ class GFlowNetStableDiffusionPipeline(ABC):
     def prompt_embedding_dim(self) -> int:
         """Width ``D`` of :attr:`PromptEmbeddings.hidden_states` (the flow network's cross-attention input)."""
 
+    @property
+    def pooled_embedding_dim(self) -> Optional[int]:
+        """Width of :attr:`PromptEmbeddings.pooled` for families that provide one (the flow network conditions on
+        it), else ``None``."""
+        return None
+
     @abstractmethod
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """The text conditioning of a list of prompts."""

@@ -42,6 +42,10 @@ class DefaultGFlowNetStableDiffusion3Pipeline(FlowMatchingGFlowNetPipeline):
     lora_target_modules = SD3_LORA_TARGET_MODULES
 
     @property
+    def pooled_embedding_dim(self) -> int:
+        return self.unet.config.pooled_projection_dim
+
+    @property
     def prompt_embedding_dim(self) -> int:
         return self.unet.config.joint_attention_dim
 

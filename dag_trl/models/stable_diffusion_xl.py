@@ -24,6 +24,10 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
     loading_kwargs = {}
 
     @property
+    def pooled_embedding_dim(self) -> int:
+        return self.sd_pipeline.text_encoder_2.config.projection_dim
+
+    @property
     def prompt_embedding_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 

@@ -77,8 +77,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             reward_next = _intermediate_reward(
                 trainer, window, rows.tolist(), next_latents, next_timesteps, counters, epoch
             )
-            flow_now = trainer.objective_model(latents, timesteps, embeds.hidden_states)
-            flow_next = trainer.objective_model(next_latents, next_timesteps, embeds.hidden_states)
+            flow_now = trainer.objective_model(latents, timesteps, embeds.hidden_states, embeds.pooled)
+            flow_next = trainer.objective_model(next_latents, next_timesteps, embeds.hidden_states, embeds.pooled)
             counters.flow_forwards += 2 * len(rows)
             log_flow = forward_looking_log_flow(flow_now, reward_now, beta)
             next_log_flow = torch.where(

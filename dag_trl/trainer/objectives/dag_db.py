@@ -49,6 +49,7 @@ class DAGDetailedBalance(Objective):
             layers_per_block=config.flow_layers_per_block,
             attention_heads=config.flow_attention_heads,
             time_embedding_dim=config.flow_time_embedding_dim,
+            pooled_embedding_dim=pipeline.pooled_embedding_dim,
         )
 
     def load_model(self, path: str) -> FlowNetwork:
@@ -61,11 +62,13 @@ class DAGDetailedBalance(Objective):
     def log_flows(batch: TransitionBatch, flow: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log F(x_t), log F(x_s), F_phi(x_t))``: one flow-network call on ``x_t`` and the non-terminal ``x_s``."""
         inner = torch.nonzero(~batch.is_terminal).squeeze(-1)
-        hidden_states = batch.prompt_embeds.hidden_states
+        embeds = batch.prompt_embeds
+        pooled = None if embeds.pooled is None else torch.cat([embeds.pooled, embeds.pooled[inner]])
         flow_values = flow(
             torch.cat([batch.latents, batch.next_latents[inner]]),
             torch.cat([batch.timesteps, batch.next_timesteps[inner]]),
-            torch.cat([hidden_states, hidden_states[inner]]),
+            torch.cat([embeds.hidden_states, embeds.hidden_states[inner]]),
+            pooled,
         )
         flow_now, flow_next_inner = flow_values[: len(batch)], flow_values[len(batch) :]
         log_flow = forward_looking_log_flow(flow_now, batch.state_rewards, batch.beta)
