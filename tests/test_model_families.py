@@ -336,3 +336,17 @@ def test_optimised_window_equals_the_straightforward_loop_on_flow_families(tmp_p
     for ours, theirs in zip(optimised_grads, reference_grads):
         for a, b in zip(ours, theirs):  # float32 round-off of other batch compositions: up to 3e-4 relative
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_gradient_checkpointing_trains_the_same_lora(tmp_path, family, family_paths):
+    results = []
+    for checkpointing in (False, True):
+        trainer = family_trainer(
+            tmp_path / str(checkpointing), family, family_paths, train_gradient_checkpointing=checkpointing
+        )
+        assert trainer.sd_pipeline.unet.is_gradient_checkpointing is checkpointing
+        trainer.train()
+        results.append(lora_parameters(trainer.sd_pipeline.unet))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6)
