@@ -444,6 +444,8 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
     from dag_trl.trainer import list_checkpoints
     from dag_trl.trainer.checkpointing import run_lock_path
 
+    if signal.getsignal(getattr(signal, signal_name)) is signal.SIG_IGN:
+        pytest.skip(f"{signal_name} is ignored in this process (started in the background by a shell or nohup)")
     trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=3)
     epoch_step = trainer.step
 
