@@ -350,3 +350,34 @@ def test_gradient_checkpointing_trains_the_same_lora(tmp_path, family, family_pa
         results.append(lora_parameters(trainer.sd_pipeline.unet))
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_the_cli_trains_a_flux_model_end_to_end_and_its_lora_loads_in_diffusers(tmp_path, family_paths):
+    import yaml
+    from diffusers import FluxPipeline
+
+    from dag_trl.demo.cli import parse_arguments, run
+
+    recipe = {
+        "pretrained_model": family_paths["flux"],
+        "pipeline_kwargs": {"max_sequence_length": TINY_FLUX.max_sequence_length, "resolution": TINY_FLUX.image_size},
+        "reward": "jpeg_compressibility", "prompts": "simple_animals", "prompt_kwargs": {"seed": 3},
+        "num_epochs": 2, "sample_num_steps": 3, "sample_batch_size": 4, "sample_num_batches_per_epoch": 1,
+        "train_batch_size": 2, "train_gradient_accumulation_steps": 2, "sample_guidance_scale": 1.0,
+        "mixed_precision": "no", "flow_block_out_channels": [8, 16], "flow_attention_heads": 2, "eval_num_images": 4,
+        "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    summary = run(*parse_arguments(["--config", str(tmp_path / "recipe.yaml")]))
+    assert summary["epochs"] == 2 and summary["algorithm"] == "DAG-DB"
+    assert -10 < summary["after"]["reward_mean"] < 0  # minus the JPEG size in kB of 16x16 images
+    model = tmp_path / "run" / "model"
+    assert (model / "flow" / "config.json").is_file()
+    pipeline = FluxPipeline.from_pretrained(family_paths["flux"])
+    pipeline.load_lora_weights(str(model))
+    images = pipeline(
+        "a cat", num_inference_steps=2, height=16, width=16, max_sequence_length=32, output_type="pt"
+    ).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())
