@@ -238,8 +238,9 @@ class GFlowNetConfig:
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):
             Precision of the frozen weights and the UNet forward: `"no"` (also `False`, which is how YAML reads an
             unquoted `no`), `"fp16"` or `"bf16"`. Trainable
-            parameters (LoRA, flow network) stay in float32 (under DeepSpeed: 16-bit copies, with float32 masters in
-            the optimiser), and the DDIM means and log-probabilities are always computed in float32.
+            parameters (LoRA, flow network) stay in float32 (under DeepSpeed the LoRA or UNet as 16-bit copies with
+            float32 masters in the optimiser; the flow network stays float32 under bf16), and the DDIM means and
+            log-probabilities are always computed in float32.
         allow_tf32 (`bool`, *optional*, defaults to `True`):
             Allow TF32 matrix multiplications on Ampere and newer GPUs.
         resume_from (`str`, *optional*, defaults to `""`):

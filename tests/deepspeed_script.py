@@ -29,8 +29,13 @@ PROMPTS = [f"a photo of the letter {letter}" for letter in "abcdefghijklmnopqrst
 
 
 def main(tiny_sd_path: str, output_dir: str, use_lora: bool, epochs: int, resume_from: str | None) -> None:
+    # DEEPSPEED_SCRIPT_PRECISION=bf16-sum: bfloat16 with summed log-probabilities (the flow network stays float32).
+    precision = {}
+    if os.environ.get("DEEPSPEED_SCRIPT_PRECISION") == "bf16-sum":
+        precision = {"mixed_precision": "bf16", "train_log_prob_reduction": "sum"}
     config = tiny_config(
         Path(output_dir),
+        **precision,
         num_epochs=epochs,
         sample_num_batches_per_epoch=1,  # 4 trajectories per process, one optimiser step per epoch
         save_freq=1,
@@ -68,6 +73,7 @@ def main(tiny_sd_path: str, output_dir: str, use_lora: bool, epochs: int, resume
         parameters_after_epoch[epoch] = {
             "unet": {n: p.detach().cpu().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad},
             "flow": {n: p.detach().cpu().clone() for n, p in trainer.unwrapped_objective_model.named_parameters()},
+            "flow_used": {n: p.dtype for n, p in trainer.objective_model.named_parameters()},
         }
         return global_step
 

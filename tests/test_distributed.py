@@ -108,7 +108,9 @@ def test_two_processes_train_one_epoch(ddp_run):
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def launch_deepspeed(tiny_sd_path, output: Path, use_lora: bool, epochs: int, resume_from: str = "") -> list[dict]:
+def launch_deepspeed(
+    tiny_sd_path, output: Path, use_lora: bool, epochs: int, resume_from: str = "", precision: str = ""
+) -> list[dict]:
     """tests/deepspeed_script.py on two processes under the shipped ZeRO-2 launch config; returns what each saw."""
     output.mkdir()
     # The launch config as users run it; DeepSpeed's CPU accelerator stands in for the GPUs.
@@ -123,7 +125,7 @@ def launch_deepspeed(tiny_sd_path, output: Path, use_lora: bool, epochs: int, re
             *([resume_from] if resume_from else []),
         ],
         output,
-        {"DS_ACCELERATOR": "cpu"},
+        {"DS_ACCELERATOR": "cpu", "DEEPSPEED_SCRIPT_PRECISION": precision},
     )
     return load_ranks(output)
 
@@ -188,6 +190,38 @@ def test_deepspeed_zero2_steps_once_per_window_matches_ddp_and_resumes_exactly(t
         for group in ("unet", "flow"):
             ours, theirs = rank["parameters_after_epoch"][1][group], first["parameters_after_epoch"][1][group]
             assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_deepspeed_in_bf16_trains_a_float32_flow_network_with_summed_log_flows_and_resumes_exactly(
+    tmp_path, tiny_sd_path
+):
+    straight = launch_deepspeed(tiny_sd_path, tmp_path / "straight", use_lora=True, epochs=2, precision="bf16-sum")
+    first, second = straight
+    for epoch in (0, 1):
+        # The flow network the loss calls is float32 (not the engine's 16-bit copy), and its averaged gradient
+        # leaves both processes with the same weights, as the engine's LoRA.
+        assert set(first["parameters_after_epoch"][epoch]["flow_used"].values()) == {torch.float32}
+        for group in ("unet", "flow"):
+            ours, theirs = (
+                first["parameters_after_epoch"][epoch][group],
+                second["parameters_after_epoch"][epoch][group],
+            )
+            assert ours and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert all("grad_norm_flow" in metrics for metrics in first["step_metrics"])
+    epoch_0 = first["parameters_after_epoch"][0]["flow"]
+    assert any(not torch.equal(epoch_0[n], v) for n, v in first["parameters_after_epoch"][1]["flow"].items())
+
+    # The float32 flow network and its optimiser are saved with the engine's checkpoint and restored exactly.
+    checkpoint = tmp_path / "straight" / "logs" / "checkpoints" / "checkpoint_0"
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= set(os.listdir(checkpoint))
+    resumed = launch_deepspeed(
+        tiny_sd_path, tmp_path / "resumed", use_lora=True, epochs=2, resume_from=str(checkpoint), precision="bf16-sum"
+    )
+    for rank in resumed:
+        assert rank["first_epoch"] == 2 and list(rank["parameters_after_epoch"]) == [1]
+        for group in ("unet", "flow"):
+            ours, theirs = rank["parameters_after_epoch"][1][group], first["parameters_after_epoch"][1][group]
+            assert all(torch.equal(ours[name], theirs[name]) for name in theirs), group
 
 
 def test_deepspeed_full_finetune_checkpoints_the_whole_unet_and_resumes_exactly(tmp_path, tiny_sd_path):

@@ -481,17 +481,18 @@ def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is
         GFlowNetDiffusionTrainer(config, brightness, one_prompt, pipeline)
 
 
-def test_deepspeed_in_16_bits_refuses_summed_log_flows_but_not_mean_ones_or_rtb(tmp_path):
+def test_deepspeed_in_fp16_refuses_summed_log_flows_but_not_bf16_mean_ones_or_rtb(tmp_path):
     from dag_trl.trainer.distributed import check_deepspeed_precision
     from dag_trl.trainer.objectives import get_objective_class
 
-    summed = tiny_config(tmp_path, mixed_precision="bf16", train_log_prob_reduction="sum")
+    summed = tiny_config(tmp_path, mixed_precision="fp16", train_log_prob_reduction="sum")
     with pytest.raises(
-        ValueError, match=r"train_log_prob_reduction='sum' with mixed_precision='bf16' under DeepSpeed"
+        ValueError, match=r"train_log_prob_reduction='sum' with mixed_precision='fp16' under DeepSpeed.*'bf16'"
     ):
         check_deepspeed_precision(summed, get_objective_class("dag_db")(summed))
     for config in (
-        tiny_config(tmp_path, mixed_precision="bf16"),  # mean-reduced log-flows are a few nats
+        tiny_config(tmp_path, mixed_precision="bf16", train_log_prob_reduction="sum"),  # float32 flow network
+        tiny_config(tmp_path, mixed_precision="fp16"),  # mean-reduced log-flows are a few nats
         tiny_config(tmp_path, mixed_precision="no", train_log_prob_reduction="sum"),
         tiny_config(
             tmp_path,

@@ -60,13 +60,14 @@ def configure_deepspeed(plugin: Any, config: GFlowNetConfig) -> None:
 
 
 def check_deepspeed_precision(config: GFlowNetConfig, objective: Any) -> None:
-    """Refuse 16-bit DeepSpeed with summed log-probabilities for objectives with a flow network (DAG): the engine
-    trains 16-bit copies of it, whose log-flows reach hundreds of nats at a spacing of several nats (bfloat16's is 4
-    at 900). Outside DeepSpeed the flow network keeps float32 weights and runs in float32."""
-    if config.mixed_precision != "no" and config.train_log_prob_reduction == "sum" and objective.uses_state_rewards:
+    """Refuse fp16 DeepSpeed with summed log-probabilities for objectives with a flow network (DAG): under fp16 the
+    engine trains a 16-bit copy of it (its loss scale applies to every network it backpropagates), whose log-flows
+    reach hundreds of nats at a spacing of several nats. Under bf16 the trainer keeps the flow network outside the
+    engine in float32; outside DeepSpeed it always keeps float32 weights."""
+    if config.mixed_precision == "fp16" and config.train_log_prob_reduction == "sum" and objective.uses_state_rewards:
         raise ValueError(
-            f"train_log_prob_reduction='sum' with mixed_precision={config.mixed_precision!r} under DeepSpeed is "
-            f"refused for train_objective={config.objective_name!r}: DeepSpeed trains 16-bit copies of the flow "
-            "network, which cannot hold summed log-flows (hundreds of nats) to a nat. Use "
-            "train_log_prob_reduction='mean', mixed_precision='no', or DDP (which keeps float32 weights)."
+            f"train_log_prob_reduction='sum' with mixed_precision='fp16' under DeepSpeed is refused for "
+            f"train_objective={config.objective_name!r}: DeepSpeed trains a 16-bit copy of the flow network under "
+            "fp16, which cannot hold summed log-flows (hundreds of nats) to a nat. Use mixed_precision='bf16' (the "
+            "flow network then stays float32), train_log_prob_reduction='mean', or DDP."
         )

@@ -265,7 +265,17 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
 
         if objective_model is not None:
             objective_model.to(device)
-        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), objective_model)
+        # Under DeepSpeed in bfloat16 the objective's model (DAG's flow network, RTB's log Z) stays outside the
+        # engine, which would train a 16-bit copy of it: summed log-flows reach hundreds of nats, where bfloat16's
+        # spacing is several nats. It keeps float32 weights and its own optimiser (fp16 keeps it in the engine).
+        self.objective_outside_engine = (
+            self.uses_deepspeed and objective_model is not None and config.mixed_precision == "bf16"
+        )
+        engine_objective_model = None if self.objective_outside_engine else objective_model
+        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), engine_objective_model)
+        self.objective_optimizer = (
+            self._create_optimizer([], objective_model) if self.objective_outside_engine else None
+        )
 
         with torch.no_grad():
             self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
@@ -277,12 +287,16 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         if self.uses_deepspeed:
             engine, self.optimizer = self.accelerator.prepare(
-                TrainableModules(sd_pipeline.unet, objective_model), self.optimizer
+                TrainableModules(sd_pipeline.unet, engine_objective_model), self.optimizer
             )
             # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
             # called directly, and `accelerate.backward` routes every backward pass through the engine.
-            self.unet, self.objective_model = engine.module.unet, engine.module.objective_model
+            self.unet = engine.module.unet
+            self.objective_model = objective_model if self.objective_outside_engine else engine.module.objective_model
             self.prepared_models: tuple = (engine,)
+            if self.objective_outside_engine:
+                # Saved and restored with the engine's checkpoint (accelerate's custom_checkpoint_<i>.pkl files).
+                self.accelerator.register_for_checkpointing(objective_model, self.objective_optimizer)
         elif objective_model is not None:
             self.unet, self.objective_model, self.optimizer = self.accelerator.prepare(
                 sd_pipeline.unet, objective_model, self.optimizer
@@ -320,7 +334,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             optimizer_class = bitsandbytes.optim.AdamW8bit
         else:
             optimizer_class = torch.optim.AdamW
-        groups = [{"params": unet_parameters, "lr": config.train_learning_rate}]
+        groups = [{"params": unet_parameters, "lr": config.train_learning_rate}] if unet_parameters else []
         if objective_model is not None:
             groups.append({"params": list(objective_model.parameters()), "lr": self.objective.learning_rate()})
         return optimizer_class(
@@ -532,6 +546,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: dict[str, Any], beta: float
     ) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.objective_optimizer is not None:
+            self.objective_optimizer.zero_grad(set_to_none=True)
         checkpoints = list_checkpoints(self.checkpoint_dir)
         last = checkpoints[-1][1] if checkpoints else None
         raise TrainingDivergedError(
@@ -546,7 +562,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             # The engine clipped the global norm of all trained networks and stepped inside the last backward pass.
             # Its optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain AdamW.
             grad_norm = self.prepared_models[0].get_global_grad_norm()
-            return {} if grad_norm is None else {"grad_norm": float(grad_norm)}
+            metrics = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
+            if self.objective_optimizer is not None:
+                metrics.update(self._objective_model_step(diverged))
+            return metrics
         max_norm = self.config.train_max_grad_norm
         # Unscale (fp16) once, then clip the denoiser and the objective's model separately, as the paper does.
         self.accelerator.unscale_gradients()
@@ -572,6 +591,25 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     "(their gradients overflowed at every loss scale it tried)"
                 )
         return metrics
+
+    def _objective_model_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
+        """Average the float32 objective model's gradients over the processes (DDP's all-reduce, which the engine
+        does not do for it), clip them as the DDP path does, and step its optimiser."""
+        parameters = list(self.objective_model.parameters())
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), reduction="mean")
+            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+                parameter.grad.copy_(grad.view_as(parameter))
+        name = f"grad_norm_{self.objective.model_folder}"
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.train_max_grad_norm))
+        if not math.isfinite(norm):
+            diverged(f"{name} is {norm} (the step was not applied)")
+        self.objective_optimizer.step()
+        self.objective_optimizer.zero_grad(set_to_none=True)
+        return {name: norm}
 
     def _policy(
         self,
