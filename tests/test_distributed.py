@@ -8,6 +8,7 @@ accumulation and clipping settings, steps once per window, reaches DDP's paramet
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,9 +35,15 @@ def free_port() -> int:
 
 
 def launch(
-    launch_arguments: list[str], script: str, script_arguments: list[str], workdir: Path, env_overrides: dict
-) -> None:
-    """``accelerate launch`` two processes of ``tests/<script>``; fail with their stderr if they fail."""
+    launch_arguments: list[str],
+    script: str,
+    script_arguments: list[str],
+    workdir: Path,
+    env_overrides: dict,
+    expect_failure: bool = False,
+) -> str:
+    """``accelerate launch`` two processes of ``tests/<script>``; fail with their stderr if they fail (or, with
+    ``expect_failure``, if they succeed). Returns their stderr."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_arguments, "--num_processes", "2",
         "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
@@ -51,7 +58,8 @@ def launch(
         # free_port() releases the port before torchrun binds it; another process may take it in between.
         command[command.index("--main_process_port") + 1] = str(free_port())
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert (result.returncode != 0) == expect_failure, result.stderr[-5000:]
+    return result.stderr
 
 
 def load_ranks(folder: Path) -> list[dict]:
@@ -222,6 +230,26 @@ def test_deepspeed_in_bf16_trains_a_float32_flow_network_with_summed_log_flows_a
         for group in ("unet", "flow"):
             ours, theirs = rank["parameters_after_epoch"][1][group], first["parameters_after_epoch"][1][group]
             assert all(torch.equal(ours[name], theirs[name]) for name in theirs), group
+
+
+def test_deepspeed_stops_on_a_non_finite_loss_before_its_backward_pass(tmp_path, tiny_sd_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    stderr = launch(
+        ["--config_file", str(DEEPSPEED_CONFIG)],
+        "deepspeed_script.py",
+        [str(tiny_sd_path), str(output), "lora", "2"],  # beta is annealed from 0: epoch 1 trains at beta 10
+        output,
+        {"DS_ACCELERATOR": "cpu", "DEEPSPEED_SCRIPT_REWARD": "huge"},
+        expect_failure=True,
+    )
+    checkpoint = output / "logs" / "checkpoints" / "checkpoint_0"
+    assert re.search(
+        r"TrainingDivergedError: Training diverged at epoch 1, optimiser window 0: the loss is (inf|nan)\. .*"
+        rf"beta=10\. Nothing non-finite was applied or saved\. The last checkpoint, '{re.escape(str(checkpoint))}'",
+        stderr,
+    ), stderr[-3000:]
+    assert sorted(os.listdir(checkpoint.parent)) == ["checkpoint_0"]  # the good checkpoint is kept, none added
 
 
 def test_deepspeed_full_finetune_checkpoints_the_whole_unet_and_resumes_exactly(tmp_path, tiny_sd_path):
