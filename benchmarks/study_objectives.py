@@ -101,6 +101,40 @@ def table(results: Path) -> str:
     return "\n".join([header, *rows])
 
 
+def mean_and_spread(values: list[float]) -> str:
+    """``"0.812 +- 0.015"``: the mean and the standard deviation over seeds (``"0.812"`` for one seed)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    spread = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} +- {spread:.3f}"
+
+
+def seed_summary(results: Path) -> str:
+    """One Markdown row per run kind: the mean and standard deviation over its seeds of the after-training figures."""
+    header = (
+        "| objective | seeds | reward after | red after | yellow after | TV shape colour | TV background | "
+        "TV shape kind | kernel distance | training min |\n| --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("*-seed*.json")):
+        runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
+    rows = []
+    for run, summaries in runs.items():
+        afters = [summary["after"] for summary in summaries]
+        cells = [
+            [after["reward_mean"] for after in afters],
+            [after["colour_distribution"]["red"] for after in afters],
+            [after["colour_distribution"]["yellow"] for after in afters],
+            *([after["target_tv"][name] for after in afters] for name in ("shape_colour", "background", "shape_kind")),
+            [after["prior_kernel_distance"] for after in afters],
+            [summary.get("train_seconds", 0) / 60 for summary in summaries],
+        ]
+        label = run_label(Path(f"{run}-seed0.json"), summaries[0])
+        rows.append(f"| {label} | {len(summaries)} | " + " | ".join(mean_and_spread(c) for c in cells) + " |")
+    return "\n".join([header, *rows])
+
+
 def plot_curves(results: Path, path: Path) -> None:
     """Evaluation reward against the TV of the shape colour from the tilted target, along training (the runs'
     ``evaluation_history``: epochs 0, 8, 16, 24), one line per run, one colour per objective."""
@@ -156,6 +190,8 @@ def main() -> None:
             for objective in args.objectives:
                 run_one(objective, seed, args.output, args.results, args.eval_num_images)
     print(table(args.results))
+    print()
+    print(seed_summary(args.results))
     if args.figure:
         plot_curves(args.results, args.figure)
 
