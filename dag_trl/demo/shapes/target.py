@@ -11,6 +11,7 @@ the sampling noise beside it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -75,9 +76,15 @@ def base_sample_table(trainer: Any, prompts: Sequence[str], seed: int) -> dict[s
 
 
 def load_table(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> dict | None:
-    """The shipped base-sample table for these sampler settings, or ``None`` if none was computed."""
+    """The shipped base-sample table for these sampler settings, or ``None`` if none was computed. Read once per
+    process (the CLI's evaluation hook and its before/after report share it); treat it as read-only."""
     path = table_path(num_steps, eta, guidance_scale, directory)
-    return json.loads(path.read_text()) if path.exists() else None
+    return _read_table(path) if path.exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def target_distance(
