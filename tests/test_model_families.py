@@ -381,3 +381,34 @@ def test_the_cli_trains_a_flux_model_end_to_end_and_its_lora_loads_in_diffusers(
     ).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())
+
+
+SCHEDULERS = {  # the tiny models' own (SD3: static shift 3; FLUX.1-dev: dynamic), FLUX.1-schnell's, a dynamic SD3
+    "sd3-static": ("sd3", {}),
+    "sd3-dynamic": ("sd3", {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.16}),
+    "flux-dev": ("flux", {}),
+    "flux-schnell": ("flux", {"use_dynamic_shifting": False, "shift": 1.0}),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_the_schedule_is_the_family_pipelines_own(name, family_paths):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    family, overrides = SCHEDULERS[name]
+    loaded = DiffusionPipeline.from_pretrained(family_paths[family])
+    loaded.scheduler = FlowMatchEulerDiscreteScheduler.from_config(loaded.scheduler.config, **overrides)
+    seen = {}
+
+    def capture(pipeline, step, timestep, callback_kwargs):
+        seen["sigmas"] = pipeline.scheduler.sigmas.clone()
+        return callback_kwargs
+
+    size = FAMILIES[family][2].get("resolution", TINY_SD3.image_size)
+    loaded("a cat", num_inference_steps=4, height=size, width=size, max_sequence_length=32, output_type="latent",
+           callback_on_step_end=capture)  # fmt: skip
+    ours = make_pipeline(family, {family: loaded})
+    ours.set_timesteps(4)
+    assert torch.equal(ours.scheduler.sigmas, seen["sigmas"])
+    if name == "flux-schnell":  # four evenly spaced steps, none wasted near t = 0
+        torch.testing.assert_close(ours.scheduler.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))

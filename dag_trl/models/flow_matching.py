@@ -132,26 +132,22 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
             )
 
     def scheduler_timesteps(self, num_inference_steps: int, device: Optional[torch.device]) -> None:
-        """Set the scheduler's timesteps as the family's diffusers pipeline does: with dynamic shifting (FLUX), the
-        shift ``mu`` follows the number of latent patches."""
-        scheduler = self.scheduler
-        if not scheduler.config.get("use_dynamic_shifting", False):
-            scheduler.set_timesteps(num_inference_steps, device=device)
-            return
+        """Set the scheduler's timesteps exactly as the family's diffusers pipeline does (see the subclasses)."""
+        raise NotImplementedError
+
+    def dynamic_shift(self, default_max_shift: float) -> float:
+        """The resolution-dependent shift ``mu`` of schedulers with ``use_dynamic_shifting`` (diffusers'
+        ``calculate_shift`` on the number of 2x2 latent patches and the scheduler's settings)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        config = scheduler.config
-        mu = calculate_shift(
+        config = self.scheduler.config
+        return calculate_shift(
             (self.latent_side // 2) ** 2,
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
+            config.get("max_shift", default_max_shift),
         )
-        import numpy as np
-
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
 
     def set_timesteps(self, num_inference_steps: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """The scheduler's timesteps (``1000 * t``, float32) and, kept here in float64, its times

@@ -61,6 +61,22 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
         # The transformer's config has no sample size: FluxPipeline samples 1024 px by default.
         return self.default_resolution
 
+    def scheduler_timesteps(self, num_inference_steps: int, device: Optional[torch.device]) -> None:
+        """As ``FluxPipeline``: the sigmas ``linspace(1, 1/N, N)`` (through the scheduler's static or dynamic shift;
+        with ``use_flow_sigmas`` the scheduler's own), ``mu`` from the number of latent patches (default
+        ``max_shift`` 1.15)."""
+        import numpy as np
+
+        config = self.scheduler.config
+        sigmas = None
+        if not config.get("use_flow_sigmas", False):
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        kwargs = {"mu": self.dynamic_shift(default_max_shift=1.15)} if config.get("use_dynamic_shifting") else {}
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        else:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+
     @property
     def pooled_embedding_dim(self) -> int:
         return self.unet.config.pooled_projection_dim

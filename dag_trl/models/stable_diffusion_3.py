@@ -41,6 +41,14 @@ class DefaultGFlowNetStableDiffusion3Pipeline(FlowMatchingGFlowNetPipeline):
     denoiser_name = "transformer"
     lora_target_modules = SD3_LORA_TARGET_MODULES
 
+    def scheduler_timesteps(self, num_inference_steps: int, device: Optional[torch.device]) -> None:
+        """As ``StableDiffusion3Pipeline``: the scheduler's own spacing (its static ``shift``), with ``mu`` when the
+        scheduler shifts dynamically (default ``max_shift`` 1.16, the SD3 pipeline's)."""
+        kwargs = {}
+        if self.scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = self.dynamic_shift(default_max_shift=1.16)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+
     @property
     def pooled_embedding_dim(self) -> int:
         return self.unet.config.pooled_projection_dim
