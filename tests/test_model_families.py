@@ -412,3 +412,16 @@ def test_the_schedule_is_the_family_pipelines_own(name, family_paths):
     assert torch.equal(ours.scheduler.sigmas, seen["sigmas"])
     if name == "flux-schnell":  # four evenly spaced steps, none wasted near t = 0
         torch.testing.assert_close(ours.scheduler.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_model_card_loads_with_the_family_pipeline(tmp_path, family_paths, use_lora):
+    trainer = family_trainer(tmp_path, "sd3", family_paths, train_objective="ddpo")
+    trainer.sd_pipeline._use_lora = use_lora  # only the card's snippet is read here
+    text = trainer.create_model_card("me/sd3-ddpo").text
+    assert f'StableDiffusion3Pipeline.from_pretrained("{family_paths["sd3"]}"' in text
+    if use_lora:
+        assert 'pipeline.load_lora_weights("me/sd3-ddpo")' in text
+    else:
+        assert 'transformer = SD3Transformer2DModel.from_pretrained("me/sd3-ddpo", subfolder="transformer"' in text
+        assert "transformer=transformer" in text

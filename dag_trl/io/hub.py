@@ -81,25 +81,36 @@ def is_hub_model_id(name: str) -> bool:
     return True
 
 
-def usage_snippet(base_model: str, model_path: str, use_lora: bool) -> str:
-    """The diffusers code that loads the trained model on top of ``base_model``."""
+def usage_snippet(
+    base_model: str,
+    model_path: str,
+    use_lora: bool,
+    pipeline_class: str = "StableDiffusionPipeline",
+    denoiser: str = "unet",
+    denoiser_class: str = "UNet2DConditionModel",
+) -> str:
+    """The diffusers code that loads the trained model on top of ``base_model`` with the family's
+    ``pipeline_class``; a full fine-tune replaces the pipeline's ``denoiser`` (``unet`` or ``transformer``, of
+    ``denoiser_class``). bfloat16, which every family runs in (SDXL's VAE and T5 overflow in float16)."""
+    dtype = "torch.bfloat16"
     if use_lora:
         lines = [
             "import torch",
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline_class}",
             "",
-            f'pipeline = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")',
+            f'pipeline = {pipeline_class}.from_pretrained("{base_model}", torch_dtype={dtype}).to("cuda")',
             f'pipeline.load_lora_weights("{model_path}")',
             'image = pipeline("a photo of a cat").images[0]',
         ]
     else:
         lines = [
             "import torch",
-            "from diffusers import StableDiffusionPipeline, UNet2DConditionModel",
+            f"from diffusers import {pipeline_class}, {denoiser_class}",
             "",
-            f'unet = UNet2DConditionModel.from_pretrained("{model_path}", subfolder="unet", torch_dtype=torch.float16)',
-            f'pipeline = StableDiffusionPipeline.from_pretrained("{base_model}", unet=unet, '
-            'torch_dtype=torch.float16).to("cuda")',
+            f'{denoiser} = {denoiser_class}.from_pretrained("{model_path}", subfolder="{denoiser}", '
+            f"torch_dtype={dtype})",
+            f'pipeline = {pipeline_class}.from_pretrained("{base_model}", {denoiser}={denoiser}, '
+            f'torch_dtype={dtype}).to("cuda")',
             'image = pipeline("a photo of a cat").images[0]',
         ]
     return "\n".join(lines)
@@ -117,6 +128,9 @@ def create_model_card(
     final_reward: Optional[dict[str, float]] = None,
     num_processes: int = 1,
     license: Optional[str] = None,
+    pipeline_class: str = "StableDiffusionPipeline",
+    denoiser: str = "unet",
+    denoiser_class: str = "UNet2DConditionModel",
 ) -> ModelCard:
     """Build the ``README.md`` model card of a training run as a ``huggingface_hub.ModelCard``.
 
@@ -133,6 +147,8 @@ def create_model_card(
             ``reward_std``), if any.
         num_processes: processes the run used (the effective batch sizes scale with it).
         license: an SPDX-like license id for the metadata, e.g. the base model's (``"creativeml-openrail-m"``).
+        pipeline_class, denoiser, denoiser_class: the family's diffusers pipeline class, the attribute and class of
+            its trained denoiser, for the loading snippet.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -188,7 +204,7 @@ a text-to-image diffusion model to a reward, with the `dag_trl` library.
 ## Usage
 
 ```python
-{usage_snippet(base_model, model_path, use_lora)}
+{usage_snippet(base_model, model_path, use_lora, pipeline_class, denoiser, denoiser_class)}
 ```
 
 ## Training

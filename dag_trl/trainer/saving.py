@@ -19,6 +19,19 @@ if TYPE_CHECKING:
 MODEL_CARD_NAME = "README.md"
 
 
+def family_names(pipeline: GFlowNetStableDiffusionPipeline) -> dict[str, str]:
+    """The diffusers pipeline class, denoiser attribute and denoiser class of a diffusers-based family, for the model
+    card's loading snippet (empty for other pipelines: the card then shows Stable Diffusion's)."""
+    pipeline_class = getattr(pipeline, "diffusers_pipeline_class", None)
+    if pipeline_class is None:
+        return {}
+    return {
+        "pipeline_class": pipeline_class,
+        "denoiser": pipeline.denoiser_name,
+        "denoiser_class": type(pipeline.unet).__name__,
+    }
+
+
 class SavingMixin:
     """``save_pretrained``, ``push_to_hub`` and the model card of the trainer's current weights."""
 
@@ -52,6 +65,7 @@ class SavingMixin:
             final_reward=self.reward_history[-1] if self.reward_history else None,
             num_processes=self.accelerator.num_processes,
             license=license,
+            **family_names(pipeline),
         )
 
     def save_pretrained(
