@@ -195,7 +195,12 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         the whole denoiser as a diffusers ``unet/`` or ``transformer/`` folder (full fine-tuning)."""
         unet = unet if unet is not None else self.unet
         if self.use_lora:
-            layers = {f"{self.denoiser_name}_lora_layers": self.lora_state_dict(unet)}
+            # The adapter's config (rank, alpha, targets) goes into the file's metadata, so that load_lora_weights
+            # applies the trained scale alpha / rank (without it, diffusers assumes alpha = rank).
+            layers = {
+                f"{self.denoiser_name}_lora_layers": self.lora_state_dict(unet),
+                f"{self.denoiser_name}_lora_adapter_metadata": self.unet.peft_config["default"].to_dict(),
+            }
             self.pipeline_class().save_lora_weights(output_dir, **layers)
         else:
             unet.save_pretrained(os.path.join(output_dir, self.denoiser_name))
