@@ -425,3 +425,37 @@ def test_model_card_loads_with_the_family_pipeline(tmp_path, family_paths, use_l
     else:
         assert 'transformer = SD3Transformer2DModel.from_pretrained("me/sd3-ddpo", subfolder="transformer"' in text
         assert "transformer=transformer" in text
+
+
+def test_float16_keeps_an_upcast_vae_and_t5_s_float32_layers_as_diffusers_does(family_paths):
+    pipeline = make_pipeline("sd3", family_paths)
+    pipeline.vae.register_to_config(force_upcast=True)
+    pipeline.prepare_for_training(torch.device("cpu"), torch.float16)
+    assert pipeline.vae.dtype == torch.float32  # SDXL's VAE overflows in float16; diffusers decodes it upcast
+    t5 = pipeline.sd_pipeline.text_encoder_3
+    dtypes = {name: parameter.dtype for name, parameter in t5.named_parameters()}
+    assert {dtypes[name] for name in dtypes if ".wo." in name} == {torch.float32}  # transformers' keep-in-fp32
+    assert {dtypes[name] for name in dtypes if ".wo." not in name} == {torch.float16}
+    assert pipeline.sd_pipeline.text_encoder.dtype == torch.float16
+    assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}
+
+
+def test_decode_applies_per_channel_latent_statistics_like_diffusers(family_paths):
+    pipeline = make_pipeline("sdxl", family_paths)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
+    pipeline.vae.register_to_config(latents_mean=mean, latents_std=std)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    scale = pipeline.vae.config.scaling_factor
+    expected_input = latents * torch.tensor(std).view(1, 4, 1, 1) / scale + torch.tensor(mean).view(1, 4, 1, 1)
+    with torch.no_grad():
+        expected = (pipeline.vae.decode(expected_input).sample / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(pipeline.decode(latents), expected)
+
+
+def test_a_scheduler_without_betas_is_refused_by_name(family_paths):
+    from diffusers import EDMEulerScheduler, StableDiffusionXLPipeline
+
+    loaded = StableDiffusionXLPipeline.from_pretrained(family_paths["sdxl"])
+    loaded.scheduler = EDMEulerScheduler()
+    with pytest.raises(ValueError, match=r"its scheduler \(EDMEulerScheduler\) has no beta schedule"):
+        make_pipeline("sdxl", {"sdxl": loaded})

@@ -139,10 +139,10 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     def prepare_for_training(
         self, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool = False
     ) -> None:
-        """Frozen modules in ``weight_dtype``; the denoiser in ``weight_dtype`` with float32 LoRA parameters, or all
-        float32 for full fine-tuning."""
+        """Frozen modules in ``weight_dtype`` (under float16 with the exceptions of :func:`place_frozen_module`); the
+        denoiser in ``weight_dtype`` with float32 LoRA parameters, or all float32 for full fine-tuning."""
         for module in self.frozen_modules():
-            module.to(device, dtype=weight_dtype)
+            place_frozen_module(module, device, weight_dtype)
         if self.use_lora:
             self.unet.to(device, dtype=weight_dtype)
             for parameter in self.get_trainable_layers():
@@ -232,11 +232,36 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     # ------------------------------------------------------------------ decoding
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode latents to float32 images in [0, 1]: ``latents / scaling_factor + shift_factor`` (the shift is
-        0 for families without one) through the VAE."""
+        """Decode latents to float32 images in [0, 1] as the family's diffusers pipeline does:
+        ``latents * latents_std / scaling_factor + latents_mean`` when the VAE config has per-channel statistics
+        (Playground-style SDXL checkpoints), else ``latents / scaling_factor + shift_factor`` (the shift is 0 for
+        families without one)."""
         config = self.vae.config
-        scaled = latents.to(self.vae.dtype) / config.scaling_factor
-        if getattr(config, "shift_factor", None):
-            scaled = scaled + config.shift_factor
+        latents = latents.to(self.vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+            scaled = latents * std / config.scaling_factor + mean
+        else:
+            scaled = latents / config.scaling_factor
+            if getattr(config, "shift_factor", None):
+                scaled = scaled + config.shift_factor
         images = self.vae.decode(scaled, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def place_frozen_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen module to ``device`` in ``dtype``, except where float16 overflows, as diffusers and
+    transformers avoid it: a VAE whose config sets ``force_upcast`` (SDXL's) stays float32, and the submodules a
+    transformers model keeps in float32 (``_keep_in_fp32_modules``, T5's ``wo``) are kept there."""
+    if dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
+        module.to(device, dtype=torch.float32)
+        return
+    module.to(device, dtype=dtype)
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if dtype == torch.float16 and keep:
+        for name, submodule in module.named_modules():
+            if keep & set(name.split(".")):
+                submodule.to(torch.float32)

@@ -46,6 +46,12 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
         """A ``DDIMScheduler`` with the saved scheduler's configuration (its noise schedule and timesteps)."""
         from diffusers import DDIMScheduler
 
+        if "beta_schedule" not in scheduler.config:
+            raise ValueError(
+                f"{self.pretrained_model_name}: its scheduler ({type(scheduler).__name__}) has no beta schedule, so "
+                "the DDIM policy cannot reproduce its noise levels (EDM-style checkpoints such as Playground v2.5 are "
+                "not supported); expected a DDPM-style scheduler config with beta_schedule."
+            )
         return DDIMScheduler.from_config(scheduler.config)
 
     @property

@@ -31,6 +31,12 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
     def prompt_embedding_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 
+    def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
+        """Token counts of the first tokenizer present (both CLIP tokenizers read the same number of tokens)."""
+        tokenizer = self.sd_pipeline.tokenizer or self.sd_pipeline.tokenizer_2
+        counts = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
+        return counts, tokenizer.model_max_length
+
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.sd_pipeline.vae_scale_factor
@@ -42,7 +48,7 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """Both encoders' penultimate token states (concatenated), text_encoder_2's pooled projection and the time
         ids, from diffusers' ``encode_prompt``."""
-        device = self.text_encoder.device
+        device = (self.sd_pipeline.text_encoder or self.sd_pipeline.text_encoder_2).device
         hidden, _, pooled, _ = self.sd_pipeline.encode_prompt(
             prompt=list(prompts), device=device, do_classifier_free_guidance=False
         )
