@@ -307,6 +307,16 @@ def test_cli_picks_the_family_from_the_model_folder_with_its_pipeline_kwargs(tmp
     }
     with pytest.raises(ValueError, match=r"pipeline_kwargs.torch_dtype='bf16' is invalid: expected a torch dtype"):
         pipeline_keyword_arguments({"torch_dtype": "bf16"})
+    with pytest.raises(
+        ValueError, match=r"pipeline_kwargs.sampler is not an argument of DefaultGFlowNetStableDiff.*XL"
+    ):
+        pipeline_keyword_arguments({"sampler": "ddim"}, DefaultGFlowNetStableDiffusionXLPipeline)
+    with pytest.raises(ValueError, match=r"pipeline_kwargs.lora_rank is set by the script's own --lora_rank"):
+        pipeline_keyword_arguments({"lora_rank": 8}, DefaultGFlowNetFluxPipeline)
+    accepted = pipeline_keyword_arguments(
+        {"guidance_embedding_scale": 2.0, "noise_level": 0.5}, DefaultGFlowNetFluxPipeline
+    )
+    assert accepted == {"guidance_embedding_scale": 2.0, "noise_level": 0.5}
 
 
 @pytest.mark.integration

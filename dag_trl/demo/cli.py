@@ -5,14 +5,15 @@ in the package, rebuilt if unusable), trains a LoRA on it with DAG towards the s
 writes into
 ``--output_dir``: ``before.png`` / ``after.png`` (same prompts and noise, each image captioned with its prompt and
 reward), ``reward_curve.png``, ``summary.json``, the LoRA and flow network under ``model/`` and tensorboard logs.
-With ``--pretrained_model`` (a Hub id or local folder of any SD 1.x / 2.x model), ``--reward`` and ``--prompts``
-the same command fine-tunes real models; ``--config recipe.yaml`` reads every option from YAML (TRL's
+With ``--pretrained_model`` (a Hub id or local folder of an SD 1.x / 2.x, SDXL, SD3 / SD3.5 or FLUX.1 model),
+``--reward`` and ``--prompts`` the same command fine-tunes real models; ``--config recipe.yaml`` reads every option from YAML (TRL's
 ``TrlParser``), and command-line flags override it.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -60,7 +61,7 @@ class ScriptArguments:
         pretrained_revision (`str`, defaults to `"main"`):
             Hub revision of `pretrained_model`.
         use_lora (`bool`, defaults to `True`):
-            Train a LoRA (else the whole UNet).
+            Train a LoRA (else the whole denoiser: UNet or transformer).
         lora_rank (`int`, defaults to `4`):
             LoRA rank.
         pipeline_kwargs (`dict` or JSON `str`, defaults to `{}`):
@@ -87,7 +88,7 @@ class ScriptArguments:
 
     pretrained_model: str = field(default=BUILTIN_MODEL, metadata={"help": "Hub id, local folder or builtin:shapes."})
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (else the full UNet)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA (else the whole denoiser)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
     pipeline_kwargs: Any = field(
         default_factory=dict, metadata={"help": "JSON keyword arguments of the model family's pipeline."}
@@ -298,9 +299,34 @@ def tilted_target_summary(
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
 
 
-def pipeline_keyword_arguments(pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``pipeline_kwargs`` with a ``torch_dtype`` name (``"bfloat16"``, as YAML gives it) made a ``torch.dtype``."""
+# Constructor arguments that the script's own options set.
+SCRIPT_PIPELINE_ARGUMENTS = {
+    "pretrained_model_name": "pretrained_model",
+    "pretrained_model_revision": "pretrained_revision",
+    "use_lora": "use_lora",
+    "lora_rank": "lora_rank",
+    "lora_init_seed": "seed",
+}
+
+
+def pipeline_keyword_arguments(pipeline_kwargs: dict[str, Any], family: Optional[type] = None) -> dict[str, Any]:
+    """``pipeline_kwargs`` checked against ``family``'s constructor (an unknown name, or one the script's own options
+    set, is a ``ValueError`` naming the accepted ones), with a ``torch_dtype`` name (``"bfloat16"``, as YAML gives it)
+    made a ``torch.dtype``."""
     result = dict(pipeline_kwargs)
+    if family is not None:
+        accepted = set(inspect.signature(family.__init__).parameters) - {"self"}
+        for name in result:
+            if name in SCRIPT_PIPELINE_ARGUMENTS:
+                raise ValueError(
+                    f"pipeline_kwargs.{name} is set by the script's own --{SCRIPT_PIPELINE_ARGUMENTS[name]}: set that "
+                    "instead."
+                )
+            if name not in accepted:
+                raise ValueError(
+                    f"pipeline_kwargs.{name} is not an argument of {family.__name__}: expected one of "
+                    f"{sorted(accepted - set(SCRIPT_PIPELINE_ARGUMENTS))}."
+                )
     name = result.get("torch_dtype")
     if isinstance(name, str):
         dtype = getattr(torch, name, None)
@@ -319,13 +345,14 @@ def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_f
     from ..trainer import GFlowNetDiffusionTrainer
 
     model = resolve_model(script_args)
-    pipeline = pipeline_family(model, script_args.pretrained_revision)(
+    family = pipeline_family(model, script_args.pretrained_revision)
+    pipeline = family(
         model,
         pretrained_model_revision=script_args.pretrained_revision,
         use_lora=script_args.use_lora,
         lora_rank=script_args.lora_rank,
         lora_init_seed=config.seed,
-        **pipeline_keyword_arguments(script_args.pipeline_kwargs),
+        **pipeline_keyword_arguments(script_args.pipeline_kwargs, family),
     )
     evaluation_hook = None
     if script_args.pretrained_model == BUILTIN_MODEL:

@@ -26,7 +26,8 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
 
     Args:
         pretrained_model_name: a Hub id or a local folder written by the family's ``save_pretrained``, or an already
-            loaded pipeline of the family's diffusers class (e.g. one built with quantised or random weights).
+            loaded pipeline of the family's diffusers class (e.g. one built with random weights; quantised base models are not
+            supported yet).
         pretrained_model_revision: the Hub revision (ignored for local folders).
         use_lora: train a LoRA (Hu et al., 2022, arXiv 2106.09685) on :attr:`lora_target_modules`; else the whole
             denoiser.

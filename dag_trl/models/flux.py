@@ -5,7 +5,8 @@ an input of the transformer, one call per step). Sampled as a Gaussian policy (s
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Optional, Union
 
 import torch
 
@@ -39,8 +40,9 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
     distilled model's. ``GFlowNetConfig.sample_guidance_scale`` is true classifier-free guidance on top (two calls
     per step, diffusers' ``true_cfg_scale``); FLUX recipes set it to 1.
 
-    Args: those of [`FlowMatchingGFlowNetPipeline`] (``max_sequence_length``: T5 tokens, FLUX.1-dev reads 512) and
-        guidance_embedding_scale: the distilled guidance.
+    Args: those of [`FlowMatchingGFlowNetPipeline`] (``max_sequence_length``: T5 tokens, at most 512, FLUX.1-dev's
+        default) and ``guidance_embedding_scale``: the distilled guidance (unused by models without a guidance
+        embedding).
     """
 
     diffusers_pipeline_class = "FluxPipeline"
@@ -49,13 +51,44 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
     # FluxPipeline's default_sample_size (128 latents) times the VAE's factor 8.
     default_resolution = 1024
 
-    def __init__(self, pretrained_model_name: str, *, guidance_embedding_scale: float = 3.5, **kwargs):
+    def __init__(
+        self,
+        pretrained_model_name: Union[str, os.PathLike, Any],
+        *,
+        pretrained_model_revision: str = "main",
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: Optional[float] = None,
+        lora_init_seed: int = 0,
+        torch_dtype: Optional[torch.dtype] = None,
+        sampler: str = "ddim",
+        noise_level: float = 0.7,
+        resolution: Optional[int] = None,
+        max_sequence_length: int = 512,
+        guidance_embedding_scale: float = 3.5,
+    ):
         if not (isinstance(guidance_embedding_scale, (int, float)) and guidance_embedding_scale >= 0):
             raise ValueError(
                 f"guidance_embedding_scale={guidance_embedding_scale!r} is invalid: expected a number >= 0."
             )
+        if isinstance(max_sequence_length, int) and max_sequence_length > 512:
+            raise ValueError(
+                f"max_sequence_length={max_sequence_length} is invalid: FLUX reads at most 512 T5 tokens."
+            )
         self.guidance_embedding_scale = float(guidance_embedding_scale)
-        super().__init__(pretrained_model_name, **kwargs)
+        super().__init__(
+            pretrained_model_name,
+            pretrained_model_revision=pretrained_model_revision,
+            use_lora=use_lora,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_init_seed=lora_init_seed,
+            torch_dtype=torch_dtype,
+            sampler=sampler,
+            noise_level=noise_level,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+        )
 
     def family_default_resolution(self) -> int:
         # The transformer's config has no sample size: FluxPipeline samples 1024 px by default.
