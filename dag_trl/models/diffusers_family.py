@@ -96,8 +96,10 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
                 init_lora_weights="gaussian",
                 target_modules=list(self.lora_target_modules),
             )
-            # The denoiser is still on the CPU here, so forking the CPU random state covers every draw.
-            with torch.random.fork_rng(devices=[]):
+            # Fork the random state of the device the adapter is drawn on (the CPU unless an already loaded pipeline
+            # was passed on a GPU), so that the global one is untouched.
+            device = self.unet.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(lora_init_seed)
                 self.unet.add_adapter(lora_config)
 
