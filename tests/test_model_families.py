@@ -438,10 +438,14 @@ def test_model_card_loads_with_the_family_pipeline(tmp_path, family_paths, use_l
 
 
 def test_float16_keeps_an_upcast_vae_and_t5_s_float32_layers_as_diffusers_does(family_paths):
+    sdxl = make_pipeline("sdxl", family_paths)
+    sdxl.vae.register_to_config(force_upcast=True)
+    sdxl.prepare_for_training(torch.device("cpu"), torch.float16)
+    assert sdxl.vae.dtype == torch.float32  # SDXL's VAE overflows in float16; diffusers decodes it upcast
     pipeline = make_pipeline("sd3", family_paths)
     pipeline.vae.register_to_config(force_upcast=True)
     pipeline.prepare_for_training(torch.device("cpu"), torch.float16)
-    assert pipeline.vae.dtype == torch.float32  # SDXL's VAE overflows in float16; diffusers decodes it upcast
+    assert pipeline.vae.dtype == torch.float16  # SD3's pipeline decodes in the VAE's dtype
     t5 = pipeline.sd_pipeline.text_encoder_3
     dtypes = {name: parameter.dtype for name, parameter in t5.named_parameters()}
     assert {dtypes[name] for name in dtypes if ".wo." in name} == {torch.float32}  # transformers' keep-in-fp32

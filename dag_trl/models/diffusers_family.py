@@ -48,6 +48,9 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     # Whether the family's diffusers scripts convert peft's LoRA keys to diffusers' names before saving (the UNet
     # families do; transformer families save peft's names).
     lora_keys_in_diffusers_format: ClassVar[bool] = False
+    # Whether the family's diffusers pipeline decodes in float32 when the VAE's config sets force_upcast (SDXL's
+    # does: its VAE overflows in float16), so that float16 training keeps that VAE in float32.
+    upcasts_vae_in_float16: ClassVar[bool] = False
     # Extra keyword arguments for the pipeline's from_pretrained.
     loading_kwargs: ClassVar[dict[str, Any]] = {}
 
@@ -142,10 +145,14 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     def prepare_for_training(
         self, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool = False
     ) -> None:
-        """Frozen modules in ``weight_dtype`` (under float16 with the exceptions of :func:`place_frozen_module`); the
+        """Frozen modules in ``weight_dtype`` (under float16 with the exceptions of :func:`place_frozen_module` and
+        :attr:`upcasts_vae_in_float16`); the
         denoiser in ``weight_dtype`` with float32 LoRA parameters, or all float32 for full fine-tuning."""
         for module in self.frozen_modules():
-            place_frozen_module(module, device, weight_dtype)
+            upcast = module is self.vae and self.upcasts_vae_in_float16 and self.vae.config.get("force_upcast", False)
+            place_frozen_module(
+                module, device, torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
+            )
         if self.use_lora:
             self.unet.to(device, dtype=weight_dtype)
             for parameter in self.get_trainable_layers():
@@ -256,12 +263,8 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
 
 
 def place_frozen_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a frozen module to ``device`` in ``dtype``, except where float16 overflows, as diffusers and
-    transformers avoid it: a VAE whose config sets ``force_upcast`` (SDXL's) stays float32, and the submodules a
-    transformers model keeps in float32 (``_keep_in_fp32_modules``, T5's ``wo``) are kept there."""
-    if dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
-        module.to(device, dtype=torch.float32)
-        return
+    """Move a frozen module to ``device`` in ``dtype``, keeping in float32 under float16 the submodules a
+    transformers model keeps there (``_keep_in_fp32_modules``, T5's ``wo``, which overflow in float16)."""
     module.to(device, dtype=dtype)
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     if dtype == torch.float16 and keep:

@@ -21,6 +21,7 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
     """
 
     diffusers_pipeline_class = "StableDiffusionXLPipeline"
+    upcasts_vae_in_float16 = True
     loading_kwargs = {}
 
     @property
