@@ -204,6 +204,7 @@ def family_trainer(folder, family, family_paths, num_epochs=1, **overrides):
     return GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="shapes", seed=0), pipeline)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_one_epoch_of_every_objective_moves_the_lora(tmp_path, family, objective, family_paths):
@@ -348,6 +349,7 @@ def test_optimised_window_equals_the_straightforward_loop_on_flow_families(tmp_p
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_gradient_checkpointing_trains_the_same_lora(tmp_path, family, family_paths):
     results = []
