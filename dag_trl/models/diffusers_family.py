@@ -262,6 +262,11 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def token_counts(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Tokens per prompt without truncation (special tokens included), as the trainer's length warning needs."""
+    return [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
+
+
 def place_frozen_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move a frozen module to ``device`` in ``dtype``, keeping in float32 under float16 the submodules a
     transformers model keeps there (``_keep_in_fp32_modules``, T5's ``wo``, which overflow in float16)."""

@@ -48,7 +48,8 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         max_sequence_length: T5 tokens read from each prompt.
     """
 
-    # The pixel side of the family's default sample when its config does not say.
+    # The pixel side of the family's default sample when its config does not say (FLUX's transformer config has no
+    # sample size; FluxPipeline's default_sample_size of 128 latents times the VAE's factor 8).
     default_resolution: ClassVar[int] = 1024
 
     def __init__(
@@ -110,6 +111,15 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    @property
+    def pooled_embedding_dim(self) -> int:
+        return self.unet.config.pooled_projection_dim
+
+    @property
+    def prompt_embedding_dim(self) -> int:
+        """The MMDiT's text-stream input width (T5's, 4096 for SD3 and FLUX)."""
+        return self.unet.config.joint_attention_dim
+
     def check_sampler(self, num_steps: int, eta: float) -> None:
         """Refuse an ``eta`` other than 1 with ``flow_grpo``, and any step whose standard deviation is below the
         float32 floor :data:`~dag_trl.samplers.ddim.MIN_STEP_STD`."""
@@ -157,8 +167,10 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         self._sigmas = self.scheduler.sigmas.detach().double().cpu()
         return self.scheduler.timesteps
 
-    def _step_indices(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The index of each of ``timesteps`` (``(B,)``) in the schedule, on the CPU."""
+    def _step_indices(self, timesteps: Union[int, float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The index in the schedule of each sample's timestep (a scalar or ``(B,)`` for the batch ``like``), on the
+        CPU."""
+        timesteps = torch.as_tensor(timesteps, device=like.device).reshape(-1).expand(like.shape[0])
         if self._timesteps is None:
             raise RuntimeError("set_timesteps must be called before a step.")
         table = self._timesteps.to(timesteps.device)
@@ -194,13 +206,11 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
     ) -> DDIMStepOutput:
         """One Gaussian step from ``x_t`` (see the module docstring); ``model_output`` is the (guided) velocity."""
         _check_eta(eta)
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        indices = self._step_indices(timestep)
+        indices = self._step_indices(timestep, sample)
         coefficients = GaussianStepCoefficients(
             *(value.to(sample.device) for value in self._coefficients(indices, eta))
         )
-        t = self._sigmas[indices].float().to(sample.device)
-        original, noise = x0_and_eps_from_prediction(model_output, sample, 1 - t, t, "flow_prediction")
+        original, noise = self._x0_and_eps(model_output, sample, indices)
         step = gaussian_step_with_logprob(
             sample, original, noise, coefficients, prev_sample, generator, log_prob_reduction
         )
@@ -215,10 +225,14 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor
     ) -> torch.Tensor:
         """``x0_hat = x_t - t v``."""
-        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        t = self._sigmas[self._step_indices(timesteps)].float().to(latents.device)
-        original, _ = x0_and_eps_from_prediction(model_output, latents, 1 - t, t, "flow_prediction")
-        return original
+        return self._x0_and_eps(model_output, latents, self._step_indices(timesteps, latents))[0]
+
+    def _x0_and_eps(
+        self, velocity: torch.Tensor, sample: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` of ``sample`` at the schedule's times ``t = sigmas[indices]`` (unclamped)."""
+        t = self._sigmas[indices].float().to(sample.device)
+        return x0_and_eps_from_prediction(velocity, sample, 1 - t, t, "flow_prediction")
 
     def initial_latents(
         self,

@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .diffusers_family import token_counts
 from .flow_matching import FlowMatchingGFlowNetPipeline
 from .pipeline import PromptEmbeddings, classifier_free_guidance
 
@@ -48,8 +49,6 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
     diffusers_pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"
     lora_target_modules = FLUX_LORA_TARGET_MODULES
-    # FluxPipeline's default_sample_size (128 latents) times the VAE's factor 8.
-    default_resolution = 1024
 
     def __init__(
         self,
@@ -90,10 +89,6 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
             max_sequence_length=max_sequence_length,
         )
 
-    def family_default_resolution(self) -> int:
-        # The transformer's config has no sample size: FluxPipeline samples 1024 px by default.
-        return self.default_resolution
-
     def scheduler_timesteps(self, num_inference_steps: int, device: Optional[torch.device]) -> None:
         """As ``FluxPipeline``: the sigmas ``linspace(1, 1/N, N)`` (through the scheduler's static or dynamic shift;
         with ``use_flow_sigmas`` the scheduler's own), ``mu`` from the number of latent patches (default
@@ -110,14 +105,6 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
         else:
             self.scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
 
-    @property
-    def pooled_embedding_dim(self) -> int:
-        return self.unet.config.pooled_projection_dim
-
-    @property
-    def prompt_embedding_dim(self) -> int:
-        return self.unet.config.joint_attention_dim
-
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """T5 token states and the pooled CLIP embedding, from diffusers' ``encode_prompt``."""
         device = self.sd_pipeline.text_encoder.device
@@ -129,9 +116,7 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
     def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
         """Token counts of the T5 tokenizer, whose states condition the transformer, against
         ``max_sequence_length``."""
-        tokenizer = self.sd_pipeline.tokenizer_2
-        counts = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
-        return counts, self.max_sequence_length
+        return token_counts(self.sd_pipeline.tokenizer_2, prompts), self.max_sequence_length
 
     def predict_noise(
         self,

@@ -14,7 +14,7 @@ from ..samplers.ddim import (
     ddim_step_with_logprob,
     original_sample_and_noise,
 )
-from .diffusers_family import DiffusersGFlowNetPipeline
+from .diffusers_family import DiffusersGFlowNetPipeline, token_counts
 from .pipeline import PromptEmbeddings, classifier_free_guidance
 
 # The UNet's attention projections (self- and cross-attention), as in diffusers' LoRA training scripts.
@@ -85,8 +85,7 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
         check_scheduler(self.scheduler, num_steps, eta)
 
     def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
-        counts = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False).input_ids]
-        return counts, self.tokenizer.model_max_length
+        return token_counts(self.tokenizer, prompts), self.tokenizer.model_max_length
 
     def predict_noise(
         self,

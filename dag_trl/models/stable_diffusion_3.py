@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .diffusers_family import token_counts
 from .flow_matching import FlowMatchingGFlowNetPipeline
 from .pipeline import PromptEmbeddings, classifier_free_guidance
 
@@ -49,14 +50,6 @@ class DefaultGFlowNetStableDiffusion3Pipeline(FlowMatchingGFlowNetPipeline):
             kwargs["mu"] = self.dynamic_shift(default_max_shift=1.16)
         self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
 
-    @property
-    def pooled_embedding_dim(self) -> int:
-        return self.unet.config.pooled_projection_dim
-
-    @property
-    def prompt_embedding_dim(self) -> int:
-        return self.unet.config.joint_attention_dim
-
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeddings:
         """The joint CLIP-L / CLIP-G / T5 token states and the pooled CLIP embeddings, from diffusers'
         ``encode_prompt`` (the same prompt for all three encoders)."""
@@ -75,8 +68,7 @@ class DefaultGFlowNetStableDiffusion3Pipeline(FlowMatchingGFlowNetPipeline):
         """Token counts of the CLIP tokenizer, which reads the fewest tokens (77 for SD3's; T5 reads
         ``max_sequence_length``)."""
         tokenizer = self.sd_pipeline.tokenizer
-        counts = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
-        return counts, tokenizer.model_max_length
+        return token_counts(tokenizer, prompts), tokenizer.model_max_length
 
     def predict_noise(
         self,

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .diffusers_family import token_counts
 from .pipeline import PromptEmbeddings, classifier_free_guidance
 from .stable_diffusion import DefaultGFlowNetStableDiffusionPipeline
 
@@ -35,8 +36,7 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
     def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
         """Token counts of the first tokenizer present (both CLIP tokenizers read the same number of tokens)."""
         tokenizer = self.sd_pipeline.tokenizer or self.sd_pipeline.tokenizer_2
-        counts = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
-        return counts, tokenizer.model_max_length
+        return token_counts(tokenizer, prompts), tokenizer.model_max_length
 
     @property
     def resolution(self) -> int:

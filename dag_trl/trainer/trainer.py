@@ -268,14 +268,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         # Under DeepSpeed in bfloat16 the objective's model (DAG's flow network, RTB's log Z) stays outside the
         # engine, which would train a 16-bit copy of it: summed log-flows reach hundreds of nats, where bfloat16's
         # spacing is several nats. It keeps float32 weights and its own optimiser (fp16 keeps it in the engine).
-        self.objective_outside_engine = (
-            self.uses_deepspeed and objective_model is not None and config.mixed_precision == "bf16"
-        )
-        engine_objective_model = None if self.objective_outside_engine else objective_model
+        outside_engine = self.uses_deepspeed and objective_model is not None and config.mixed_precision == "bf16"
+        engine_objective_model = None if outside_engine else objective_model
         self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), engine_objective_model)
-        self.objective_optimizer = (
-            self._create_optimizer([], objective_model) if self.objective_outside_engine else None
-        )
+        self.objective_optimizer = self._create_optimizer([], objective_model) if outside_engine else None
 
         with torch.no_grad():
             self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
@@ -292,9 +288,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
             # called directly, and `accelerate.backward` routes every backward pass through the engine.
             self.unet = engine.module.unet
-            self.objective_model = objective_model if self.objective_outside_engine else engine.module.objective_model
+            self.objective_model = objective_model if outside_engine else engine.module.objective_model
             self.prepared_models: tuple = (engine,)
-            if self.objective_outside_engine:
+            if outside_engine:
                 # Saved and restored with the engine's checkpoint (accelerate's custom_checkpoint_<i>.pkl files).
                 self.accelerator.register_for_checkpointing(objective_model, self.objective_optimizer)
         elif objective_model is not None:
