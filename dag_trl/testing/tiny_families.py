@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import string
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -485,8 +485,17 @@ def _t5_tokenizer(path: Path, model_max_length: int) -> Any:
 DeviceLike = Union[str, torch.device, None]
 
 
-def _seeded(seed: int, component: str) -> None:
-    torch.manual_seed(seed * 100 + COMPONENT_ORDER.index(component))
+def _seeded_modules(
+    seed: int, device: DeviceLike, dtype: Optional[torch.dtype], factories: dict[str, Callable[[], Any]]
+) -> dict[str, Any]:
+    """Build each module of ``factories`` in their order, on ``device`` in ``dtype``, right after seeding torch's
+    global generator with ``seed * 100 + COMPONENT_ORDER.index(name)``, then place it (eval mode)."""
+    modules = {}
+    with constructing_on(device, dtype):
+        for name, factory in factories.items():
+            torch.manual_seed(seed * 100 + COMPONENT_ORDER.index(name))
+            modules[name] = factory()
+    return {name: _placed(module, device, dtype) for name, module in modules.items()}
 
 
 @contextlib.contextmanager
@@ -680,17 +689,12 @@ def make_sdxl_pipeline(
     with _tokenizer_folder(tokenizer_folder) as folder:
         tokenizer = _clip_tokenizer(folder / "tokenizer", a.clip_max_length)
         tokenizer_2 = _clip_tokenizer(folder / "tokenizer_2", a.clip_max_length)
-    modules: dict[str, Any] = {}
-    with constructing_on(device, dtype):
-        _seeded(seed, "text_encoder")
-        modules["text_encoder"] = make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length)
-        _seeded(seed, "text_encoder_2")
-        modules["text_encoder_2"] = make_clip_text_encoder(a.text_encoder_2, len(tokenizer_2), a.clip_max_length)
-        _seeded(seed, "unet")
-        modules["unet"] = make_sdxl_unet(a)
-        _seeded(seed, "vae")
-        modules["vae"] = make_vae(a.vae, a.latent_channels, a.image_size, a.scaling_factor, None, quant_convs=True)
-    modules = {name: _placed(module, device, dtype) for name, module in modules.items()}
+    modules = _seeded_modules(seed, device, dtype, {
+        "text_encoder": lambda: make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length),
+        "text_encoder_2": lambda: make_clip_text_encoder(a.text_encoder_2, len(tokenizer_2), a.clip_max_length),
+        "unet": lambda: make_sdxl_unet(a),
+        "vae": lambda: make_vae(a.vae, a.latent_channels, a.image_size, a.scaling_factor, None, quant_convs=True),
+    })  # fmt: skip
     return StableDiffusionXLPipeline(
         **modules,
         tokenizer=tokenizer,
@@ -723,21 +727,15 @@ def make_sd3_pipeline(
         tokenizer = _clip_tokenizer(folder / "tokenizer", a.clip_max_length)
         tokenizer_2 = _clip_tokenizer(folder / "tokenizer_2", a.clip_max_length)
         tokenizer_3 = _t5_tokenizer(folder / "tokenizer_3", a.max_sequence_length)
-    modules: dict[str, Any] = {}
-    with constructing_on(device, dtype):
-        _seeded(seed, "text_encoder")
-        modules["text_encoder"] = make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length)
-        _seeded(seed, "text_encoder_2")
-        modules["text_encoder_2"] = make_clip_text_encoder(a.text_encoder_2, len(tokenizer_2), a.clip_max_length)
-        _seeded(seed, "text_encoder_3")
-        modules["text_encoder_3"] = make_t5_encoder(a.text_encoder_3, len(tokenizer_3))
-        _seeded(seed, "transformer")
-        modules["transformer"] = make_sd3_transformer(a)
-        _seeded(seed, "vae")
-        modules["vae"] = make_vae(
+    modules = _seeded_modules(seed, device, dtype, {
+        "text_encoder": lambda: make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length),
+        "text_encoder_2": lambda: make_clip_text_encoder(a.text_encoder_2, len(tokenizer_2), a.clip_max_length),
+        "text_encoder_3": lambda: make_t5_encoder(a.text_encoder_3, len(tokenizer_3)),
+        "transformer": lambda: make_sd3_transformer(a),
+        "vae": lambda: make_vae(
             a.vae, a.latent_channels, a.image_size, a.scaling_factor, a.shift_factor, quant_convs=False
-        )
-    modules = {name: _placed(module, device, dtype) for name, module in modules.items()}
+        ),
+    })  # fmt: skip
     return StableDiffusion3Pipeline(
         **modules,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
@@ -769,19 +767,14 @@ def make_flux_pipeline(
     with _tokenizer_folder(tokenizer_folder) as folder:
         tokenizer = _clip_tokenizer(folder / "tokenizer", a.clip_max_length)
         tokenizer_2 = _t5_tokenizer(folder / "tokenizer_2", a.max_sequence_length)
-    modules: dict[str, Any] = {}
-    with constructing_on(device, dtype):
-        _seeded(seed, "text_encoder")
-        modules["text_encoder"] = make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length)
-        _seeded(seed, "text_encoder_2")
-        modules["text_encoder_2"] = make_t5_encoder(a.text_encoder_2, len(tokenizer_2))
-        _seeded(seed, "transformer")
-        modules["transformer"] = make_flux_transformer(a)
-        _seeded(seed, "vae")
-        modules["vae"] = make_vae(
+    modules = _seeded_modules(seed, device, dtype, {
+        "text_encoder": lambda: make_clip_text_encoder(a.text_encoder, len(tokenizer), a.clip_max_length),
+        "text_encoder_2": lambda: make_t5_encoder(a.text_encoder_2, len(tokenizer_2)),
+        "transformer": lambda: make_flux_transformer(a),
+        "vae": lambda: make_vae(
             a.vae, a.latent_channels, a.image_size, a.scaling_factor, a.shift_factor, quant_convs=False
-        )
-    modules = {name: _placed(module, device, dtype) for name, module in modules.items()}
+        ),
+    })  # fmt: skip
     return FluxPipeline(
         **modules,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
