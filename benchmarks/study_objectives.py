@@ -68,9 +68,13 @@ def tv_cell(after: dict, name: str) -> str:
     return f"{after['target_tv'][name]:.3f} (+-{after['target_tv_noise'][name]:.3f})"
 
 
-def run_label(path: Path, summary: dict) -> str:
+def run_name(path: Path) -> str:
+    """The run kind of a kept summary (``dag_db`` for ``dag_db-seed0.json``)."""
+    return path.stem.rsplit("-seed", 1)[0]
+
+
+def run_label(run: str, summary: dict) -> str:
     """The objective's display name, with the batch grouping for the A/B runs."""
-    run = path.stem.rsplit("-seed", 1)[0]
     if run in GROUPING_ARGUMENTS:
         return f"{summary['algorithm']} (fraction 1, {run.removeprefix('dag_kl_full_').replace('_', ' ')})"
     return summary["algorithm"]
@@ -91,7 +95,7 @@ def table(results: Path) -> str:
         adherence = after["adherence_full_prompts"]
 
         rows.append(
-            f"| {run_label(path, summary)} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
+            f"| {run_label(run_name(path), summary)} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
             f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f} | "
             f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
@@ -118,7 +122,7 @@ def seed_summary(results: Path) -> str:
     )
     runs: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*-seed*.json")):
-        runs.setdefault(path.stem.rsplit("-seed", 1)[0], []).append(json.loads(path.read_text()))
+        runs.setdefault(run_name(path), []).append(json.loads(path.read_text()))
     rows = []
     for run, summaries in runs.items():
         afters = [summary["after"] for summary in summaries]
@@ -130,8 +134,11 @@ def seed_summary(results: Path) -> str:
             [after["prior_kernel_distance"] for after in afters],
             [summary.get("train_seconds", 0) / 60 for summary in summaries],
         ]
-        label = run_label(Path(f"{run}-seed0.json"), summaries[0])
-        rows.append(f"| {label} | {len(summaries)} | " + " | ".join(mean_and_spread(c) for c in cells) + " |")
+        rows.append(
+            f"| {run_label(run, summaries[0])} | {len(summaries)} | "
+            + " | ".join(mean_and_spread(c) for c in cells)
+            + " |"
+        )
     return "\n".join([header, *rows])
 
 
@@ -146,7 +153,7 @@ def plot_curves(results: Path, path: Path) -> None:
     figure, axis = pyplot.subplots(figsize=(6.5, 4.5))
     colours = {}
     for summary_path in sorted(results.glob("*-seed*.json")):
-        if summary_path.stem.rsplit("-seed", 1)[0] in GROUPING_ARGUMENTS:
+        if run_name(summary_path) in GROUPING_ARGUMENTS:
             continue  # the A/B runs are in the table only
         summary = json.loads(summary_path.read_text())
         history = [entry for entry in summary.get("evaluation_history", []) if "target_tv" in entry]
