@@ -512,6 +512,11 @@ def parse_arguments() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="default: on for the *-gpu settings of SDXL, SD3.5 and FLUX, else off",
     )
+    parser.add_argument(
+        "--disable-cudnn-attention",
+        action="store_true",
+        help="torch.backends.cuda.enable_cudnn_sdp(False): torch 2.11's cuDNN attention backward failed on FLUX (H200)",
+    )
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument(
         "--resolution",
@@ -652,6 +657,8 @@ def main() -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.disable_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     with tempfile.TemporaryDirectory(prefix="dag-trl-bench-") as tmp:
         tmp = Path(tmp)

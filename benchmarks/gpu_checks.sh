@@ -31,15 +31,17 @@ run() {  # run NAME SECONDS COMMAND...
 
 for part in $parts; do
     case $part in
-        # One sampling batch of 16 (not the setting's 2): the straightforward loop alone takes minutes at 32.
-        sd15) run sd15 240 python3 benchmarks/benchmark_training.py --setting sd15-gpu --sample-batches 1 ;;
+        # One sampling batch of 16 (not the setting's 2) and accumulation 2 (one window): the straightforward loop
+        # alone takes minutes at 32 trajectories.
+        sd15) run sd15 240 python3 benchmarks/benchmark_training.py --setting sd15-gpu --sample-batches 1 --accumulation 2 ;;
         # Two launches: train two epochs with a checkpoint each, then resume from the latest for a third.
         deepspeed) ds="accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml --num_processes 1"
             ds="$ds --mixed_precision bf16 benchmarks/deepspeed_smoke.py --output $(mktemp -d)"
             run deepspeed 180 bash -c "$ds && $ds --resume" ;;
         sdxl) run sdxl 150 python3 benchmarks/benchmark_training.py --setting sdxl-gpu ;;
         sd35) run sd35 150 python3 benchmarks/benchmark_training.py --setting sd35-gpu ;;
-        flux) run flux 200 python3 benchmarks/benchmark_training.py --setting flux-gpu ;;
+        # torch 2.11's cuDNN attention fails in FLUX's backward on an H200 (docs/benchmarks.md): use the other kernels.
+        flux) run flux 200 python3 benchmarks/benchmark_training.py --setting flux-gpu --disable-cudnn-attention ;;
         *) echo "unknown part $part" ;;
     esac
 done

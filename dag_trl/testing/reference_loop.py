@@ -53,7 +53,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             latents = window["latents"][rows, steps]
             next_latents = window["latents"][rows, steps + 1]
             timesteps = window["timesteps"][rows, steps]
-            terminal = (steps + 1) == num_steps
+            terminal = ((steps + 1) == num_steps).to(latents.device)
             next_timesteps = window["timesteps"][rows, (steps + 1).clamp(max=num_steps - 1)]
             # A terminal row's next state is the final sample: its x0_hat and flow are computed at the row's own
             # timestep (a time the family's schedule has) and discarded, as the reference computes and discards them.
