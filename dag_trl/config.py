@@ -346,7 +346,8 @@ class GFlowNetConfig:
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
-            pretrained model), or another name registered in `dag_trl.trainer.objectives.OBJECTIVES`. `None` picks by `train_klpf`: DAG-KL when it is
+            pretrained model), `"kl_pg"` (KL-regularised policy gradient with the closed-form per-step KL to the
+            pretrained model), `"rdb"` (DAG's detailed balance against the pretrained model's step), or another name registered in `dag_trl.trainer.objectives.OBJECTIVES`. `None` picks by `train_klpf`: DAG-KL when it is
             positive, else DAG-DB.
         train_klpf (`float`, *optional*, defaults to `-1.0`):
             `<= 0`: DAG-DB (the UNet is trained through the detailed-balance loss). `> 0`: DAG-KL, the weight of the
@@ -446,7 +447,7 @@ class GFlowNetConfig:
         default="batch", metadata={"help": "RTB: 'batch' (per-prompt batch mean) or 'learned' log Z(c)."}
     )
     train_objective: Optional[str] = field(
-        default=None, metadata={"help": "'dag_db', 'dag_kl', 'rtb', 'ddpo'; None: by train_klpf."}
+        default=None, metadata={"help": "'dag_db', 'dag_kl', 'rtb', 'kl_pg', 'rdb', 'ddpo'; None: by train_klpf."}
     )
     lora_min_timestep: int = field(
         default=0, metadata={"help": "Steps from timesteps below this use the pretrained model (LoRA off)."}

@@ -95,12 +95,12 @@ def test_training_recomputes_the_sampled_log_probabilities_with_the_calls_sampli
     hook = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda module, inputs: batch_rows.append(len(inputs[0])))
     with torch.no_grad():
         for step in range(trainer.config.sample_num_steps):
-            _, _, log_probs = trainer._policy(
+            log_probs = trainer._policy(
                 samples["latents"][:, step],
                 samples["timesteps"][:, step],
                 samples["prompt_embeds"],
                 samples["latents"][:, step + 1],
-            )
+            )[2].log_probs
             assert torch.equal(log_probs, samples["log_probs"][:, step])
     hook.remove()
     # train_cfg=True guides only where sampling did: one conditional call per row at guidance 1, two rows at 5
@@ -279,31 +279,50 @@ def capture_gradients_at_step(trainer):
     return captured
 
 
+# Relative DB (DAG with the prior): summed log-densities; "nocfg" samples and trains without guidance.
+RDB = dict(train_objective="rdb", train_log_prob_reduction="sum")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "klpf, train_cfg, fraction, order",
+    "objective, train_cfg, fraction, order",
     [
-        (-1.0, True, 1.0, "by_timestep"),
-        (1.0, True, 1.0, "by_timestep"),
-        (-1.0, False, 1.0, "by_timestep"),
-        (1.0, False, 0.5, "by_timestep"),
-        (-1.0, True, 0.5, "by_timestep"),
-        (1.0, True, 1.0, "random"),
-        (-1.0, True, 0.5, "random"),
+        ({"train_klpf": -1.0}, True, 1.0, "by_timestep"),
+        ({"train_klpf": 1.0}, True, 1.0, "by_timestep"),
+        ({"train_klpf": -1.0}, False, 1.0, "by_timestep"),
+        ({"train_klpf": 1.0}, False, 0.5, "by_timestep"),
+        ({"train_klpf": -1.0}, True, 0.5, "by_timestep"),
+        ({"train_klpf": 1.0}, True, 1.0, "random"),
+        ({"train_klpf": -1.0}, True, 0.5, "random"),
+        (RDB, True, 0.5, "by_timestep"),
+        ({**RDB, "sample_guidance_scale": 1.0}, False, 1.0, "random"),
     ],
-    ids=["db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half", "kl-cfg-random", "db-cfg-half-random"],
-)
-def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path, klpf, train_cfg, fraction, order):
+    ids=[
+        "db-cfg", "kl-cfg", "db-nocfg", "kl-nocfg-half", "db-cfg-half", "kl-cfg-random", "db-cfg-half-random",
+        "rdb-cfg-half", "rdb-noguidance-random",
+    ],
+)  # fmt: skip
+def test_optimised_window_equals_the_straightforward_loop(
+    tmp_path, tiny_sd_path, objective, train_cfg, fraction, order
+):
     from dag_trl.testing.reference_loop import reference_train_window
     from dag_trl.trainer import WorkCounters
 
-    overrides = dict(train_klpf=klpf, train_cfg=train_cfg, train_timestep_fraction=fraction, train_reward_exp=10.0,
+    overrides = dict(**objective, train_cfg=train_cfg, train_timestep_fraction=fraction, train_reward_exp=10.0,
                      train_reward_exp_anneal="none", sample_num_batches_per_epoch=2,
                      train_transition_order=order)  # fmt: skip
     optimised, _ = make_trainer(tmp_path / "a", tiny_sd_path, **overrides)
     reference, _ = make_trainer(tmp_path / "b", tiny_sd_path, **overrides)
     reference.unet.load_state_dict(optimised.unet.state_dict())
     reference.objective_model.load_state_dict(optimised.objective_model.state_dict())
+    if "train_objective" in objective:
+        # A LoRA away from zero, so that the policy and the prior differ in the relative residual.
+        with torch.no_grad():
+            for a, b in zip(
+                optimised.sd_pipeline.get_trainable_layers(), reference.sd_pipeline.get_trainable_layers()
+            ):
+                a.add_(0.05 * torch.randn_like(a))
+                b.copy_(a)
     samples, _ = optimised._generate_samples(epoch=0)
     windows = optimised.windows(samples, torch.Generator().manual_seed(0))
     assert len(windows) == 2  # the first reuses the sampling-time predictions, the second recomputes them
@@ -322,9 +341,12 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
         optimised.train_window(window, kept, beta=10.0, epoch=0)
         reference_train_window(reference, window, kept, beta=10.0, epoch=0, counters=reference_counters)
 
+    # Summed log-densities (relative DB) are the latent's size times the per-element mean, and so is their round-off.
+    summed = optimised.config.train_log_prob_reduction == "sum"
+    tolerance = dict(rtol=1e-3, atol=1e-5) if summed else dict(rtol=1e-4, atol=1e-6)
     for ours, theirs in zip(optimised_grads, reference_grads):
         for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, **tolerance)
     for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), (_, b) in zip(
@@ -337,8 +359,13 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
     transitions = 8 * max(1, int(4 * fraction))
     assert reference_counters.vae_decodes == 2 * transitions
     assert counters.vae_decodes - 8 <= transitions + 8  # sampling decoded 8 final images
-    assert reference_counters.unet_forward_no_grad == 2 * transitions
-    sampling_forwards = 8 * 4 * 2
+    prior_forwards = (
+        transitions * (2 if optimised.trains_with_guidance else 1) if "train_objective" in objective else 0
+    )
+    assert reference_counters.unet_forward_no_grad == 2 * transitions + prior_forwards
+    guidance_rows = 2 if optimised.config.sample_guidance_scale != 1.0 else 1
+    # Relative DB also scores each sampled step under the prior (the adapter off): one more forward per step.
+    sampling_forwards = 8 * 4 * guidance_rows * (2 if optimised.objective.uses_prior_log_probs else 1)
     if order == "random":  # a kept next state visited later is scored ahead, once
         assert counters.unet_forward_no_grad - sampling_forwards <= transitions
     elif fraction == 1.0:
@@ -526,10 +553,10 @@ def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained
     # Training: the frozen steps' log-probabilities are the recorded ones and send no gradient to the LoRA.
     rows = torch.arange(4)
     for step in (0, 3):
-        _, _, log_probs = trainer._policy(
+        log_probs = trainer._policy(
             samples["latents"][rows, step], samples["timesteps"][rows, step], samples["prompt_embeds"][rows],
             samples["latents"][rows, step + 1],
-        )  # fmt: skip
+        )[2].log_probs  # fmt: skip
         torch.testing.assert_close(log_probs, samples["log_probs"][rows, step], rtol=0, atol=1e-3)
         if frozen[step]:
             assert not log_probs.requires_grad

@@ -219,6 +219,8 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
             log_probs=step.log_probs,
             backward_log_probs=step.backward_log_probs,
             pred_original_sample=original,
+            mean=step.mean,
+            std=step.std,
         )
 
     def predict_original_sample(

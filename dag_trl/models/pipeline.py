@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..samplers.ddim import DDIMStepOutput
+from ..samplers.ddim import DDIMStepOutput, gaussian_step_kl
 
 
 @dataclass
@@ -116,6 +116,11 @@ class GFlowNetPipelineOutput:
             one-step prediction ``x0_hat`` of every non-terminal state follows without another model call.
         prior_log_probs: with ``record_prior_log_probs``, ``log P_F`` of each transition under the pretrained model
             (the adapter disabled, the same guidance), float32 ``(B, N)``; else ``None``.
+        prior_means: with ``record_prior_log_probs``, the mean of the pretrained model's step at each visited state,
+            float32 ``(B, N, C, h, w)``, if the family's step reports its mean; else ``None``.
+        prior_kls: with ``prior_means``, the closed-form KL in nats (summed over the latent's elements) from the
+            sampling policy's step to the pretrained model's at each visited state,
+            :math:`\\lVert\\mu_\theta - \\mu_p\rVert^2 / (2 s^2)` (both steps have the variance :math:`s^2`), ``(B, N)``.
     """
 
     images: torch.Tensor
@@ -126,6 +131,8 @@ class GFlowNetPipelineOutput:
     noise_preds: torch.Tensor
     conditional_noise_preds: torch.Tensor
     prior_log_probs: Optional[torch.Tensor] = None
+    prior_means: Optional[torch.Tensor] = None
+    prior_kls: Optional[torch.Tensor] = None
 
 
 class GFlowNetStableDiffusionPipeline(ABC):
@@ -324,7 +331,7 @@ class GFlowNetStableDiffusionPipeline(ABC):
         latents = latents.float()
 
         all_latents, all_log_probs, all_backward, all_noise_preds, all_conditional = [latents], [], [], [], []
-        all_prior_log_probs = []
+        all_prior_log_probs, all_prior_means, all_prior_kls = [], [], []
         if show_progress:
             from tqdm.auto import tqdm
 
@@ -340,18 +347,21 @@ class GFlowNetStableDiffusionPipeline(ABC):
             step = self.scheduler_step(
                 guided, timestep, latents, eta=eta, generator=generator, log_prob_reduction=log_prob_reduction
             )
-            if record_prior_log_probs and frozen:
-                all_prior_log_probs.append(step.log_probs)
-            elif record_prior_log_probs:
-                with self.adapter_disabled():
-                    prior_guided, _ = self.predict_noise(
-                        latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
-                    )
-                prior_step = self.scheduler_step(
-                    prior_guided, timestep, latents, eta=eta, prev_sample=step.latents,
-                    log_prob_reduction=log_prob_reduction,
-                )  # fmt: skip
+            if record_prior_log_probs:
+                prior_step = step  # a frozen step is the pretrained model's own
+                if not frozen:
+                    with self.adapter_disabled():
+                        prior_guided, _ = self.predict_noise(
+                            latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
+                        )
+                    prior_step = self.scheduler_step(
+                        prior_guided, timestep, latents, eta=eta, prev_sample=step.latents,
+                        log_prob_reduction=log_prob_reduction,
+                    )  # fmt: skip
                 all_prior_log_probs.append(prior_step.log_probs)
+                if getattr(step, "mean", None) is not None:
+                    all_prior_means.append(prior_step.mean)
+                    all_prior_kls.append(gaussian_step_kl(step.mean, prior_step.mean, step.std))
             latents = step.latents
             all_latents.append(latents)
             all_log_probs.append(step.log_probs)
@@ -368,4 +378,6 @@ class GFlowNetStableDiffusionPipeline(ABC):
             noise_preds=torch.stack(all_noise_preds, dim=1),
             conditional_noise_preds=torch.stack(all_conditional, dim=1),
             prior_log_probs=torch.stack(all_prior_log_probs, dim=1) if record_prior_log_probs else None,
+            prior_means=torch.stack(all_prior_means, dim=1) if all_prior_means else None,
+            prior_kls=torch.stack(all_prior_kls, dim=1) if all_prior_kls else None,
         )

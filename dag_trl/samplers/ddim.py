@@ -37,12 +37,17 @@ class DDIMStepOutput:
             output, never through ``x_s``.
         backward_log_probs: ``log P_B(x_t | x_s)`` of the fixed noising kernel, float32, shape ``(B,)``.
         pred_original_sample: ``x0_hat``, the model's estimate of the clean latent, float32.
+        mean: the mean of ``P_F(x_s | x_t)``, float32, differentiable through the model output (the closed-form
+            per-step KL to another policy of the same variance needs it).
+        std: its standard deviation, float32, broadcastable against ``latents``.
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     backward_log_probs: torch.Tensor
     pred_original_sample: torch.Tensor
+    mean: Optional[torch.Tensor] = None
+    std: Optional[torch.Tensor] = None
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -69,6 +74,17 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     std = std.to(torch.float32)
     elementwise = -((value.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
     return reduce_over_sample(elementwise, reduction)
+
+
+def gaussian_step_kl(mean: torch.Tensor, prior_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    r"""Closed-form KL divergence between two Gaussian steps of the same variance, per sample, in nats:
+    :math:`\mathrm{KL}(\mathcal N(\mu, \sigma^2 I) \,\|\, \mathcal N(\mu_p, \sigma^2 I)) = \sum_i (\mu_i -
+    \mu_{p,i})^2 / (2\sigma^2)`, summed over every non-batch dimension (it is a true KL only summed). ``std``
+    broadcasts against ``mean`` (per sample ``(B, 1, ..., 1)``, or shared). Differentiable through both means."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if std.ndim == 1:
+        std = _per_sample(std, mean)
+    return reduce_over_sample((mean.float() - prior_mean.float()) ** 2 / (2 * std**2), "sum")
 
 
 def _check_eta(eta: float) -> None:
@@ -217,7 +233,12 @@ def ddim_step_with_logprob(
     log_probs = gaussian_log_prob(prev_sample, mean, std, log_prob_reduction)
     backward = backward_log_prob(sample, prev_sample, alpha_prod_t, alpha_prod_prev, log_prob_reduction)
     return DDIMStepOutput(
-        latents=prev_sample, log_probs=log_probs, backward_log_probs=backward, pred_original_sample=original
+        latents=prev_sample,
+        log_probs=log_probs,
+        backward_log_probs=backward,
+        pred_original_sample=original,
+        mean=mean,
+        std=std,
     )
 
 

@@ -1,4 +1,5 @@
-"""The straightforward DAG / DAG-KL training window (Zhang et al., 2024, sections 3-4), transition by transition.
+"""The straightforward DAG / DAG-KL / relative-DB training window (Zhang et al., 2024, sections 3-4), transition by
+transition.
 
 This is the oracle the product loop (``GFlowNetDiffusionTrainer.train_window``) is tested and benchmarked against:
 every transition recomputes ``x0_hat`` of both of its states with its own no-grad conditional UNet forwards, decodes
@@ -17,6 +18,7 @@ from ..trainer.objectives.losses import (
     leave_one_out_advantages,
     ppo_clipped_loss,
     proximal_regulariser,
+    relative_detailed_balance_residual,
 )
 
 
@@ -85,7 +87,23 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                 terminal, beta * window["rewards"][rows], forward_looking_log_flow(flow_next, reward_next, beta)
             )
             regulariser = proximal_regulariser(guided, window["noise_preds"][rows, steps])
-            if config.objective_name == "dag_kl":
+            if config.objective_name == "rdb":
+                # The pretrained model's step, recomputed here with the adapter switched off (the trainer records it
+                # while sampling).
+                with torch.no_grad(), pipeline.adapter_disabled(), trainer.autocast():
+                    prior_guided, _ = pipeline.predict_noise(
+                        latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
+                    )
+                counters.unet_forward_no_grad += len(rows) * (2 if trainer.trains_with_guidance else 1)
+                prior_step = pipeline.scheduler_step(
+                    prior_guided, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents,
+                    log_prob_reduction=config.train_log_prob_reduction,
+                )  # fmt: skip
+                residual = relative_detailed_balance_residual(
+                    log_flow, step.log_probs, next_log_flow, prior_step.log_probs
+                )
+                loss = residual**2 + config.train_unet_reg * regulariser
+            elif config.objective_name == "dag_kl":
                 residual = detailed_balance_residual(
                     log_flow, step.log_probs.detach(), step.backward_log_probs, next_log_flow
                 )

@@ -129,6 +129,7 @@ class SamplingMixin:
                     "noise_preds": output.noise_preds,
                     "conditional_noise_preds": output.conditional_noise_preds,
                     **({"prior_log_probs": output.prior_log_probs} if self.objective.uses_prior_log_probs else {}),
+                    **self._prior_means(output),
                 }
             )
             prompt_image_data.append([output.images, prompts, metadata])
@@ -139,6 +140,17 @@ class SamplingMixin:
         samples = {key: self._concatenate([batch[key] for batch in batches]) for key in batches[0]}
         samples["weights_version"] = self.weights_version
         return samples, prompt_image_data[:1]
+
+    def _prior_means(self, output: Any) -> dict[str, torch.Tensor]:
+        """The pretrained model's step means and per-step KLs, for objectives that declare ``uses_prior_means``."""
+        if not self.objective.uses_prior_means:
+            return {}
+        if output.prior_means is None:
+            raise ValueError(
+                f"train_objective={self.objective.name!r} needs the mean of each sampling step, and "
+                f"{type(self.sd_pipeline).__name__}.scheduler_step returns none (its output has no 'mean')."
+            )
+        return {"prior_means": output.prior_means, "prior_kls": output.prior_kls}
 
     @staticmethod
     def _concatenate(parts: list) -> Any:

@@ -613,10 +613,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         timesteps: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         next_latents: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(guided, conditional, log P_F(next_latents | latents))`` of the training policy (guided if
-        ``train_cfg``) under the current weights; rows at timesteps below ``lora_min_timestep`` are the pretrained
-        model's (no gradient reaches the LoRA from them)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(guided, conditional, step)`` of the training policy (guided if ``train_cfg``) under the current
+        weights, ``step`` the family's step output scoring ``next_latents`` (``step.log_probs``: ``log P_F``); rows
+        at timesteps below ``lora_min_timestep`` are the pretrained model's (no gradient reaches the LoRA from
+        them)."""
         config = self.config
         negative = self.negative_prompt_embeds.expand(len(latents)) if self.trains_with_guidance else None
 
@@ -646,7 +647,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             prev_sample=next_latents,
             log_prob_reduction=config.train_log_prob_reduction,
         )
-        return guided, conditional, step.log_probs
+        return guided, conditional, step
 
     @torch.no_grad()
     def policy_log_probs(self, window: dict[str, Any]) -> torch.Tensor:
@@ -659,12 +660,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         for start in range(0, total, self.config.train_batch_size):
             rows = torch.arange(start, min(start + self.config.train_batch_size, total), device=result.device)
             for step in range(num_steps):
-                _, _, result[rows, step] = self._policy(
+                result[rows, step] = self._policy(
                     window["latents"][rows, step],
                     window["timesteps"][rows, step],
                     window["prompt_embeds"][rows],
                     window["latents"][rows, step + 1],
-                )
+                )[2].log_probs
                 self.counters.unet_forward_no_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         return result
 
@@ -688,7 +689,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         next_timesteps = window["timesteps"][rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
         prompt_embeds = window["prompt_embeds"][rows_d]
 
-        guided, conditional, log_probs = self._policy(latents, timesteps, prompt_embeds, next_latents)
+        guided, conditional, step = self._policy(latents, timesteps, prompt_embeds, next_latents)
+        log_probs = step.log_probs
         self.counters.unet_forward_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         final_rewards = window["rewards"][rows_d].float()
         reward_now = reward_next = None
@@ -720,4 +722,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             next_state_rewards=reward_next,
             beta=beta,
             trajectory={name: window[name][rows_d] for name in self.objective.trajectory_fields},
+            step_index=steps_d,
+            policy_mean=getattr(step, "mean", None),
+            step_std=getattr(step, "std", None),
+            prior_log_prob=window["prior_log_probs"][rows_d, steps_d] if "prior_log_probs" in window else None,
+            prior_mean=window["prior_means"][rows_d, steps_d] if "prior_means" in window else None,
         )

@@ -9,10 +9,20 @@ from .base import Objective, TransitionBatch
 from .dag_db import DAGDetailedBalance
 from .dag_kl import DAGKL
 from .ddpo import DDPO
+from .kl_pg import KLRegularisedPolicyGradient
+from .rdb import RelativeDetailedBalance
 from .rtb import RelativeTrajectoryBalance
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (DAGDetailedBalance, DAGKL, DDPO, RelativeTrajectoryBalance)
+    cls.name: cls
+    for cls in (
+        DAGDetailedBalance,
+        DAGKL,
+        DDPO,
+        RelativeTrajectoryBalance,
+        KLRegularisedPolicyGradient,
+        RelativeDetailedBalance,
+    )
 }
 
 
@@ -29,8 +39,10 @@ __all__ = [
     "DAGDetailedBalance",
     "DAGKL",
     "DDPO",
+    "KLRegularisedPolicyGradient",
     "OBJECTIVES",
     "Objective",
+    "RelativeDetailedBalance",
     "RelativeTrajectoryBalance",
     "TransitionBatch",
     "get_objective_class",

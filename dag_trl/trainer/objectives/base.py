@@ -42,6 +42,14 @@ class TransitionBatch:
         beta: this epoch's reward exponent.
         trajectory: the rows of the per-trajectory tensors that the objective added to the samples (its
             ``trajectory_fields``), for example DDPO's advantages.
+        step_index: each row's transition index ``n`` in sampling order (``0`` leaves ``x_T``), ``(B,)``.
+        policy_mean: the mean of ``P_F(. | x_t)`` under the current weights, with gradient (``None`` for families
+            whose step does not report it).
+        step_std: the step's standard deviation, broadcastable against ``latents``.
+        prior_log_prob: for objectives with ``uses_prior_log_probs``, ``log P_F^prior(x_s | x_t)`` of the pretrained
+            model, recorded while sampling, ``(B,)``; else ``None``.
+        prior_mean: for objectives with ``uses_prior_means``, the pretrained model's step mean at ``x_t``; else
+            ``None``.
     """
 
     latents: torch.Tensor
@@ -60,9 +68,35 @@ class TransitionBatch:
     next_state_rewards: Optional[torch.Tensor]
     beta: float
     trajectory: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_index: Optional[torch.Tensor] = None
+    policy_mean: Optional[torch.Tensor] = None
+    step_std: Optional[torch.Tensor] = None
+    prior_log_prob: Optional[torch.Tensor] = None
+    prior_mean: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+
+def check_prior_available(pipeline: GFlowNetStableDiffusionPipeline, objective_name: str) -> None:
+    """Refuse a pipeline without a LoRA for an objective whose target involves the pretrained model: the prior is
+    the pretrained model with the adapter switched off, and a full fine-tune leaves none to switch back to."""
+    if not pipeline.use_lora:
+        raise ValueError(
+            f"train_objective={objective_name!r} needs a pipeline with use_lora=True: the prior is the pretrained "
+            "model with the LoRA switched off, and a full fine-tune leaves no pretrained model to switch back to."
+        )
+
+
+def check_guided_training(config: GFlowNetConfig, objective_name: str) -> None:
+    """Refuse training an unguided policy on guided trajectories for an objective that compares the policy's
+    log-probabilities (or steps) with the guided prior's."""
+    if not config.train_cfg and config.sample_guidance_scale != 1.0:
+        raise ValueError(
+            f"GFlowNetConfig.train_cfg=False with sample_guidance_scale={config.sample_guidance_scale!r} is "
+            f"invalid with train_objective={objective_name!r}: the trajectories come from the guided sampler, so "
+            "its log-probabilities must be the guided ones (set train_cfg=True, or sample_guidance_scale=1.0)."
+        )
 
 
 class Objective(ABC):
@@ -89,6 +123,10 @@ class Objective(ABC):
             only for samplers that are the Gaussian posterior (DDIM at ``eta = 1``); the trainer warns on others.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
             adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
+        uses_prior_means: (with ``uses_prior_log_probs``) sampling also keeps the pretrained model's step mean at
+            every visited state, ``"prior_means"`` ``(B, N, C, h, w)``, and the closed-form KL from the sampling
+            policy's step to it, ``"prior_kls"`` ``(B, N)`` in nats; the loop fills
+            :attr:`TransitionBatch.prior_mean`.
     """
 
     name: ClassVar[str]
@@ -100,6 +138,7 @@ class Objective(ABC):
     model_folder: ClassVar[Optional[str]] = None
     trajectory_fields: ClassVar[tuple[str, ...]] = ()
     uses_prior_log_probs: ClassVar[bool] = False
+    uses_prior_means: ClassVar[bool] = False
     uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
 

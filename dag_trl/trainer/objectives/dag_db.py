@@ -32,6 +32,7 @@ class DAGDetailedBalance(Objective):
 
     @classmethod
     def validate_config(cls, config) -> None:
+        super().validate_config(config)
         # train_klpf picks DAG-KL when train_objective is unset; an explicit choice must agree with it.
         if config.train_klpf > 0:
             raise ValueError(

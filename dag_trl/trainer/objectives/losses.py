@@ -76,3 +76,42 @@ def proximal_regulariser(noise_pred: torch.Tensor, sampled_noise_pred: torch.Ten
     r"""Per-sample proximal term :math:`u = \mathrm{mean}_{C,H,W}(\epsilon_\theta - \epsilon_{\text{sampled}})^2`
     that keeps the policy near the one that sampled the data (DAG, section 4)."""
     return reduce_over_sample((noise_pred.float() - sampled_noise_pred.float().detach()) ** 2, "mean")
+
+
+def kl_regularised_returns(rewards: torch.Tensor, step_kls: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""The KL-regularised return of each transition after it:
+    :math:`G_n = \beta R(x_0) - \sum_{m > n} k_m`, with ``rewards`` ``(B,)`` and the per-step KLs ``step_kls``
+    ``(B, N)`` in sampling order; returns ``(B, N)``. Only strictly later steps count: the KL of step ``n`` itself
+    enters the gradient through its pathwise term (Fan et al., 2023, DPOK, arXiv 2305.16381; Uehara et al., 2024,
+    arXiv 2402.15194)."""
+    later = step_kls.flip(1).cumsum(1).flip(1) - step_kls
+    return beta * rewards.unsqueeze(1) - later
+
+
+def leave_one_out_baseline(values: torch.Tensor, groups: list) -> torch.Tensor:
+    r"""Per-group leave-one-out mean (Kool et al., 2019): row ``i``'s baseline is
+    :math:`b_i = \frac{1}{|g_i| - 1} \sum_{j \in g_i, j \ne i} v_j` over the other rows of its group, ``0`` for a row
+    alone in its group. It depends only on other, independent rows, so subtracting it leaves a score-function
+    gradient unbiased. ``values`` ``(B, ...)``; ``groups`` one hashable key per row (e.g. the prompt)."""
+    baseline = torch.zeros_like(values)
+    for group in set(groups):
+        rows = torch.tensor([i for i, g in enumerate(groups) if g == group], device=values.device)
+        if len(rows) > 1:
+            members = values[rows]
+            baseline[rows] = (members.sum(0, keepdim=True) - members) / (len(rows) - 1)
+    return baseline
+
+
+def relative_detailed_balance_residual(
+    log_flow: torch.Tensor,
+    log_prob_forward: torch.Tensor,
+    next_log_flow: torch.Tensor,
+    prior_log_prob: torch.Tensor,
+) -> torch.Tensor:
+    r"""Detailed balance of a transition :math:`x_t \to x_s` against the pretrained model's own step instead of the
+    noising kernel: :math:`\delta = \log F(x_t) + \log P_F^\theta(x_s \mid x_t) - \log F(x_s) - \log
+    P_F^{\text{prior}}(x_s \mid x_t)`, :math:`\log F(x_0) = \beta R(x_0)`. At zero loss on every transition the
+    products telescope to :math:`P_F^\theta(\tau \mid x_T) = P_F^{\text{prior}}(\tau \mid x_T)\, e^{\beta R(x_0)} /
+    F(x_T)`: the prior tilted by the reward given the start (relative trajectory balance, Venkatraman et al., 2024,
+    arXiv 2405.20971, made local as DAG makes trajectory balance local, Zhang et al., 2024, arXiv 2406.00633)."""
+    return log_flow + log_prob_forward - next_log_flow - prior_log_prob

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from ...models.log_partition import LogPartitionHead
-from .base import Objective, TransitionBatch
+from .base import Objective, TransitionBatch, check_guided_training, check_prior_available
 
 
 def relative_trajectory_balance_residual(
@@ -76,19 +76,10 @@ class RelativeTrajectoryBalance(Objective):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        if not config.train_cfg and config.sample_guidance_scale != 1.0:
-            raise ValueError(
-                f"GFlowNetConfig.train_cfg=False with sample_guidance_scale={config.sample_guidance_scale!r} is "
-                "invalid with train_objective='rtb': the trajectories come from the guided sampler, so its "
-                "log-probabilities must be the guided ones (set train_cfg=True, or sample_guidance_scale=1.0)."
-            )
+        check_guided_training(config, cls.name)
 
     def create_model(self, pipeline) -> LogPartitionHead:
-        if not pipeline.use_lora:
-            raise ValueError(
-                "train_objective='rtb' needs a pipeline with use_lora=True: the prior is the pretrained model with "
-                "the LoRA switched off, and a full fine-tune leaves no pretrained model to switch back to."
-            )
+        check_prior_available(pipeline, self.name)
         return LogPartitionHead(pipeline.prompt_embedding_dim)
 
     def load_model(self, path: str) -> LogPartitionHead:
