@@ -44,6 +44,7 @@ The objectives' losses here (:func:`kl_regularised_surrogate`, :func:`relative_t
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -330,6 +331,19 @@ class GaussianToy:
         return x0_and_eps_from_prediction(noise, flat, alpha, sigma, "epsilon")[0].view(states.shape)
 
 
+def default_toy() -> GaussianToy:
+    r"""The tests' toy: ``d = 3``, 10 DDIM steps at eta = 0.5, guidance 1.5 with conditional data
+    :math:`\mathcal N((1, -0.5, 0.5), 0.5 I)` and unconditional :math:`\mathcal N(0, I)`, reward weights
+    :math:`w = (1, -0.5, 0)` (the third coordinate is one the reward ignores). Its start explains 40% of the reward's
+    variance."""
+    return GaussianToy(
+        conditional=GaussianData(torch.tensor([1.0, -0.5, 0.5], dtype=torch.float64), 0.5),
+        unconditional=GaussianData(torch.zeros(3, dtype=torch.float64), 1.0),
+        guidance_scale=1.5,
+        reward_weights=torch.tensor([1.0, -0.5, 0.0]),
+    )
+
+
 # The objectives' losses on a batch of on-policy trajectories, from the library's pure loss functions.
 
 
@@ -394,9 +408,11 @@ def train_step_shifts(
     second half of training, float64 ``(N, d)``.
 
     ``loss(trajectories)`` scores a batch ``(B, N + 1, d)``. The learning rate decays linearly to 0 and the second
-    half is averaged: the trajectory-level objectives keep a gradient-noise floor at their optimum (for RTB
-    :math:`\mathrm{Var}\,\delta = \beta^2 A^2 \lVert w \rVert^2`, the variance of :math:`\log h(x_T)`), so a
-    constant step size would leave the iterate wandering around it.
+    half is averaged: RTB and the policy gradient keep a gradient-noise floor at their optimum (RTB's residual
+    keeps the variance :math:`\beta^2 A^2 \lVert w \rVert^2` of :math:`\log h(x_T)`; the score-function term
+    keeps the reward's), so with a constant step size the last iterate wanders around it (on the default toy, 300
+    iterations at 0.05: mean-shift errors 0.022-0.034 for RTB and 0.042-0.069 for kl_pg over three seeds, against
+    0.004-0.020 with decay and averaging). Relative detailed balance has none: its residual is 0 at the optimum.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
@@ -413,3 +429,83 @@ def train_step_shifts(
             average += policy.shifts.detach().double()
             averaged += 1
     return average / averaged
+
+
+TOY_OBJECTIVES = ("rtb", "kl_pg", "rdb")
+
+
+def train_objective(
+    toy: GaussianToy,
+    objective: str,
+    beta: float,
+    *,
+    iterations: int = 300,
+    batch_size: int = 64,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Train a :class:`StepShiftPolicy` from the prior with ``objective`` (one of :data:`TOY_OBJECTIVES`; RTB with
+    a learned scalar ``log Z``, relative detailed balance with an :class:`AffineLogFlow`) by
+    :func:`train_step_shifts`, and return the averaged step shifts ``(N, d)``."""
+    if objective not in TOY_OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is invalid: expected one of {TOY_OBJECTIVES}.")
+    policy = StepShiftPolicy(toy.num_steps, toy.dim)
+    parameters = list(policy.parameters())
+    if objective == "rtb":
+        log_partition = torch.nn.Parameter(torch.zeros(()))
+        parameters.append(log_partition)
+
+        def loss(trajectories: torch.Tensor) -> torch.Tensor:
+            return relative_trajectory_balance_loss(toy, policy, log_partition, trajectories, beta)
+    elif objective == "kl_pg":
+
+        def loss(trajectories: torch.Tensor) -> torch.Tensor:
+            return kl_regularised_surrogate(toy, policy, trajectories, beta)
+    else:
+        flow = AffineLogFlow(toy.num_steps, toy.dim)
+        parameters.extend(flow.parameters())
+
+        def loss(trajectories: torch.Tensor) -> torch.Tensor:
+            return relative_detailed_balance_loss(toy, policy, flow, trajectories, beta)
+
+    return train_step_shifts(
+        toy,
+        loss,
+        policy,
+        parameters,
+        iterations=iterations,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Print the default toy's closed forms and each objective's trained mean shift and reward, per seed."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--beta", type=float, default=3.0)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=300)
+    args = parser.parse_args(argv)
+    toy = default_toy()
+    conditional, marginal = toy.conditional_tilt_shift(args.beta), toy.marginal_tilt_shift(args.beta)
+    print(f"A = {toy.start_coefficient:.4f}, sum B_n^2 = {toy.conditional_variance:.4f}, memory = {toy.memory:.3f}")
+    print(f"reward: base {toy.mean_reward():.4f}, conditional tilt {toy.mean_reward(conditional):.4f}, ", end="")
+    print(f"marginal tilt {toy.mean_reward(marginal):.4f}")
+    print(f"mean shift: conditional {conditional.numpy().round(4)}, marginal {marginal.numpy().round(4)}, ", end="")
+    print(f"distance {(marginal - conditional).norm():.4f}")
+    exact = toy.conditional_tilt_step_shifts(args.beta)
+    for objective in TOY_OBJECTIVES:
+        for seed in range(args.seeds):
+            shifts = train_objective(toy, objective, args.beta, iterations=args.iterations, seed=seed)
+            mean_shift = toy.sample_mean_shift(shifts)
+            print(
+                f"{objective:6s} seed {seed}: mean shift {mean_shift.numpy().round(4)}, error to the conditional tilt "
+                f"{(mean_shift - conditional).norm():.4f}, to the marginal {(mean_shift - marginal).norm():.4f}, "
+                f"step shifts' relative error {(shifts - exact).norm() / exact.norm():.3f}, "
+                f"reward {toy.mean_reward(mean_shift):.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
