@@ -20,6 +20,8 @@ from dag_trl.testing.gaussian_toy import (
     kl_regularised_surrogate,
     train_objective,
 )
+from dag_trl.trainer.objectives.losses import relative_detailed_balance_residual
+from dag_trl.trainer.objectives.rtb import relative_trajectory_balance_residual
 
 Z = 5.0
 BETA = 3.0
@@ -158,6 +160,39 @@ def test_conditional_tilt_step_shifts_sample_the_conditional_tilt(toy):
     expected = toy.base_mean + toy.conditional_tilt_shift(BETA)
     assert_within_standard_errors(final.mean(0), expected, (variance / samples).sqrt())
     assert_within_standard_errors(final.var(0), variance.expand(3), variance * math.sqrt(2 / (samples - 1)))
+
+
+def test_relative_detailed_balance_holds_exactly_at_the_conditional_tilt_with_flow_h(toy):
+    step_shifts = toy.conditional_tilt_step_shifts(BETA).float()
+    trajectories = toy.sample(256, step_shifts, torch.Generator().manual_seed(9))
+    terms = toy.transitions(trajectories, step_shifts)
+    log_h = toy.log_conditional_partition(trajectories, BETA)
+    torch.testing.assert_close(log_h[:, -1], BETA * toy.reward(trajectories[:, -1].double()))
+    residual = relative_detailed_balance_residual(
+        log_h[:, :-1], terms.log_prob.double(), log_h[:, 1:], terms.prior_log_prob.double()
+    )
+    assert residual.abs().max().item() < 1e-3  # float32 log-densities
+    # The prior with b = 0 is not balanced against the same flow: the residual is the tilt's per-step log-ratio.
+    prior_terms = toy.transitions(trajectories, torch.zeros_like(step_shifts))
+    unbalanced = relative_detailed_balance_residual(
+        log_h[:, :-1], prior_terms.log_prob.double(), log_h[:, 1:], prior_terms.prior_log_prob.double()
+    )
+    assert unbalanced.abs().mean().item() > 0.1
+
+
+def test_relative_trajectory_balance_residual_at_the_conditional_tilt_is_minus_log_h_of_the_start(toy):
+    step_shifts = toy.conditional_tilt_step_shifts(BETA).float()
+    trajectories = toy.sample(20_000, step_shifts, torch.Generator().manual_seed(10))
+    terms = toy.transitions(trajectories, step_shifts)
+    rewards = toy.reward(trajectories[:, -1])
+    residual = relative_trajectory_balance_residual(
+        torch.zeros(()), terms.log_prob, terms.prior_log_prob, rewards, BETA
+    ).double()
+    log_h_start = toy.log_conditional_partition(trajectories, BETA)[:, 0]
+    torch.testing.assert_close(residual, -log_h_start, rtol=0, atol=1e-3)  # float32 log-densities of 10 steps
+    # So RTB's loss cannot fall below Var log h(x_T) = beta^2 A^2 |w|^2 with a start-independent log Z.
+    floor = BETA**2 * toy.start_coefficient**2 * (toy.reward_weights**2).sum()
+    assert_within_standard_errors(residual.var(), floor, floor * math.sqrt(2 / (len(residual) - 1)))
 
 
 def test_kl_regularised_value_peaks_at_the_conditional_tilt_with_value_mean_log_h(toy):

@@ -249,6 +249,26 @@ class GaussianToy:
         step_kls = self.noise_scale**2 * (shifts**2).sum(-1) / (2 * self.step_std**2)
         return beta * self.mean_reward(self.sample_mean_shift(shifts)) - step_kls.sum()
 
+    def log_conditional_partition(self, trajectories: torch.Tensor, beta: float) -> torch.Tensor:
+        r""":math:`\log h_n(z_n) = \log \mathbb E_p[e^{\beta R(z_N)} \mid z_n]` at every state of ``trajectories``
+        ``(B, N + 1, d)``, float64 ``(B, N + 1)``: from :math:`z_n` the prior's sample is
+        :math:`T_n z_n + \sum_{m \ge n} T_{m+1} c_m + \sum_{m \ge n} B_m \xi_m` (:math:`T_n = \prod_{m \ge n} a_m`), so
+
+        .. math::
+            \log h_n(z) = \beta\, w \cdot \Big(T_n z + \sum_{m \ge n} T_{m+1} c_m\Big)
+                + \frac{\beta^2 \lVert w \rVert^2}{2} \sum_{m \ge n} B_m^2,
+
+        and :math:`\log h_N = \beta R`. It is the flow :math:`F_n` at which relative detailed balance holds, and
+        :math:`\log h_0(x_T)` is the start's log-normaliser of the conditional tilt.
+        """
+        zero = torch.zeros(1, dtype=torch.float64)
+        scale_to_go = torch.cat([self.step_scale * self.later_scale, zero + 1])
+        offsets = (self.later_scale[:, None] * self.step_offset).flip(0).cumsum(0).flip(0)
+        offset_to_go = torch.cat([offsets, torch.zeros(1, self.dim, dtype=torch.float64)]) @ self.reward_weights
+        variance_to_go = torch.cat([(self.noise_coefficients**2).flip(0).cumsum(0).flip(0), zero])
+        reward_to_go = scale_to_go * (trajectories.double() @ self.reward_weights) + offset_to_go
+        return beta * reward_to_go + beta**2 * (self.reward_weights @ self.reward_weights) * variance_to_go / 2
+
     # The trainer's step on the toy (float32, as the trainer computes it).
 
     def reward(self, samples: torch.Tensor) -> torch.Tensor:
