@@ -77,14 +77,24 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 
 
 def gaussian_step_kl(mean: torch.Tensor, prior_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    r"""Closed-form KL divergence between two Gaussian steps of the same variance, per sample, in nats:
-    :math:`\mathrm{KL}(\mathcal N(\mu, \sigma^2 I) \,\|\, \mathcal N(\mu_p, \sigma^2 I)) = \sum_i (\mu_i -
-    \mu_{p,i})^2 / (2\sigma^2)`, summed over every non-batch dimension (it is a true KL only summed). ``std``
-    broadcasts against ``mean`` (per sample ``(B, 1, ..., 1)``, or shared). Differentiable through both means."""
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    r"""Closed-form KL divergence of one step from the prior's step, two Gaussians with the same variance:
+
+    .. math::
+        k = \mathrm{KL}\big(\mathcal N(\mu, \sigma^2 I) \,\|\, \mathcal N(\mu_p, \sigma^2 I)\big)
+          = \frac{\lVert \mu - \mu_p \rVert^2}{2\sigma^2},
+
+    the squared norm summed over every dimension but the first (the true, summed log-density's KL; it equals
+    :math:`\mathbb E_\pi[\log \pi - \log p \mid x_t]` exactly). Differentiable in both means, so its gradient
+    through the policy's mean at a visited state is the pathwise pull back to the prior of DPOK (Fan et al., 2023,
+    arXiv 2305.16381) and Uehara et al. (2024, arXiv 2402.15194). ``std`` is a scalar, per row ``(B,)``, or shaped
+    to broadcast like :attr:`dag_trl.samplers.GaussianStepOutput.std`. Returns ``(B,)``.
+    """
+    # At least float32 (a bf16 prediction's mean is upcast), float64 kept.
+    dtype = torch.promote_types(torch.promote_types(mean.dtype, prior_mean.dtype), torch.float32)
+    std = torch.as_tensor(std, device=mean.device).to(dtype)
     if std.ndim == 1:
         std = _per_sample(std, mean)
-    return reduce_over_sample((mean.float() - prior_mean.float()) ** 2 / (2 * std**2), "sum")
+    return reduce_over_sample((mean.to(dtype) - prior_mean.to(dtype)) ** 2 / (2 * std**2), "sum")
 
 
 def _check_eta(eta: float) -> None:

@@ -8,4 +8,7 @@
 * :mod:`dag_trl.testing.images`: deterministic test images.
 * :mod:`dag_trl.testing.reference_loop`: the straightforward DAG training window, the oracle the trainer's optimised
   loop is tested and benchmarked against.
+* :mod:`dag_trl.testing.gaussian_toy`: an all-Gaussian diffusion (exact noise predictor, the trainer's DDIM-eta step,
+  linear reward) whose marginal and conditional reward tilts are closed form, to check what the tilted-target
+  objectives converge to (``python -m dag_trl.testing.gaussian_toy`` prints the measured numbers).
 """

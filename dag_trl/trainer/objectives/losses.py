@@ -1,14 +1,18 @@
 r"""The losses of the objectives as small pure functions (formula in each docstring).
 
 Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633) for the detailed-balance
-and KL terms; Schulman et al. (2017) for the clipped surrogate; Kool et al. (2019) for leave-one-out baselines.
+and KL terms; Schulman et al. (2017) for the clipped surrogate; Kool et al. (2019) for leave-one-out baselines;
+Fan et al. (2023, DPOK) and Uehara et al. (2024) for the KL-regularised policy gradient with per-step KL terms;
+Venkatraman et al. (2024) for the prior-relative balance that relative detailed balance applies per transition.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 
-from ...samplers.ddim import reduce_over_sample
+from ...samplers.ddim import _per_sample, reduce_over_sample
 
 
 def reward_exponent(epoch: int, num_epochs: int, reward_exp: float, anneal: str = "linear") -> float:
@@ -79,27 +83,49 @@ def proximal_regulariser(noise_pred: torch.Tensor, sampled_noise_pred: torch.Ten
 
 
 def kl_regularised_returns(rewards: torch.Tensor, step_kls: torch.Tensor, beta: float) -> torch.Tensor:
-    r"""The KL-regularised return of each transition after it:
-    :math:`G_n = \beta R(x_0) - \sum_{m > n} k_m`, with ``rewards`` ``(B,)`` and the per-step KLs ``step_kls``
-    ``(B, N)`` in sampling order; returns ``(B, N)``. Only strictly later steps count: the KL of step ``n`` itself
-    enters the gradient through its pathwise term (Fan et al., 2023, DPOK, arXiv 2305.16381; Uehara et al., 2024,
-    arXiv 2402.15194)."""
-    later = step_kls.flip(1).cumsum(1).flip(1) - step_kls
-    return beta * rewards.unsqueeze(1) - later
+    r"""The return of each transition of the KL-regularised objective
+    :math:`J = \mathbb E_\pi[\beta R(z_N) - \sum_n k_n(z_n)]`:
+
+    .. math::
+        G_n = \beta R(z_N) - \sum_{m > n} k_m(z_m),
+
+    with transitions in sampling order (``z_0`` the start, ``z_N`` the sample), ``rewards`` ``(B,)``, ``step_kls``
+    ``(B, N)`` (:func:`~dag_trl.samplers.ddim.gaussian_step_kl`). Only strictly later steps count: the action of step ``n`` (its
+    :math:`z_{n+1}`) changes the later states' KLs but not :math:`k_n`, whose own gradient is pathwise; summing
+    :math:`m \ge n` is unbiased but noisier, dropping :math:`m = n + 1` is biased (DPOK: Fan et al., 2023, arXiv
+    2305.16381; Uehara et al., 2024, arXiv 2402.15194). Returns ``(B, N)``.
+    """
+    if rewards.ndim != 1 or step_kls.ndim != 2 or step_kls.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"kl_regularised_returns needs rewards of shape (B,) and step_kls of shape (B, N); got "
+            f"{tuple(rewards.shape)} and {tuple(step_kls.shape)}."
+        )
+    kl_to_go = step_kls.flip(1).cumsum(1).flip(1) - step_kls
+    return beta * rewards.unsqueeze(1) - kl_to_go
 
 
-def leave_one_out_baseline(values: torch.Tensor, groups: list) -> torch.Tensor:
-    r"""Per-group leave-one-out mean (Kool et al., 2019): row ``i``'s baseline is
-    :math:`b_i = \frac{1}{|g_i| - 1} \sum_{j \in g_i, j \ne i} v_j` over the other rows of its group, ``0`` for a row
-    alone in its group. It depends only on other, independent rows, so subtracting it leaves a score-function
-    gradient unbiased. ``values`` ``(B, ...)``; ``groups`` one hashable key per row (e.g. the prompt)."""
-    baseline = torch.zeros_like(values)
-    for group in set(groups):
-        rows = torch.tensor([i for i, g in enumerate(groups) if g == group], device=values.device)
-        if len(rows) > 1:
-            members = values[rows]
-            baseline[rows] = (members.sum(0, keepdim=True) - members) / (len(rows) - 1)
-    return baseline
+def leave_one_out_baseline(values: torch.Tensor, groups: Sequence[Hashable]) -> torch.Tensor:
+    r"""Each row's baseline: the mean of the other rows of its group (Kool et al., 2019, "Buy 4 REINFORCE samples,
+    get a baseline for free"),
+
+    .. math::
+        b_i = \frac{1}{K_g - 1} \sum_{j \in g,\, j \ne i} v_j \qquad (K_g \text{ rows in row } i\text{'s group } g),
+
+    and 0 for a row alone in its group. It depends only on other, independent trajectories, so subtracting it keeps
+    a score-function gradient unbiased; unlike :func:`leave_one_out_advantages` nothing is standardised or clipped,
+    which would reweight the score term against a pathwise one and move the optimum. ``values`` is ``(B, ...)``,
+    ``groups`` one key per row (a prompt, say). Returns the shape of ``values``.
+    """
+    if len(groups) != values.shape[0]:
+        raise ValueError(
+            f"leave_one_out_baseline needs one group key per row: got {len(groups)} keys for {values.shape[0]} rows."
+        )
+    index_of = {}
+    group_index = torch.tensor([index_of.setdefault(key, len(index_of)) for key in groups], device=values.device)
+    sums = values.new_zeros((len(index_of),) + values.shape[1:]).index_add_(0, group_index, values)
+    counts = torch.bincount(group_index, minlength=len(index_of))[group_index]
+    others = _per_sample((counts - 1).to(values.dtype), values)
+    return torch.where(others > 0, (sums[group_index] - values) / others.clamp(min=1), torch.zeros_like(values))
 
 
 def relative_detailed_balance_residual(
@@ -108,10 +134,15 @@ def relative_detailed_balance_residual(
     next_log_flow: torch.Tensor,
     prior_log_prob: torch.Tensor,
 ) -> torch.Tensor:
-    r"""Detailed balance of a transition :math:`x_t \to x_s` against the pretrained model's own step instead of the
-    noising kernel: :math:`\delta = \log F(x_t) + \log P_F^\theta(x_s \mid x_t) - \log F(x_s) - \log
-    P_F^{\text{prior}}(x_s \mid x_t)`, :math:`\log F(x_0) = \beta R(x_0)`. At zero loss on every transition the
-    products telescope to :math:`P_F^\theta(\tau \mid x_T) = P_F^{\text{prior}}(\tau \mid x_T)\, e^{\beta R(x_0)} /
-    F(x_T)`: the prior tilted by the reward given the start (relative trajectory balance, Venkatraman et al., 2024,
-    arXiv 2405.20971, made local as DAG makes trajectory balance local, Zhang et al., 2024, arXiv 2406.00633)."""
+    r"""Relative detailed-balance residual of a transition :math:`z_n \to z_{n+1}`: DAG's detailed balance (Zhang et
+    al., 2024, arXiv 2406.00633) with the prior's forward kernel in place of the backward kernel, the per-transition
+    form of relative trajectory balance (Venkatraman et al., 2024, arXiv 2405.20971):
+
+    .. math::
+        \delta = \log F(z_n) + \log \pi(z_{n+1} \mid z_n) - \log F(z_{n+1}) - \log p(z_{n+1} \mid z_n),
+
+    with :math:`\log F(z_N) = \beta R(z_N)` at the sample. The loss is :math:`\delta^2`; at zero loss the
+    residuals telescope to :math:`\pi(\tau \mid z_0) = p(\tau \mid z_0) e^{\beta R(z_N)} / F(z_0)`, the prior
+    tilted given its start, with :math:`F(z_0) = \mathbb E_p[e^{\beta R} \mid z_0]`. All terms ``(B,)``.
+    """
     return log_flow + log_prob_forward - next_log_flow - prior_log_prob
