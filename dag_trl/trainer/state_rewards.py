@@ -95,7 +95,6 @@ class StateRewardCache:
                     1.0,
                     unet=trainer.unet,
                 )
-            trainer.counters.unet_forward_no_grad += len(part)
             predictions.update(zip(part, conditional))
         self._add_from_predictions(states, predictions)
 

@@ -304,6 +304,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             self.prepared_models = (self.unet,)
         self.unwrapped_objective_model = objective_model
         self.counters = WorkCounters()
+        # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
+        # state-reward cache, evaluation, the reference loop).
+        sd_pipeline.unet.register_forward_hook(self._count_denoiser_forward)
         if objective_model is not None:
             objective_model.register_forward_hook(self._count_objective_model_forward)
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
@@ -339,6 +342,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             weight_decay=config.train_adam_weight_decay,
             eps=config.train_adam_epsilon,
         )
+
+    def _count_denoiser_forward(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
+        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
+        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
+        if torch.is_grad_enabled():
+            self.counters.unet_forward_grad += rows
+        else:
+            self.counters.unet_forward_no_grad += rows
 
     def _count_objective_model_forward(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.counters.flow_forwards += output.shape[0]
@@ -665,7 +677,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     window["prompt_embeds"][rows],
                     window["latents"][rows, step + 1],
                 )
-                self.counters.unet_forward_no_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         return result
 
     def transition_batch(
@@ -689,7 +700,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         prompt_embeds = window["prompt_embeds"][rows_d]
 
         guided, conditional, log_probs = self._policy(latents, timesteps, prompt_embeds, next_latents)
-        self.counters.unet_forward_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         final_rewards = window["rewards"][rows_d].float()
         reward_now = reward_next = None
         if state_rewards is not None:
