@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..io.hub import callable_name
+from ..utils import callable_name
 from .base import RewardCallable, RewardFunction, RewardOutput
 
 
