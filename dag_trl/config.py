@@ -385,7 +385,7 @@ class GFlowNetConfig:
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
-            pretrained model), or another name registered in `dag_trl.trainer.objectives.OBJECTIVES`. `None` picks by `train_klpf`: DAG-KL when it is
+            pretrained model), or another name registered with `dag_trl.objectives.register_objective`. `None` picks by `train_klpf`: DAG-KL when it is
             positive, else DAG-DB.
         train_klpf (`float`, *optional*, defaults to `-1.0`):
             `<= 0`: DAG-DB (the UNet is trained through the detailed-balance loss). `> 0`: DAG-KL, the weight of the
@@ -619,7 +619,7 @@ class GFlowNetConfig:
             )
 
     def _validate_objective(self) -> None:
-        from .trainer.objectives import get_objective_class
+        from .objectives import get_objective_class
 
         objective = get_objective_class(self.objective_name)
         objective.validate_config(self)

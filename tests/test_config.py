@@ -11,7 +11,7 @@ from transformers import HfArgumentParser
 
 from dag_trl import GFlowNetConfig
 from dag_trl.config import FIELD_RULES
-from dag_trl.trainer.objectives.losses import reward_exponent
+from dag_trl.objectives.losses import reward_exponent
 
 DDPO_FIELDS = [
     "sample_num_steps", "sample_eta", "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch",

@@ -12,8 +12,8 @@ from conftest import tiny_config
 
 from dag_trl import GFlowNetDiffusionTrainer, PromptEmbeddings
 from dag_trl.models.pipeline import GFlowNetStableDiffusionPipeline
+from dag_trl.objectives import OBJECTIVES, Objective, TransitionBatch
 from dag_trl.samplers.ddim import ddim_step_with_logprob, original_sample_and_noise
-from dag_trl.trainer.objectives import OBJECTIVES, Objective, TransitionBatch
 
 PIXELS = 4  # the toy family denoises 3 x 4 x 4 images directly: no VAE, no text encoder
 EMBEDDING_DIM = 6

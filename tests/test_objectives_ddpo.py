@@ -9,9 +9,9 @@ import torch
 from conftest import PROMPTS, brightness, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl.objectives.ddpo import PerPromptStatTracker
 from dag_trl.prompts import PromptList
 from dag_trl.samplers.ddim import ddim_step_with_logprob
-from dag_trl.trainer.objectives.ddpo import PerPromptStatTracker
 
 
 def test_per_prompt_stat_tracking_by_hand():

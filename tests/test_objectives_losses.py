@@ -1,9 +1,9 @@
-"""Closed-form checks of the objectives' pure loss functions in ``dag_trl.trainer.objectives.losses``."""
+"""Closed-form checks of the objectives' pure loss functions in ``dag_trl.objectives.losses``."""
 
 import pytest
 import torch
 
-from dag_trl.trainer.objectives.losses import (
+from dag_trl.objectives.losses import (
     detailed_balance_residual,
     forward_looking_log_flow,
     leave_one_out_advantages,

@@ -7,9 +7,9 @@ import torch
 from conftest import PROMPTS, brightness, record_logs, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl.objectives.losses import reward_exponent
 from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
-from dag_trl.trainer.objectives.losses import reward_exponent
 from dag_trl.trainer.state_rewards import StateRewardCache
 from dag_trl.trainer.trainer import take_rows
 
@@ -484,8 +484,8 @@ def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is
 
 
 def test_deepspeed_in_fp16_refuses_summed_log_flows_but_not_bf16_mean_ones_or_rtb(tmp_path):
+    from dag_trl.objectives import get_objective_class
     from dag_trl.trainer.distributed import check_deepspeed_precision
-    from dag_trl.trainer.objectives import get_objective_class
 
     summed = tiny_config(tmp_path, mixed_precision="fp16", train_log_prob_reduction="sum")
     with pytest.raises(

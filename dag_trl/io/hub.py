@@ -142,7 +142,7 @@ def create_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..trainer.objectives import OBJECTIVES, get_objective_class
+    from ..objectives import OBJECTIVES, get_objective_class
 
     objective = get_objective_class(config.objective_name)
     algorithm = objective.display_name

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ..trainer import WorkCounters
-from ..trainer.objectives.losses import (
+from ..objectives.losses import (
     detailed_balance_residual,
     forward_looking_log_flow,
     leave_one_out_advantages,
     ppo_clipped_loss,
     proximal_regulariser,
 )
+from ..trainer import WorkCounters
 
 
 def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, epoch):

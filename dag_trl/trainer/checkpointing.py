@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import GFlowNetConfig
+from ..objectives import get_objective_class
 from .divergence import refuse_non_finite_weights
-from .objectives import get_objective_class
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
-    from .objectives import Objective
+    from ..objectives import Objective
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ..config import GFlowNetConfig
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
-    from .objectives import Objective
+    from ..objectives import Objective
 
 
 class SamplingMixin:

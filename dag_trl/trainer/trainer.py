@@ -4,7 +4,7 @@ DDPO), shaped like TRL's ``DDPOTrainer``.
 Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633). One epoch samples
 trajectories with the current policy, scores their final images, then trains the denoiser (through its LoRA) and the
 objective's own model (DAG's flow network) on every kept transition. The trainer orchestrates: the loss is the
-objective's (:mod:`dag_trl.trainer.objectives`), everything model-family specific is the pipeline's
+objective's (:mod:`dag_trl.objectives`), everything model-family specific is the pipeline's
 (:mod:`dag_trl.models`), and the math of both is small pure functions.
 
 How a training window (one optimiser step; the weights are fixed inside it) avoids the reference's repeated work,
@@ -43,6 +43,8 @@ from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
 from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+from ..objectives import TransitionBatch, get_objective_class
+from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
 from ..utils import callable_name
@@ -51,8 +53,6 @@ from .distributed import TrainableModules, check_deepspeed_precision, configure_
 from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
 from .evaluating import EvaluationHook, EvaluationMixin
 from .inputs import check_reward_scale, validate_reward_output
-from .objectives import TransitionBatch, get_objective_class
-from .objectives.losses import reward_exponent
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache

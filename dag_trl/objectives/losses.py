@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...samplers.ddim import reduce_over_sample
+from ..samplers.ddim import reduce_over_sample
 
 
 def reward_exponent(epoch: int, num_epochs: int, reward_exp: float, anneal: str = "linear") -> float:
