@@ -145,7 +145,9 @@ def test_ddim_step_is_the_written_out_abar_step_bit_for_bit(prediction_type, eta
         )
         expected = ddim_step_written_out(scheduler, output, timestep, sample, eta, prev, noise, reduction)
         assert type(out) is GaussianStepOutput and DDIMStepOutput is GaussianStepOutput  # one step output type
-        for name, value in zip(("latents", "log_probs", "backward_log_probs", "pred_original_sample"), expected):
+        for name, value in zip(
+            ("latents", "log_probs", "backward_log_probs", "pred_original_sample"), expected, strict=True
+        ):
             assert torch.equal(getattr(out, name), value), (int(timestep), name)
 
 

@@ -268,7 +268,7 @@ def test_flow_conversion_is_the_rectified_flow_identity_and_vp_conversions_match
     for prediction_type in ("epsilon", "v_prediction", "sample"):
         ours = x0_and_eps_from_prediction(v, x_t, *vp_alpha_sigma(abar), prediction_type)
         theirs = original_sample_and_noise(v, x_t, abar, prediction_type)
-        for a, b in zip(ours, theirs):
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prediction_type='flow' is not supported"):
         x0_and_eps_from_prediction(v, x_t, 0.5, 0.5, "flow")

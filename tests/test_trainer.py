@@ -322,13 +322,13 @@ def test_optimised_window_equals_the_straightforward_loop(tmp_path, tiny_sd_path
         optimised.train_window(window, kept, beta=10.0, epoch=0)
         reference_train_window(reference, window, kept, beta=10.0, epoch=0, counters=reference_counters)
 
-    for ours, theirs in zip(optimised_grads, reference_grads):
-        for a, b in zip(ours, theirs):
+    for ours, theirs in zip(optimised_grads, reference_grads, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters()):
+    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), (_, b) in zip(
-        optimised.objective_model.named_parameters(), reference.objective_model.named_parameters()
+        optimised.objective_model.named_parameters(), reference.objective_model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -364,7 +364,7 @@ def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
     assert {p.dtype for p in trainer.unwrapped_objective_model.parameters()} == {torch.float32}
     lora_before = [p.detach().clone() for p in pipeline.get_trainable_layers()]
     trainer.train()
-    assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers()))
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers(), strict=True))
     step_metrics = [values for _, values in logged if "loss_total" in values]
     assert step_metrics and all(math.isfinite(v) for values in step_metrics for v in values.values())
 
@@ -393,7 +393,7 @@ def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_sa
     trainer.train_window(window, kept, beta=1.0, epoch=0)
     assert trainer.accelerator.sync_gradients  # the window's last backward pass closed the cycle...
     assert all(
-        not torch.equal(a, b) for a, b in zip(before, trainer.objective_model.parameters())
+        not torch.equal(a, b) for a, b in zip(before, trainer.objective_model.parameters(), strict=True)
     )  # ...and the step ran
     with pytest.raises(ValueError, match=r"got 1 batches x 4 kept timesteps = 4 backward passes; the config "
                                          r"accumulates 8 per optimiser step"):  # fmt: skip

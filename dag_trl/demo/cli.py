@@ -418,7 +418,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     if main:
         os.makedirs(script_args.output_dir, exist_ok=True)
         for name, result in (("before", before), ("after", after)):
-            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist())]
+            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist(), strict=True)]
             captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(
                 os.path.join(script_args.output_dir, f"{name}.png")
             )

@@ -101,7 +101,7 @@ def validate_rewards(
             f"{name} returned shape {shape} at epoch {epoch} for {count} prompts: expected ({count},), one reward per "
             "image."
         )
-    problems = [(prompt, score_problem(value)) for prompt, value in zip(prompts, scalars)]
+    problems = [(prompt, score_problem(value)) for prompt, value in zip(prompts, scalars, strict=True)]
     non_finite = [prompt for prompt, problem in problems if problem in ("NaN", "inf", "-inf")]
     if non_finite:
         raise ValueError(

@@ -122,7 +122,7 @@ class SamplingMixin:
                 }
             )
             prompt_image_data.append([output.images, prompts, metadata])
-        for batch, data, result in zip(batches, prompt_image_data, pending):
+        for batch, data, result in zip(batches, prompt_image_data, pending, strict=True):
             rewards, info = result.result() if isinstance(result, futures.Future) else result
             batch["rewards"] = rewards
             data.extend([rewards, info])

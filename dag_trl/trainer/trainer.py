@@ -609,7 +609,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 parameter.grad = torch.zeros_like(parameter)
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), reduction="mean")
-            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
                 parameter.grad.copy_(grad.view_as(parameter))
         name = f"grad_norm_{self.objective.model_folder}"
         norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.train_max_grad_norm))
@@ -703,7 +703,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         final_rewards = window["rewards"][rows_d].float()
         reward_now = reward_next = None
         if state_rewards is not None:
-            states = list(zip(rows.tolist(), steps.tolist()))
+            states = list(zip(rows.tolist(), steps.tolist(), strict=True))
             # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
             state_rewards.add_from_outputs(states, latents, timesteps, conditional)
             reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)
