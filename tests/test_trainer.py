@@ -1,7 +1,9 @@
 """GFlowNetDiffusionTrainer on the tiny offline pipeline: losses on known numbers, training runs, bad input."""
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, brightness, record_logs, tiny_config
@@ -188,8 +190,19 @@ def test_brightness_reward_rises_under_a_fixed_seed(tmp_path, tiny_sd_path):
 def test_every_process_and_epoch_gets_its_own_seed():
     seeds = {derive_seed(0, process, epoch, 0) for process in range(4) for epoch in range(3)}
     assert len(seeds) == 12
-    assert derive_seed(7, 1, 2, 0) == derive_seed(7, 1, 2, 0)
-    assert derive_seed(7, 1, 2, 0) != derive_seed(8, 1, 2, 0)
+    seed = derive_seed(7, 1, 2, 0)
+    assert isinstance(seed, int) and 0 <= seed < 2**32  # what torch.Generator.manual_seed and numpy take
+    # Each argument changes it...
+    assert (
+        len({seed, derive_seed(8, 1, 2, 0), derive_seed(7, 2, 2, 0), derive_seed(7, 1, 3, 0), derive_seed(7, 1, 2, 1)})
+        == 5
+    )
+    # ...and nothing else does: not the global random states, which a resumed run does not restore.
+    for global_seed in (1, 2):
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        torch.manual_seed(global_seed)
+        assert derive_seed(7, 1, 2, 0) == seed
 
 
 @pytest.mark.integration
