@@ -432,7 +432,7 @@ class TrainingState:
 
     def restore(self, trainer: GFlowNetDiffusionTrainer) -> None:
         with torch.no_grad():
-            for parameter, saved in zip(self._trainable(trainer), self.parameters):
+            for parameter, saved in zip(self._trainable(trainer), self.parameters, strict=True):
                 parameter.copy_(saved)
         trainer.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         trainer.optimizer.zero_grad(set_to_none=True)

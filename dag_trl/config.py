@@ -19,6 +19,16 @@ TRANSITION_ORDERS = ("by_timestep", "random")
 ACCELERATOR_ARGUMENTS_SET_BY_TRAINER = frozenset(
     {"log_with", "mixed_precision", "project_config", "gradient_accumulation_steps", "gradient_accumulation_plugin"}
 )
+# accelerate's ProjectConfiguration arguments, with what each accepts (TRL's DDPO passed them all through);
+# the trainer applies some itself (trainer/checkpointing.py).
+PROJECT_KWARGS = {
+    "project_dir": "a folder path",
+    "logging_dir": "a folder path",
+    "automatic_checkpoint_naming": "True or False",
+    "total_limit": "an integer >= 1, or None to keep every checkpoint",
+    "iteration": "an integer >= 0",
+    "save_on_each_node": "True or False",
+}
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
 
 
@@ -93,6 +103,35 @@ _BOOL: FieldRule = (lambda v: isinstance(v, bool), "True or False")
 
 def _dict(of_what: str) -> FieldRule:
     return (lambda v: isinstance(v, dict)), f"a dict of {of_what}"
+
+
+def validate_project_kwargs(project_kwargs: Any) -> None:
+    """Raise ``ValueError`` naming the key for ``GFlowNetConfig.project_kwargs`` that accelerate's
+    ``ProjectConfiguration`` would refuse or the trainer cannot honour."""
+    if not isinstance(project_kwargs, dict):
+        raise ValueError(
+            f"GFlowNetConfig.project_kwargs={project_kwargs!r} is invalid: expected a dict of "
+            f"ProjectConfiguration arguments ({', '.join(PROJECT_KWARGS)})."
+        )
+    unknown = sorted(set(project_kwargs) - set(PROJECT_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"GFlowNetConfig.project_kwargs has unknown keys {unknown}: accelerate's ProjectConfiguration accepts "
+            f"{', '.join(PROJECT_KWARGS)}."
+        )
+    for name, value in project_kwargs.items():
+        if name in ("project_dir", "logging_dir"):
+            valid = value is None or isinstance(value, (str, os.PathLike))
+        elif name in ("automatic_checkpoint_naming", "save_on_each_node"):
+            valid = isinstance(value, bool)
+        elif name == "total_limit":
+            valid = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not valid:
+            raise ValueError(
+                f"GFlowNetConfig.project_kwargs[{name!r}]={value!r} is invalid: expected {PROJECT_KWARGS[name]}."
+            )
 
 
 # The type and range of every field of GFlowNetConfig, checked first on construction so that the cross-field checks
@@ -347,7 +386,8 @@ class GFlowNetConfig:
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
             pretrained model), `"kl_pg"` (KL-regularised policy gradient with the closed-form per-step KL to the
-            pretrained model), `"rdb"` (DAG's detailed balance against the pretrained model's step), or another name registered in `dag_trl.trainer.objectives.OBJECTIVES`. `None` picks by `train_klpf`: DAG-KL when it is
+            pretrained model), `"rdb"` (DAG's detailed balance against the pretrained model's step), or another name
+            registered with `dag_trl.objectives.register_objective`. `None` picks by `train_klpf`: DAG-KL when it is
             positive, else DAG-DB.
         train_klpf (`float`, *optional*, defaults to `-1.0`):
             `<= 0`: DAG-DB (the UNet is trained through the detailed-balance loss). `> 0`: DAG-KL, the weight of the
@@ -548,8 +588,6 @@ class GFlowNetConfig:
                 reject(name, f"a valid Hub repository id with push_to_hub=True ({error})")
         if any(c % self.flow_attention_heads for c in self.flow_block_out_channels[:-1]):
             reject("flow_block_out_channels", f"widths divisible by flow_attention_heads={self.flow_attention_heads}")
-        from .trainer.checkpointing import validate_project_kwargs
-
         validate_project_kwargs(self.project_kwargs)
         reserved = sorted(set(self.accelerator_kwargs) & ACCELERATOR_ARGUMENTS_SET_BY_TRAINER)
         if reserved:
@@ -583,7 +621,7 @@ class GFlowNetConfig:
             )
 
     def _validate_objective(self) -> None:
-        from .trainer.objectives import get_objective_class
+        from .objectives import get_objective_class
 
         objective = get_objective_class(self.objective_name)
         objective.validate_config(self)

@@ -22,7 +22,7 @@ def reward_statistics(rewards: torch.Tensor) -> dict[str, float]:
     rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
     statistics = {"mean": rewards.mean().item(), "std": rewards.std().item() if rewards.numel() > 1 else 0.0}
     values = torch.quantile(rewards, torch.tensor(QUANTILES, dtype=torch.float64))
-    statistics.update({f"q{round(q * 100):02d}": value.item() for q, value in zip(QUANTILES, values)})
+    statistics.update({f"q{round(q * 100):02d}": value.item() for q, value in zip(QUANTILES, values, strict=True)})
     return statistics
 
 

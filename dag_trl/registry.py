@@ -8,13 +8,28 @@ their arguments, keeps each name's keyword arguments exactly those of its class.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, Generic, TypeVar, overload
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "register_unique"]
 
 T = TypeVar("T")
 Factory = TypeVar("Factory", bound=Callable[..., Any])
+
+
+def register_unique(mapping: MutableMapping[str, T], kind: str, name: str, value: T) -> T:
+    """Add ``value`` to ``mapping`` under ``name`` and return it: the one rule of every registration in dag_trl.
+
+    Registering the same value twice under one name is allowed (a module imported again); another value under a
+    taken name raises ``ValueError``, so that a plug-in cannot silently replace a built-in.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {kind} name must be a non-empty string; got {name!r}")
+    registered = mapping.get(name)
+    if registered is not None and registered is not value:
+        raise ValueError(f"{kind} {name!r} is already registered to {registered!r}; choose another name")
+    mapping[name] = value
+    return value
 
 
 class Registry(Generic[T]):
@@ -37,21 +52,14 @@ class Registry(Generic[T]):
     def register(self, name: str, factory: Factory | None = None) -> Factory | Callable[[Factory], Factory]:
         """Register ``factory`` (a class or a function) under ``name`` and return it unchanged.
 
-        Without ``factory``, returns a decorator that registers what it decorates. Registering the same factory
-        twice under one name is allowed (a module imported again); another factory under a taken name raises
-        ``ValueError``, so that a plug-in cannot silently replace a built-in.
+        Without ``factory``, returns a decorator that registers what it decorates. A name is taken once
+        (:func:`register_unique`).
         """
         if factory is None:
             return lambda decorated: self.register(name, decorated)
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} name must be a non-empty string; got {name!r}")
         if not callable(factory):
             raise TypeError(f"the factory of {self.kind} {name!r} must be callable; got {factory!r}")
-        registered = self._factories.get(name)
-        if registered is not None and registered is not factory:
-            raise ValueError(f"{self.kind} {name!r} is already registered to {registered!r}; choose another name")
-        self._factories[name] = factory
-        return factory
+        return register_unique(self._factories, self.kind, name, factory)
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

@@ -11,7 +11,7 @@ from transformers import HfArgumentParser
 
 from dag_trl import GFlowNetConfig
 from dag_trl.config import FIELD_RULES
-from dag_trl.trainer.objectives.losses import reward_exponent
+from dag_trl.objectives.losses import reward_exponent
 
 DDPO_FIELDS = [
     "sample_num_steps", "sample_eta", "sample_guidance_scale", "sample_batch_size", "sample_num_batches_per_epoch",
@@ -134,8 +134,86 @@ def test_train_objective_defaults_to_the_train_klpf_rule():
 
 
 def test_every_field_has_a_type_and_range_rule():
-    assert list(FIELD_RULES) == [f.name for f in dataclasses.fields(GFlowNetConfig)]
+    assert list(FIELD_RULES) == list(ACCEPTED) == [f.name for f in dataclasses.fields(GFlowNetConfig)]
 
+
+# What each field accepts, as its error message says it: written out here, not read from the config's own table.
+BOOL = "True or False"
+AT_LEAST_ONE = "an integer >= 1"
+POSITIVE = "a finite number > 0"
+NON_NEGATIVE = "a finite number >= 0"
+NON_EMPTY = "a non-empty string"
+SEED = "an integer in [0, 18446744073709551615]"  # 2**64 - 1, the largest seed torch.manual_seed takes
+ACCEPTED = {
+    "exp_name": NON_EMPTY,
+    "run_name": "a string",
+    "seed": SEED,
+    "log_with": (
+        "one of None, 'wandb', 'tensorboard', 'trackio', 'comet_ml', 'mlflow', 'aim', 'clearml', 'dvclive', "
+        "'swanlab', 'all'"
+    ),
+    "tracker_kwargs": "a dict of tracker init arguments by tracker name",
+    "accelerator_kwargs": "a dict of Accelerator arguments",
+    "project_kwargs": "a dict of ProjectConfiguration arguments",
+    "tracker_project_name": NON_EMPTY,
+    "logdir": "a non-empty folder path (str or os.PathLike)",
+    "num_epochs": AT_LEAST_ONE,
+    "save_freq": AT_LEAST_ONE,
+    "num_checkpoint_limit": AT_LEAST_ONE,
+    "eval_freq": "an integer >= 0 (0: never)",
+    "eval_num_samples": AT_LEAST_ONE,
+    "eval_seed": SEED,
+    "mixed_precision": "one of 'no', 'fp16', 'bf16'",
+    "allow_tf32": BOOL,
+    "resume_from": "a folder path (str or os.PathLike)",
+    "push_to_hub": BOOL,
+    "hub_model_id": "a non-empty string, or None to push to exp_name in the user's namespace",
+    "negative_prompts": "a string",
+    "sample_num_steps": AT_LEAST_ONE,
+    "sample_eta": (
+        "a number in (0, 1] (with eta = 0 DDIM is deterministic and has no log-probability; above 1 its mean is "
+        "undefined at some steps)"
+    ),
+    "sample_guidance_scale": "a finite number",
+    "sample_batch_size": AT_LEAST_ONE,
+    "sample_num_batches_per_epoch": AT_LEAST_ONE,
+    "async_reward_computation": BOOL,
+    "max_workers": AT_LEAST_ONE,
+    "train_batch_size": AT_LEAST_ONE,
+    "train_use_8bit_adam": BOOL,
+    "train_learning_rate": POSITIVE,
+    "train_flow_learning_rate": "a finite number > 0, or None to use train_learning_rate",
+    "train_adam_beta1": "a number in [0, 1)",
+    "train_adam_beta2": "a number in [0, 1)",
+    "train_adam_weight_decay": NON_NEGATIVE,
+    "train_adam_epsilon": POSITIVE,
+    "train_gradient_accumulation_steps": AT_LEAST_ONE,
+    "train_max_grad_norm": POSITIVE,
+    "train_num_inner_epochs": AT_LEAST_ONE,
+    "train_cfg": BOOL,
+    "train_adv_clip_max": POSITIVE,
+    "train_clip_range": POSITIVE,
+    "train_timestep_fraction": "a number in (0, 1]",
+    "train_transition_order": "one of 'by_timestep', 'random'",
+    "train_reward_exp": NON_NEGATIVE,
+    "train_reward_exp_anneal": "one of 'linear', 'none'",
+    "train_unet_reg": NON_NEGATIVE,
+    "train_log_z_learning_rate": POSITIVE,
+    "train_log_z_estimate": "one of 'batch', 'learned'",
+    "train_objective": "a non-empty string, or None to pick by train_klpf",
+    "lora_min_timestep": "an integer >= 0",
+    "train_klpf": "a finite number (<= 0: DAG-DB, > 0: DAG-KL)",
+    "train_log_prob_reduction": "one of 'mean', 'sum'",
+    "train_gradient_checkpointing": BOOL,
+    "train_decode_batch_size": "an integer >= 1, or None to use train_batch_size",
+    "flow_block_out_channels": "a non-empty list of positive integers",
+    "flow_layers_per_block": AT_LEAST_ONE,
+    "flow_attention_heads": AT_LEAST_ONE,
+    "flow_time_embedding_dim": AT_LEAST_ONE,
+    "per_prompt_stat_tracking": BOOL,
+    "per_prompt_stat_tracking_buffer_size": AT_LEAST_ONE,
+    "per_prompt_stat_tracking_min_count": AT_LEAST_ONE,
+}
 
 # Values of the wrong type for each annotation: a string or bool for a number, a float or bool for an integer, and
 # so on; YAML's `flow_block_out_channels: 32` gives an int for the list.
@@ -163,7 +241,7 @@ WRONG_TYPE_CASES = [
 def test_a_value_of_the_wrong_type_names_the_field_and_what_is_accepted(name, value):
     with pytest.raises(ValueError) as caught:
         GFlowNetConfig(**{name: value})
-    assert str(caught.value) == f"GFlowNetConfig.{name}={value!r} is invalid: expected {FIELD_RULES[name][1]}."
+    assert str(caught.value) == f"GFlowNetConfig.{name}={value!r} is invalid: expected {ACCEPTED[name]}."
 
 
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(GFlowNetConfig) if f.type in ("float", "Optional[float]")]

@@ -70,7 +70,7 @@ def test_specs_cover_every_combination_and_keep_the_border_clear() -> None:
     assert {spec.prompt for spec in specs} == set(shapes.all_full_prompts())
     assert len(shapes.all_full_prompts()) == len(SHAPES) * len(COLOUR_NAMES) * (len(COLOUR_NAMES) - 1)
     dataset = ShapesDataset(200, seed=3)
-    for spec, image in zip(dataset.specs, dataset.images):
+    for spec, image in zip(dataset.specs, dataset.images, strict=True):
         border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
         assert (border == np.array(COLOURS[spec.background], dtype=np.uint8)).all()
 

@@ -12,8 +12,8 @@ from conftest import tiny_config
 
 from dag_trl import GFlowNetDiffusionTrainer, PromptEmbeddings
 from dag_trl.models.pipeline import GFlowNetStableDiffusionPipeline
+from dag_trl.objectives import OBJECTIVES, Objective, TransitionBatch
 from dag_trl.samplers.ddim import ddim_step_with_logprob, original_sample_and_noise
-from dag_trl.trainer.objectives import OBJECTIVES, Objective, TransitionBatch
 
 PIXELS = 4  # the toy family denoises 3 x 4 x 4 images directly: no VAE, no text encoder
 EMBEDDING_DIM = 6
@@ -175,7 +175,9 @@ def test_toy_objective_and_toy_family_train_with_the_objectives_gradient(tmp_pat
             total = total + reinforce_loss(window["rewards"][rows], step.log_probs) / config.backward_passes_per_step
     total.backward()
     beta1 = config.train_adam_beta1
-    for parameter, expected in zip(trainer.sd_pipeline.get_trainable_layers(), oracle.get_trainable_layers()):
+    for parameter, expected in zip(
+        trainer.sd_pipeline.get_trainable_layers(), oracle.get_trainable_layers(), strict=True
+    ):
         first_moment = trainer.optimizer.state[parameter]["exp_avg"] / (1 - beta1)
         torch.testing.assert_close(first_moment, expected.grad, rtol=1e-4, atol=1e-7)
 
@@ -192,7 +194,9 @@ def test_toy_family_checkpoints_and_resumes_through_its_own_save_format(tmp_path
     trainer.train()
     resumed = make_toy_trainer(tmp_path, num_epochs=2, save_freq=1, resume_from=checkpoint)
     resumed.train()
-    for a, b in zip(trainer.sd_pipeline.get_trainable_layers(), resumed.sd_pipeline.get_trainable_layers()):
+    for a, b in zip(
+        trainer.sd_pipeline.get_trainable_layers(), resumed.sd_pipeline.get_trainable_layers(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -41,7 +41,7 @@ def test_save_pretrained_round_trip(tmp_path):
     flow.save_pretrained(tmp_path)
     loaded = FlowNetwork.from_pretrained(tmp_path)
     assert loaded.config.block_out_channels == [8, 16, 16] and loaded.config.layers_per_block == 2
-    for (name, a), (_, b) in zip(flow.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(flow.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 from conftest import sd_ddim_scheduler
+from dag_trl.trainer.objectives.losses import relative_detailed_balance_residual
+from dag_trl.trainer.objectives.rtb import relative_trajectory_balance_residual
 
 from dag_trl.samplers import ddim_step_with_logprob
 from dag_trl.testing.gaussian_toy import (
@@ -20,8 +22,6 @@ from dag_trl.testing.gaussian_toy import (
     kl_regularised_surrogate,
     train_objective,
 )
-from dag_trl.trainer.objectives.losses import relative_detailed_balance_residual
-from dag_trl.trainer.objectives.rtb import relative_trajectory_balance_residual
 
 Z = 5.0
 BETA = 3.0

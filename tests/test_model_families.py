@@ -344,8 +344,9 @@ def test_optimised_window_equals_the_straightforward_loop_on_flow_families(tmp_p
         optimised.train_window(window, kept, beta=10.0, epoch=0)
         reference_train_window(reference, window, kept, beta=10.0, epoch=0, counters=WorkCounters())
     assert len(optimised_grads) == len(reference_grads) == 2
-    for ours, theirs in zip(optimised_grads, reference_grads):
-        for a, b in zip(ours, theirs):  # float32 round-off of other batch compositions: up to 3e-4 relative
+    for ours, theirs in zip(optimised_grads, reference_grads, strict=True):
+        # float32 round-off of other batch compositions: up to 3e-4 relative
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 

@@ -9,9 +9,9 @@ import torch
 from conftest import PROMPTS, brightness, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl.objectives.ddpo import PerPromptStatTracker
 from dag_trl.prompts import PromptList
 from dag_trl.samplers.ddim import ddim_step_with_logprob
-from dag_trl.trainer.objectives.ddpo import PerPromptStatTracker
 
 
 def test_per_prompt_stat_tracking_by_hand():
@@ -98,7 +98,7 @@ def test_ddpo_window_gradient_equals_the_straightforward_oracle(tmp_path, tiny_s
     total.backward()
     beta1 = config.train_adam_beta1
     for parameter, expected_parameter in zip(
-        trainer.sd_pipeline.get_trainable_layers(), oracle.get_trainable_layers()
+        trainer.sd_pipeline.get_trainable_layers(), oracle.get_trainable_layers(), strict=True
     ):
         # Round-off only: relative to the parameter's largest gradient entry (a wrong advantage, ratio or scale
         # would be off by a factor, not by float32 noise in near-zero entries).

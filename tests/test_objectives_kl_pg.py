@@ -50,7 +50,7 @@ def oracle_gradients(trainer, samples, window, tiny_sd_path) -> list[torch.Tenso
     config = trainer.config
     oracle = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
     oracle.set_timesteps(config.sample_num_steps)
-    for target, source in zip(oracle.get_trainable_layers(), trainer.sd_pipeline.get_trainable_layers()):
+    for target, source in zip(oracle.get_trainable_layers(), trainer.sd_pipeline.get_trainable_layers(), strict=True):
         target.data.copy_(source.data)
     guidance = config.sample_guidance_scale
     negative = oracle.encode_prompt([config.negative_prompts]) if guidance != 1.0 else None
@@ -109,7 +109,7 @@ def test_kl_pg_gradient_equals_the_whole_objective_oracle(tmp_path, tiny_sd_path
     trainer.train_window(window, kept, beta=trainer.config.train_reward_exp, epoch=0)
     trained = trainer.sd_pipeline.get_trainable_layers()
     beta1 = trainer.config.train_adam_beta1
-    for parameter, gradient in zip(trained, expected):
+    for parameter, gradient in zip(trained, expected, strict=True):
         # Adam's first moment after one step is (1 - beta1) * gradient; round-off relative to the largest entry.
         moment = trainer.optimizer.state[parameter]["exp_avg"]
         torch.testing.assert_close(moment / (1 - beta1), gradient, rtol=1e-3, atol=1e-3 * gradient.abs().max().item())

@@ -1,10 +1,11 @@
-"""Closed-form checks of the objectives' pure loss functions in ``dag_trl.trainer.objectives.losses``."""
+"""Closed-form checks of the objectives' pure loss functions in ``dag_trl.objectives.losses``."""
+
+import math
 
 import pytest
 import torch
 
-from dag_trl.samplers.ddim import gaussian_step_kl
-from dag_trl.trainer.objectives.losses import (
+from dag_trl.objectives.losses import (
     detailed_balance_residual,
     forward_looking_log_flow,
     kl_regularised_returns,
@@ -15,6 +16,7 @@ from dag_trl.trainer.objectives.losses import (
     relative_detailed_balance_residual,
     reward_exponent,
 )
+from dag_trl.samplers.ddim import gaussian_step_kl
 
 
 def test_reward_exponent_schedule():
@@ -39,14 +41,15 @@ def test_detailed_balance_residual_and_forward_looking_flow_on_numbers():
 
 
 def test_leave_one_out_advantages_on_numbers():
+    # By hand for the signals (1, 2, 6): each one's baseline is the mean of the other two, (4, 3.5, 1.5), so the
+    # centred signals are (-3, -1.5, 4.5) with squares (9, 2.25, 20.25); each one's variance is the mean of the other
+    # two squares, (11.25, 14.625, 5.625) = (45/4, 117/8, 45/8). Advantages: -3 / sqrt(45/4) = -2 / sqrt(5),
+    # -1.5 / sqrt(117/8), and 4.5 / sqrt(45/8) = 1.897..., which a clip of 1.5 cuts to 1.5.
     signal = torch.tensor([1.0, 2.0, 6.0])
-    baseline = torch.tensor([4.0, 3.5, 1.5])
-    centred = signal - baseline  # [-3, -1.5, 4.5]
-    squares = centred**2  # [9, 2.25, 20.25]
-    variance = (squares.sum() - squares) / 2  # [11.25, 14.625, 5.625]
-    expected = torch.clamp(centred / (variance.sqrt() + 1e-8), -1.5, 1.5)
-    torch.testing.assert_close(leave_one_out_advantages(signal, clip_max=1.5), expected)
-    assert expected[2].item() == 1.5  # the clip is active
+    unclipped = [-2 / math.sqrt(5), -1.5 * math.sqrt(8 / 117), 4.5 * math.sqrt(8 / 45)]
+    assert unclipped[2] == pytest.approx(1.8973666)
+    torch.testing.assert_close(leave_one_out_advantages(signal, clip_max=10.0), torch.tensor(unclipped))
+    torch.testing.assert_close(leave_one_out_advantages(signal, clip_max=1.5), torch.tensor(unclipped[:2] + [1.5]))
     with pytest.raises(ValueError, match="at least 2 samples"):
         leave_one_out_advantages(torch.tensor([1.0]), 5.0)
 

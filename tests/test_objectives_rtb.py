@@ -39,7 +39,7 @@ def oracle_gradients(trainer, window, tiny_sd_path) -> list[torch.Tensor]:
     config = trainer.config
     oracle = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
     oracle.set_timesteps(config.sample_num_steps)
-    for target, source in zip(oracle.get_trainable_layers(), trainer.sd_pipeline.get_trainable_layers()):
+    for target, source in zip(oracle.get_trainable_layers(), trainer.sd_pipeline.get_trainable_layers(), strict=True):
         target.data.copy_(source.data)
     log_partition = LogPartitionHead(oracle.prompt_embedding_dim)
     log_partition.load_state_dict(trainer.unwrapped_objective_model.state_dict())
@@ -103,7 +103,7 @@ def test_rtb_gradient_equals_the_whole_trajectory_oracle_over_two_optimiser_step
         expected = oracle_gradients(trainer, window, tiny_sd_path)
         trainer.train_window(window, kept, beta=trainer.config.train_reward_exp, epoch=0)
         moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trained]
-        for moment, previous, gradient in zip(moments, previous_moments, expected):
+        for moment, previous, gradient in zip(moments, previous_moments, expected, strict=True):
             # Round-off only: relative to the tensor's largest entry.
             torch.testing.assert_close(
                 (moment - beta1 * previous) / (1 - beta1), gradient, rtol=1e-3, atol=1e-3 * gradient.abs().max().item()

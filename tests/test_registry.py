@@ -97,3 +97,77 @@ def test_library_registries_do_not_import_the_demo():
         "drawbench", "from_dataset", "from_file", "hpd", "imagenet_all", "imagenet_animals", "imagenet_dogs",
         "simple_animals",
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Objectives and model families: plain dicts (OBJECTIVES, PIPELINE_FAMILIES) with a public register each
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_register_objective_makes_a_config_accept_its_name_and_refuses_a_taken_or_missing_name():
+    from dag_trl import GFlowNetConfig, register_objective
+    from dag_trl.objectives import OBJECTIVES, DAGDetailedBalance, Objective
+
+    with pytest.raises(ValueError, match=r"GFlowNetConfig.train_objective='plain' is invalid: expected one of \["):
+        GFlowNetConfig(train_objective="plain")
+
+    @register_objective
+    class Plain(Objective):
+        name = "plain"
+        display_name = "Plain"
+        description = "an objective of this test"
+
+        def loss(self, batch, model):
+            raise NotImplementedError
+
+    try:
+        assert OBJECTIVES["plain"] is Plain
+        assert GFlowNetConfig(train_objective="plain").objective_name == "plain"
+        assert register_objective(Plain) is Plain  # the same class again: allowed
+
+        class Impostor(Plain):
+            name = "dag_db"
+
+        with pytest.raises(
+            ValueError, match="objective 'dag_db' is already registered to <class .*DAGDetailedBalance"
+        ):
+            register_objective(Impostor)
+        assert OBJECTIVES["dag_db"] is DAGDetailedBalance
+
+        class Nameless(Objective):
+            def loss(self, batch, model):
+                raise NotImplementedError
+
+        with pytest.raises(ValueError, match="objective class Nameless needs a non-empty string class attribute name"):
+            register_objective(Nameless)
+        with pytest.raises(TypeError, match="register_objective expects a subclass of Objective; got <class 'dict'>"):
+            register_objective(dict)
+    finally:
+        del OBJECTIVES["plain"]
+
+
+def test_register_pipeline_family_is_what_model_index_json_picks(tmp_path):
+    from dag_trl import DefaultGFlowNetStableDiffusionPipeline, register_pipeline_family
+    from dag_trl.models import PIPELINE_FAMILIES, pipeline_family
+
+    class MyFamily(DefaultGFlowNetStableDiffusionPipeline):
+        diffusers_pipeline_class = "MyDiffusionPipeline"
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "MyDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="names the pipeline 'MyDiffusionPipeline', which has no model family here"):
+        pipeline_family(str(tmp_path))
+    assert register_pipeline_family(MyFamily) is MyFamily
+    try:
+        assert pipeline_family(str(tmp_path)) is MyFamily
+
+        class Variant(DefaultGFlowNetStableDiffusionPipeline):
+            pass  # inherits diffusers_pipeline_class = "StableDiffusionPipeline", a built-in's name
+
+        with pytest.raises(ValueError, match="pipeline family 'StableDiffusionPipeline' is already registered"):
+            register_pipeline_family(Variant)
+        assert register_pipeline_family(Variant, "VariantPipeline") is PIPELINE_FAMILIES["VariantPipeline"]
+        with pytest.raises(TypeError, match="expects a subclass of DiffusersGFlowNetPipeline; got <class 'str'>"):
+            register_pipeline_family(str)
+    finally:
+        PIPELINE_FAMILIES.pop("MyDiffusionPipeline")
+        PIPELINE_FAMILIES.pop("VariantPipeline", None)

@@ -8,6 +8,7 @@ from conftest import sd_ddim_scheduler
 
 from dag_trl.samplers.ddim import (
     MIN_STEP_STD,
+    DDIMStepOutput,
     alphas_cumprod_at,
     backward_log_prob,
     check_scheduler,
@@ -17,6 +18,7 @@ from dag_trl.samplers.ddim import (
     original_sample_and_noise,
     previous_timestep,
 )
+from dag_trl.samplers.gaussian import GaussianStepOutput
 
 
 def make_scheduler(prediction_type: str = "epsilon", steps: int = 10):
@@ -91,6 +93,62 @@ def test_ddim_step_log_prob_is_the_gaussian_density_of_the_ddim_posterior(reduct
     # The sampled step is distributed around the DDIM mean with the DDIM std.
     assert ((out.latents - mean) / std).std().item() == pytest.approx(1.0, abs=0.15)
     assert out.latents.dtype == out.log_probs.dtype == torch.float32
+
+
+def ddim_step_written_out(scheduler, output, t, sample, eta, prev_sample, noise, reduction):
+    """The DDIM step in its abar form (Song et al., 2021, eq. 12 and 16) as plain float32 tensor arithmetic, one
+    timestep for the batch: (x_s, log P_F, log P_B, x0_hat)."""
+    a_t = scheduler.alphas_cumprod[t].float()
+    a_s = scheduler.alphas_cumprod[max(int(t) - 1000 // scheduler.num_inference_steps, 0)].float()
+    output, sample = output.float(), sample.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        eps, x0 = output, (sample - (1 - a_t).sqrt() * output) / a_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0, eps = a_t.sqrt() * sample - (1 - a_t).sqrt() * output, a_t.sqrt() * output + (1 - a_t).sqrt() * sample
+    else:
+        x0, eps = output, (sample - a_t.sqrt() * output) / (1 - a_t).sqrt()
+    std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+    mean = a_s.sqrt() * x0 + (1 - a_s - std**2).clamp(min=0).sqrt() * eps
+    x_s = mean + std * noise if prev_sample is None else prev_sample
+
+    def log_density(value, mu, sigma):
+        elementwise = -((value - mu) ** 2) / (2 * sigma**2) - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+        return elementwise.mean(dim=(1, 2, 3)) if reduction == "mean" else elementwise.sum(dim=(1, 2, 3))
+
+    ratio = a_t / a_s
+    return x_s, log_density(x_s, mean, std), log_density(sample, ratio.sqrt() * x_s, (1 - ratio).sqrt()), x0
+
+
+@pytest.mark.parametrize("given_prev_sample", [False, True], ids=["sampled", "given"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_step_is_the_written_out_abar_step_bit_for_bit(prediction_type, eta, reduction, given_prev_sample):
+    # ddim_step_with_logprob is the general Gaussian step with VP coefficients; the abar form written out here is what
+    # it computed before the two were one, operation for operation, so the results must not move by a single bit.
+    scheduler = make_scheduler(prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    for timestep in scheduler.timesteps:  # includes the last step, t = 1 -> abar[0]
+        sample, output = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+        noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        prev = torch.randn(3, 4, 8, 8, generator=generator) if given_prev_sample else None
+        out = ddim_step_with_logprob(
+            scheduler,
+            output,
+            timestep,
+            sample,
+            eta=eta,
+            prev_sample=prev,
+            generator=torch.Generator().manual_seed(1),
+            log_prob_reduction=reduction,
+        )
+        expected = ddim_step_written_out(scheduler, output, timestep, sample, eta, prev, noise, reduction)
+        assert type(out) is GaussianStepOutput and DDIMStepOutput is GaussianStepOutput  # one step output type
+        for name, value in zip(
+            ("latents", "log_probs", "backward_log_probs", "pred_original_sample"), expected, strict=True
+        ):
+            assert torch.equal(getattr(out, name), value), (int(timestep), name)
 
 
 def test_ddim_step_matches_diffusers_ddim_scheduler_for_the_same_noise():

@@ -1,15 +1,17 @@
 """GFlowNetDiffusionTrainer on the tiny offline pipeline: losses on known numbers, training runs, bad input."""
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, brightness, record_logs, tiny_config
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl.objectives.losses import reward_exponent
 from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
-from dag_trl.trainer.objectives.losses import reward_exponent
 from dag_trl.trainer.state_rewards import StateRewardCache
 from dag_trl.trainer.trainer import take_rows
 
@@ -188,8 +190,19 @@ def test_brightness_reward_rises_under_a_fixed_seed(tmp_path, tiny_sd_path):
 def test_every_process_and_epoch_gets_its_own_seed():
     seeds = {derive_seed(0, process, epoch, 0) for process in range(4) for epoch in range(3)}
     assert len(seeds) == 12
-    assert derive_seed(7, 1, 2, 0) == derive_seed(7, 1, 2, 0)
-    assert derive_seed(7, 1, 2, 0) != derive_seed(8, 1, 2, 0)
+    seed = derive_seed(7, 1, 2, 0)
+    assert isinstance(seed, int) and 0 <= seed < 2**32  # what torch.Generator.manual_seed and numpy take
+    # Each argument changes it...
+    assert (
+        len({seed, derive_seed(8, 1, 2, 0), derive_seed(7, 2, 2, 0), derive_seed(7, 1, 3, 0), derive_seed(7, 1, 2, 1)})
+        == 5
+    )
+    # ...and nothing else does: not the global random states, which a resumed run does not restore.
+    for global_seed in (1, 2):
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        torch.manual_seed(global_seed)
+        assert derive_seed(7, 1, 2, 0) == seed
 
 
 @pytest.mark.integration
@@ -319,7 +332,7 @@ def test_optimised_window_equals_the_straightforward_loop(
         # A LoRA away from zero, so that the policy and the prior differ in the relative residual.
         with torch.no_grad():
             for a, b in zip(
-                optimised.sd_pipeline.get_trainable_layers(), reference.sd_pipeline.get_trainable_layers()
+                optimised.sd_pipeline.get_trainable_layers(), reference.sd_pipeline.get_trainable_layers(), strict=True
             ):
                 a.add_(0.05 * torch.randn_like(a))
                 b.copy_(a)
@@ -334,7 +347,7 @@ def test_optimised_window_equals_the_straightforward_loop(
         )
     optimised_grads = capture_gradients_at_step(optimised)
     reference_grads = capture_gradients_at_step(reference)
-    reference_counters = WorkCounters()
+    reference.counters = reference_counters = WorkCounters()  # model calls are counted by the trainer's hooks
     optimised.unet.train()
     reference.unet.train()
     for window, kept in windows:
@@ -344,13 +357,13 @@ def test_optimised_window_equals_the_straightforward_loop(
     # Summed log-densities (relative DB) are the latent's size times the per-element mean, and so is their round-off.
     summed = optimised.config.train_log_prob_reduction == "sum"
     tolerance = dict(rtol=1e-3, atol=1e-5) if summed else dict(rtol=1e-4, atol=1e-6)
-    for ours, theirs in zip(optimised_grads, reference_grads):
-        for a, b in zip(ours, theirs):
+    for ours, theirs in zip(optimised_grads, reference_grads, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, **tolerance)
-    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters()):
+    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), (_, b) in zip(
-        optimised.objective_model.named_parameters(), reference.objective_model.named_parameters()
+        optimised.objective_model.named_parameters(), reference.objective_model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -372,7 +385,9 @@ def test_optimised_window_equals_the_straightforward_loop(
         assert counters.unet_forward_no_grad == sampling_forwards  # nothing beyond sampling
     else:
         assert counters.unet_forward_no_grad - sampling_forwards <= transitions // 2
-    assert counters.flow_forwards < reference_counters.flow_forwards
+    assert counters.flow_forwards < reference_counters.flow_forwards == 2 * transitions
+    # One forward with gradient per kept transition in both loops, of two rows under guidance.
+    assert counters.unet_forward_grad == reference_counters.unet_forward_grad == transitions * (1 + train_cfg)
 
 
 @pytest.mark.integration
@@ -389,7 +404,7 @@ def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
     assert {p.dtype for p in trainer.unwrapped_objective_model.parameters()} == {torch.float32}
     lora_before = [p.detach().clone() for p in pipeline.get_trainable_layers()]
     trainer.train()
-    assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers()))
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, pipeline.get_trainable_layers(), strict=True))
     step_metrics = [values for _, values in logged if "loss_total" in values]
     assert step_metrics and all(math.isfinite(v) for values in step_metrics for v in values.values())
 
@@ -418,7 +433,7 @@ def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_sa
     trainer.train_window(window, kept, beta=1.0, epoch=0)
     assert trainer.accelerator.sync_gradients  # the window's last backward pass closed the cycle...
     assert all(
-        not torch.equal(a, b) for a, b in zip(before, trainer.objective_model.parameters())
+        not torch.equal(a, b) for a, b in zip(before, trainer.objective_model.parameters(), strict=True)
     )  # ...and the step ran
     with pytest.raises(ValueError, match=r"got 1 batches x 4 kept timesteps = 4 backward passes; the config "
                                          r"accumulates 8 per optimiser step"):  # fmt: skip
@@ -509,8 +524,8 @@ def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is
 
 
 def test_deepspeed_in_fp16_refuses_summed_log_flows_but_not_bf16_mean_ones_or_rtb(tmp_path):
+    from dag_trl.objectives import get_objective_class
     from dag_trl.trainer.distributed import check_deepspeed_precision
-    from dag_trl.trainer.objectives import get_objective_class
 
     summed = tiny_config(tmp_path, mixed_precision="fp16", train_log_prob_reduction="sum")
     with pytest.raises(

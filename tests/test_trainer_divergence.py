@@ -21,7 +21,7 @@ def trained_copy(trainer) -> list[torch.Tensor]:
 
 
 def assert_unchanged(trainer, before: list[torch.Tensor]) -> None:
-    for parameter, saved in zip(trainer.trainable_parameters(), before):
+    for parameter, saved in zip(trainer.trainable_parameters(), before, strict=True):
         assert torch.equal(parameter.detach(), saved)
 
 

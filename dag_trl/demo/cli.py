@@ -30,6 +30,7 @@ import torch
 from ..config import GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 from ..io.hub import HubPushError
+from ..objectives import get_objective_class
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
 from ..trainer.checkpointing import (
@@ -39,7 +40,6 @@ from ..trainer.checkpointing import (
     run_lock_message,
     tracker_logging_dir,
 )
-from ..trainer.objectives import get_objective_class
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
 from .shapes.target import load_table, tilted_target_hook
 
@@ -132,7 +132,7 @@ def with_objective_settings(argv: list[str], file_settings: dict[str, Any]) -> l
     """``argv`` plus the settings that the chosen objective requires (e.g. RTB's summed log-probabilities), for each
     that neither the command line nor the ``--config`` file (``file_settings``) sets; they override a recipe's values.
     The objective is ``--train_objective``, else the config file's ``train_objective``."""
-    from ..trainer.objectives import OBJECTIVES
+    from ..objectives import OBJECTIVES
 
     objective = OBJECTIVES.get(flag_value(argv, "train_objective") or file_settings.get("train_objective") or "")
     if objective is None:
@@ -418,7 +418,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     if main:
         os.makedirs(script_args.output_dir, exist_ok=True)
         for name, result in (("before", before), ("after", after)):
-            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist())]
+            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist(), strict=True)]
             captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(
                 os.path.join(script_args.output_dir, f"{name}.png")
             )

@@ -7,9 +7,10 @@ this module only decides what goes in them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..config import GFlowNetConfig
+from ..utils import callable_name as callable_name  # moved to dag_trl.utils; importable here as before
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -55,17 +56,6 @@ CARD_HYPERPARAMETERS = (
 
 class HubPushError(RuntimeError):
     """A push to the Hub failed after the model was saved locally; the message says where and how to retry."""
-
-
-def callable_name(function: Any) -> str:
-    """A readable name of a user callable (reward or prompt function) for model cards and error messages: its
-    ``name`` attribute (dag_trl's reward and prompt objects), else the wrapped function of a ``functools.partial``,
-    its ``__name__`` (plain functions), or its class name (callable objects)."""
-    named = getattr(function, "name", None)
-    if isinstance(named, str) and named:
-        return named
-    function = getattr(function, "func", function)
-    return getattr(function, "__name__", None) or type(function).__name__
 
 
 def is_hub_model_id(name: str) -> bool:
@@ -152,7 +142,7 @@ def create_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..trainer.objectives import OBJECTIVES, get_objective_class
+    from ..objectives import OBJECTIVES, get_objective_class
 
     objective = get_objective_class(config.objective_name)
     algorithm = objective.display_name

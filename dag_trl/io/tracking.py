@@ -67,7 +67,7 @@ def tracker_image_grid(
 def grid_caption(prompts: list[str], rewards: Any, max_images: int = MAX_GRID_IMAGES) -> str:
     """One line per tile of :func:`tracker_image_grid`, in grid order: ``"<index>: <prompt> (reward <value>)"``."""
     values = torch.as_tensor(rewards).detach().float().cpu().reshape(-1).tolist()
-    lines = zip(prompts[:max_images], values[:max_images])
+    lines = zip(prompts[:max_images], values[:max_images], strict=True)
     return "\n".join(f"{i}: {prompt} (reward {value:.4g})" for i, (prompt, value) in enumerate(lines))
 
 

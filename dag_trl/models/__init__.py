@@ -1,7 +1,7 @@
 """Model families (pipelines) and the small networks the objectives train beside them."""
 
 from .diffusers_family import DiffusersGFlowNetPipeline
-from .families import PIPELINE_FAMILIES, pipeline_family
+from .families import PIPELINE_FAMILIES, pipeline_family, register_pipeline_family
 from .flow_matching import FlowMatchingGFlowNetPipeline
 from .flow_network import FlowNetwork
 from .flux import DefaultGFlowNetFluxPipeline
@@ -25,4 +25,5 @@ __all__ = [
     "LogPartitionHead",
     "PromptEmbeddings",
     "pipeline_family",
+    "register_pipeline_family",
 ]

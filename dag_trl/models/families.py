@@ -3,6 +3,9 @@ names, so that a model path or Hub id alone picks its family."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+from ..registry import register_unique
 from .diffusers_family import DiffusersGFlowNetPipeline
 from .flux import DefaultGFlowNetFluxPipeline
 from .stable_diffusion import DefaultGFlowNetStableDiffusionPipeline
@@ -18,6 +21,19 @@ PIPELINE_FAMILIES: dict[str, type[DiffusersGFlowNetPipeline]] = {
         DefaultGFlowNetFluxPipeline,
     )
 }
+
+
+def register_pipeline_family(
+    family: type[DiffusersGFlowNetPipeline], pipeline_class_name: Optional[str] = None
+) -> type[DiffusersGFlowNetPipeline]:
+    """Make :func:`pipeline_family` (and so ``dag-trl train``) pick ``family`` for checkpoints whose
+    ``model_index.json`` names the diffusers pipeline ``pipeline_class_name`` (default: the family's
+    ``diffusers_pipeline_class``); returns ``family``, so that it also works as a class decorator. A name is taken
+    once (registering the same family again is allowed; another family under a built-in's name is not)."""
+    if not (isinstance(family, type) and issubclass(family, DiffusersGFlowNetPipeline)):
+        raise TypeError(f"register_pipeline_family expects a subclass of DiffusersGFlowNetPipeline; got {family!r}")
+    name = getattr(family, "diffusers_pipeline_class", None) if pipeline_class_name is None else pipeline_class_name
+    return register_unique(PIPELINE_FAMILIES, "pipeline family", name, family)
 
 
 def pipeline_family(pretrained_model_name: str, revision: str = "main") -> type[DiffusersGFlowNetPipeline]:

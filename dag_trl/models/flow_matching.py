@@ -22,9 +22,11 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from ..samplers.ddim import MIN_STEP_STD, DDIMStepOutput, _check_eta
 from ..samplers.gaussian import (
+    MIN_STEP_STD,
     GaussianStepCoefficients,
+    GaussianStepOutput,
+    _check_eta,
     ddim_coefficients,
     flow_grpo_coefficients,
     flow_matching_alpha_sigma,
@@ -122,7 +124,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
 
     def check_sampler(self, num_steps: int, eta: float) -> None:
         """Refuse an ``eta`` other than 1 with ``flow_grpo``, and any step whose standard deviation is below the
-        float32 floor :data:`~dag_trl.samplers.ddim.MIN_STEP_STD`."""
+        float32 floor :data:`~dag_trl.samplers.gaussian.MIN_STEP_STD`."""
         if self.sampler == "flow_grpo" and eta != 1:
             raise ValueError(
                 f"GFlowNetConfig.sample_eta={eta!r} is invalid with sampler='flow_grpo': its noise is set by "
@@ -203,7 +205,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         prev_sample: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         log_prob_reduction: str = "mean",
-    ) -> DDIMStepOutput:
+    ) -> GaussianStepOutput:
         """One Gaussian step from ``x_t`` (see the module docstring); ``model_output`` is the (guided) velocity."""
         _check_eta(eta)
         indices = self._step_indices(timestep, sample)
@@ -211,16 +213,8 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
             *(value.to(sample.device) for value in self._coefficients(indices, eta))
         )
         original, noise = self._x0_and_eps(model_output, sample, indices)
-        step = gaussian_step_with_logprob(
+        return gaussian_step_with_logprob(
             sample, original, noise, coefficients, prev_sample, generator, log_prob_reduction
-        )
-        return DDIMStepOutput(
-            latents=step.latents,
-            log_probs=step.log_probs,
-            backward_log_probs=step.backward_log_probs,
-            pred_original_sample=original,
-            mean=step.mean,
-            std=step.std,
         )
 
     def predict_original_sample(

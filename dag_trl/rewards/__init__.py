@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registry
 from .aesthetic import AestheticMLP, AestheticReward
-from .base import ModelReward, RewardCallable, RewardFunction, RewardOutput, validate_reward_inputs
+from .base import REWARDS, ModelReward, RewardCallable, RewardFunction, RewardOutput, validate_reward_inputs
 from .clip import ClipReward, ClipScoreReward, PickScoreReward, load_clip
 from .hps import HPS_CHECKPOINTS, HPSv2Reward
 from .image_reward import ImageRewardModel, ImageRewardReward, convert_imagereward_state_dict
@@ -73,7 +72,6 @@ __all__ = [
     "available_rewards",
 ]
 
-REWARDS: Registry[RewardCallable] = Registry("reward")
 # Each lowercase name (DDPO's style) is the class itself, registered under that name, rather than a function that
 # repeats the class's arguments: a name always takes every option of its class.
 jpeg_compressibility = REWARDS.register("jpeg_compressibility", JpegCompressibility)

@@ -21,11 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..registry import Registry
+
 RewardOutput = tuple[torch.Tensor, dict[str, Any]]
 # Rewards are trained on in float32: a larger finite float64 or int becomes inf there.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Any callable with the contract above: a RewardFunction, or a plain function such as DDPO's.
 RewardCallable = Callable[[torch.Tensor, Sequence[str], Sequence[dict] | None], RewardOutput]
+# The reward functions by name (registered in dag_trl/rewards/__init__.py); defined here, beside the contract, so that
+# rewards built from other rewards (weighted.py) look names up without importing the package that imports them.
+REWARDS: Registry[RewardCallable] = Registry("reward")
 
 
 def validate_reward_inputs(

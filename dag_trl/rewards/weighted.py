@@ -8,16 +8,8 @@ from typing import Any
 
 import torch
 
-from ..io.hub import callable_name
-from .base import RewardCallable, RewardFunction, RewardOutput
-
-
-def _build(name: str) -> RewardCallable:
-    """The reward registered as ``name``, with default arguments."""
-    # The package imports this module before it registers the rewards, so the registry is looked up on use.
-    from . import REWARDS
-
-    return REWARDS.get(name)
+from ..utils import callable_name
+from .base import REWARDS, RewardCallable, RewardFunction, RewardOutput
 
 
 class WeightedSumReward(RewardFunction):
@@ -39,7 +31,7 @@ class WeightedSumReward(RewardFunction):
         for reward, weight in items:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ValueError(f"weight of reward {callable_name(reward)!r} must be a finite number; got {weight!r}")
-            reward_fn = _build(reward) if isinstance(reward, str) else reward
+            reward_fn = REWARDS.get(reward) if isinstance(reward, str) else reward
             if not callable(reward_fn):
                 raise ValueError(f"weighted_sum parts must be reward names or callables; got {reward!r}")
             name = base = callable_name(reward_fn)

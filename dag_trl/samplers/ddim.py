@@ -1,5 +1,9 @@
-r"""The DDIM sampler as a stochastic policy: one step with its forward and backward log-probabilities, as small
-pure functions in the style of diffusers' schedulers.
+r"""The DDIM sampler of diffusers' ``DDIMScheduler`` as a stochastic policy: one step with its forward and backward
+log-probabilities, and the check that a scheduler is one the step reproduces.
+
+The step is the general Gaussian step (:func:`dag_trl.samplers.gaussian.gaussian_step_with_logprob`) with the VP
+schedule's coefficients in their ``abar`` form (:func:`dag_trl.samplers.gaussian.vp_ddim_coefficients`); this
+module adds what the scheduler knows: its timesteps, its ``alphas_cumprod`` and its prediction type.
 
 Notation: a DDIM transition goes from the noisier state ``x_t`` to ``x_s`` (``s`` the next, smaller timestep); ``abar`` is the
 scheduler's ``alphas_cumprod``. Log-densities are Gaussian, computed per latent element in float32 and reduced over
@@ -9,101 +13,53 @@ all non-batch dimensions by ``"mean"`` (the paper's choice) or ``"sum"`` (the tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-# The smallest standard deviation of a step that :func:`check_scheduler` accepts: 2**-20 ~ 9.5e-7, the float32
-# spacing of latents of magnitude 8 (unit-variance latents, 8 sigma). Below it the noise of x_s = mean + std * z is
-# lost when the sum is rounded, so log P_F scores rounding error: a mean recomputed a few ulps away in training moves
-# it by (ulps / std)^2 per element, and once std**2 underflows (eta ~ 1e-20 on Stable Diffusion) it is inf or NaN.
-MIN_STEP_STD = 8 * torch.finfo(torch.float32).eps
+from .gaussian import (
+    LOG_SQRT_2PI,
+    MIN_STEP_STD,
+    GaussianStepOutput,
+    _check_eta,
+    ddim_variance,
+    gaussian_log_prob,
+    gaussian_step_kl,
+    gaussian_step_with_logprob,
+    noising_log_prob,
+    reduce_over_sample,
+    vp_alpha_sigma,
+    vp_ddim_coefficients,
+    vp_noising_kernel,
+    x0_and_eps_from_prediction,
+)
+
+__all__ = [
+    "DDIMStepOutput",
+    "LOG_SQRT_2PI",
+    "MIN_STEP_STD",
+    "UNSUPPORTED_SCHEDULER_OPTIONS",
+    "alphas_cumprod_at",
+    "backward_log_prob",
+    "check_scheduler",
+    "ddim_step_with_logprob",
+    "ddim_variance",
+    "gaussian_log_prob",
+    "gaussian_step_kl",
+    "original_sample_and_noise",
+    "previous_timestep",
+    "reduce_over_sample",
+]
+
+# The one step output type, under the name this module has always returned.
+DDIMStepOutput = GaussianStepOutput
+# The prediction types of diffusers' DDIMScheduler.
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Scheduler options that change what diffusers' DDIM step does to x0_hat, which ddim_step_with_logprob does not do.
 UNSUPPORTED_SCHEDULER_OPTIONS = {
     "clip_sample": "clips x0_hat to clip_sample_range",
     "thresholding": "applies dynamic thresholding to x0_hat",
 }
-
-
-@dataclass
-class DDIMStepOutput:
-    """Result of one DDIM step with log-probabilities.
-
-    Attributes:
-        latents: ``x_s``, the next (less noisy) state, float32, shape ``(B, C, H, W)``.
-        log_probs: ``log P_F(x_s | x_t)`` of the policy, float32, shape ``(B,)``; differentiable through the model
-            output, never through ``x_s``.
-        backward_log_probs: ``log P_B(x_t | x_s)`` of the fixed noising kernel, float32, shape ``(B,)``.
-        pred_original_sample: ``x0_hat``, the model's estimate of the clean latent, float32.
-        mean: the mean of ``P_F(x_s | x_t)``, float32, differentiable through the model output (the closed-form
-            per-step KL to another policy of the same variance needs it).
-        std: its standard deviation, float32, broadcastable against ``latents``.
-    """
-
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    backward_log_probs: torch.Tensor
-    pred_original_sample: torch.Tensor
-    mean: Optional[torch.Tensor] = None
-    std: Optional[torch.Tensor] = None
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a ``(B,)`` tensor to ``(B, 1, 1, ...)`` so that it broadcasts against ``like``."""
-    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
-
-
-def reduce_over_sample(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce every dimension but the first (the batch) by ``"mean"`` or ``"sum"``."""
-    dims = tuple(range(1, values.ndim))
-    if reduction == "mean":
-        return values.mean(dim=dims)
-    if reduction == "sum":
-        return values.sum(dim=dims)
-    raise ValueError(f"log_prob_reduction={reduction!r} is invalid: expected 'mean' or 'sum'.")
-
-
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
-    r"""Diagonal Gaussian log-density, reduced per sample.
-
-    Per element: :math:`-\frac{(v - \mu)^2}{2\sigma^2} - \log\sigma - \log\sqrt{2\pi}`, then ``reduction`` over all
-    non-batch dimensions. ``std`` broadcasts against ``value`` (a per-sample ``(B, 1, 1, 1)`` tensor is typical).
-    """
-    std = std.to(torch.float32)
-    elementwise = -((value.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
-    return reduce_over_sample(elementwise, reduction)
-
-
-def gaussian_step_kl(mean: torch.Tensor, prior_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    r"""Closed-form KL divergence of one step from the prior's step, two Gaussians with the same variance:
-
-    .. math::
-        k = \mathrm{KL}\big(\mathcal N(\mu, \sigma^2 I) \,\|\, \mathcal N(\mu_p, \sigma^2 I)\big)
-          = \frac{\lVert \mu - \mu_p \rVert^2}{2\sigma^2},
-
-    the squared norm summed over every dimension but the first (the true, summed log-density's KL; it equals
-    :math:`\mathbb E_\pi[\log \pi - \log p \mid x_t]` exactly). Differentiable in both means, so its gradient
-    through the policy's mean at a visited state is the pathwise pull back to the prior of DPOK (Fan et al., 2023,
-    arXiv 2305.16381) and Uehara et al. (2024, arXiv 2402.15194). ``std`` is a scalar, per row ``(B,)``, or shaped
-    to broadcast like :attr:`dag_trl.samplers.GaussianStepOutput.std`. Returns ``(B,)``.
-    """
-    # At least float32 (a bf16 prediction's mean is upcast), float64 kept.
-    dtype = torch.promote_types(torch.promote_types(mean.dtype, prior_mean.dtype), torch.float32)
-    std = torch.as_tensor(std, device=mean.device).to(dtype)
-    if std.ndim == 1:
-        std = _per_sample(std, mean)
-    return reduce_over_sample((mean.to(dtype) - prior_mean.to(dtype)) ** 2 / (2 * std**2), "sum")
-
-
-def _check_eta(eta: float) -> None:
-    """Refuse an eta outside (0, 1], where the step has no log-probability or no real mean."""
-    if not 0 < eta <= 1:
-        raise ValueError(
-            f"eta={eta!r} is invalid: expected a number in (0, 1] (with eta = 0 DDIM has no log-probability; above 1 "
-            "the mean's sqrt(1 - abar_s - sigma^2) can be the root of a negative number)."
-        )
 
 
 def previous_timestep(scheduler, timestep: torch.Tensor) -> torch.Tensor:
@@ -129,7 +85,9 @@ def alphas_cumprod_at(scheduler, timestep: torch.Tensor) -> torch.Tensor:
 def original_sample_and_noise(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Convert a model output into ``(x0_hat, eps)`` for the three prediction types of diffusers.
+    r"""Convert a model output into ``(x0_hat, eps)`` for the three prediction types of diffusers' DDIM scheduler:
+    :func:`~dag_trl.samplers.gaussian.x0_and_eps_from_prediction` on the VP schedule
+    :math:`\alpha_t = \sqrt{\bar\alpha_t}`, :math:`\sigma_t = \sqrt{1 - \bar\alpha_t}`.
 
     - ``epsilon``: :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`.
     - ``v_prediction``: :math:`\hat x_0 = \sqrt{\bar\alpha_t} x_t - \sqrt{1-\bar\alpha_t} v`,
@@ -138,31 +96,15 @@ def original_sample_and_noise(
 
     ``alpha_prod_t`` is per sample, shape ``(B,)``. All arithmetic is float32.
     """
-    model_output = model_output.float()
-    sample = sample.float()
-    alpha_prod_t = _per_sample(alpha_prod_t.float(), sample)
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        noise = model_output
-        original = (sample - beta_prod_t.sqrt() * noise) / alpha_prod_t.sqrt()
-    elif prediction_type == "v_prediction":
-        original = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
-        noise = alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample
-    elif prediction_type == "sample":
-        original = model_output
-        noise = (sample - alpha_prod_t.sqrt() * original) / beta_prod_t.sqrt()
-    else:
+    if prediction_type not in VP_PREDICTION_TYPES:
         raise ValueError(
             f"scheduler prediction_type={prediction_type!r} is not supported: expected 'epsilon', 'v_prediction' or "
             "'sample'."
         )
-    return original, noise
-
-
-def ddim_variance(alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor) -> torch.Tensor:
-    r"""DDIM posterior variance (Song et al., 2021, eq. 16 with eta = 1):
-    :math:`\sigma^2 = \frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}\left(1 - \frac{\bar\alpha_t}{\bar\alpha_s}\right)`."""
-    return (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    alpha_t, sigma_t = vp_alpha_sigma(alpha_prod_t.float())
+    return x0_and_eps_from_prediction(
+        model_output, sample, alpha_t, sigma_t, prediction_type, variance_preserving=True
+    )
 
 
 def backward_log_prob(
@@ -177,9 +119,8 @@ def backward_log_prob(
 
     It depends on no parameter. ``alpha_prod_*`` are per sample, shape ``(B,)``.
     """
-    ratio = _per_sample((alpha_prod_t / alpha_prod_prev).float(), sample)
-    mean = ratio.sqrt() * prev_sample.float()
-    return gaussian_log_prob(sample.detach(), mean.detach(), (1 - ratio).sqrt(), log_prob_reduction)
+    scale, variance = vp_noising_kernel(alpha_prod_t, alpha_prod_prev)
+    return noising_log_prob(sample, prev_sample, scale, variance.sqrt(), log_prob_reduction)
 
 
 def ddim_step_with_logprob(
@@ -192,7 +133,7 @@ def ddim_step_with_logprob(
     generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
     prev_timestep: Optional[Union[int, torch.Tensor]] = None,
     log_prob_reduction: str = "mean",
-) -> DDIMStepOutput:
+) -> GaussianStepOutput:
     r"""One DDIM step (Song et al., 2021) that also returns the policy's and the backward kernel's log-probabilities.
 
     With :math:`\hat x_0` and :math:`\epsilon` from :func:`original_sample_and_noise`,
@@ -200,8 +141,9 @@ def ddim_step_with_logprob(
     :math:`\mu = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\epsilon`, the step samples
     :math:`x_s = \mu + \sigma z` (or takes the given ``prev_sample``) and scores it under
     :math:`P_F = \mathcal N(\mu, \sigma^2 I)` with ``x_s`` detached, so gradients reach the model only through
-    :math:`\mu`. No clipping of :math:`\hat x_0` (Stable Diffusion does not clip; :func:`check_scheduler` refuses
-    schedulers that do).
+    :math:`\mu`. That is :func:`~dag_trl.samplers.gaussian.gaussian_step_with_logprob` with
+    :func:`~dag_trl.samplers.gaussian.vp_ddim_coefficients`. No clipping of :math:`\hat x_0` (Stable Diffusion does
+    not clip; :func:`check_scheduler` refuses schedulers that do).
 
     Args:
         scheduler: a diffusers ``DDIMScheduler`` on which ``set_timesteps`` was called.
@@ -215,9 +157,8 @@ def ddim_step_with_logprob(
         log_prob_reduction: ``"mean"`` or ``"sum"`` over the latent's elements.
 
     Returns:
-        A [`DDIMStepOutput`] whose tensors are float32.
+        A [`GaussianStepOutput`] (also named ``DDIMStepOutput``) whose tensors are float32.
     """
-    _check_eta(eta)
     batch_size = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch_size)
     if prev_timestep is None:
@@ -225,30 +166,11 @@ def ddim_step_with_logprob(
     prev_timestep = torch.as_tensor(prev_timestep, device=sample.device).reshape(-1).expand(batch_size)
 
     alpha_prod_t = alphas_cumprod_at(scheduler, timestep)
-    alpha_prod_prev = alphas_cumprod_at(scheduler, prev_timestep)
+    # vp_ddim_coefficients checks eta before any arithmetic.
+    coefficients = vp_ddim_coefficients(alpha_prod_t, alphas_cumprod_at(scheduler, prev_timestep), eta)
     original, noise = original_sample_and_noise(model_output, sample, alpha_prod_t, scheduler.config.prediction_type)
-    std = eta * ddim_variance(alpha_prod_t, alpha_prod_prev).sqrt()
-    std = _per_sample(std, original)
-    alpha_prev = _per_sample(alpha_prod_prev, original)
-    # At eta = 1 the argument is 0 in exact arithmetic where abar_t = 0 (zero terminal SNR) and rounds to -6e-8.
-    mean = alpha_prev.sqrt() * original + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * noise
-
-    if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise_z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        prev_sample = mean.detach() + std * noise_z
-    prev_sample = prev_sample.detach().float()
-
-    log_probs = gaussian_log_prob(prev_sample, mean, std, log_prob_reduction)
-    backward = backward_log_prob(sample, prev_sample, alpha_prod_t, alpha_prod_prev, log_prob_reduction)
-    return DDIMStepOutput(
-        latents=prev_sample,
-        log_probs=log_probs,
-        backward_log_probs=backward,
-        pred_original_sample=original,
-        mean=mean,
-        std=std,
+    return gaussian_step_with_logprob(
+        sample, original, noise, coefficients, prev_sample, generator, log_prob_reduction
     )
 
 

@@ -35,10 +35,11 @@ reverse kernel of a finite step is not Gaussian, so detailed balance against thi
 :math:`P_F` only at :math:`\eta = 1` and only in the small-step limit; with :math:`\eta < 1`, or with the Flow-GRPO
 step, it has no solution (DAG objectives should refuse or warn; RTB and DDPO, which need no :math:`P_B`, take any).
 
-**Exact VP path.** :func:`vp_ddim_coefficients` computes the VP case in its ``abar`` form, operation for operation
-as :func:`dag_trl.samplers.ddim.ddim_step_with_logprob`, so the two agree bit for bit; :func:`ddim_coefficients` with
-:math:`\alpha = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1 - \bar\alpha}` agrees within float32 round-off (its
-:math:`\sigma_t^2 - \alpha_{t|s}^2\sigma_s^2` rounds differently from ``1 - abar_t / abar_s``).
+**Exact VP path.** :func:`vp_ddim_coefficients` computes the VP case in its ``abar`` form; it is the schedule of
+:func:`dag_trl.samplers.ddim.ddim_step_with_logprob`, which is :func:`gaussian_step_with_logprob` with these
+coefficients. :func:`ddim_coefficients` with :math:`\alpha = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1 - \bar\alpha}`
+agrees within float32 round-off (its :math:`\sigma_t^2 - \alpha_{t|s}^2\sigma_s^2` rounds differently from
+``1 - abar_t / abar_s``).
 
 **Endpoints.** The step to the clean sample (:math:`\sigma_s = 0`) has zero variance, hence no log-probability:
 clamp the last time to :data:`FLOW_SIGMA_MIN` (:func:`flow_matching_alpha_sigma`), as ``ddim.py`` ends at
@@ -57,39 +58,120 @@ dimensions by ``"mean"`` or ``"sum"`` (the true log-density), as in ``ddim.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .ddim import _check_eta, _per_sample, ddim_variance, gaussian_log_prob
-
 ScheduleValue = Union[float, torch.Tensor]
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+# The smallest standard deviation of a step that the samplers' checks accept: 2**-20 ~ 9.5e-7, the float32 spacing
+# of latents of magnitude 8 (unit-variance latents, 8 sigma). Below it the noise of x_s = mean + std * z is lost when
+# the sum is rounded, so log P_F scores rounding error: a mean recomputed a few ulps away in training moves it by
+# (ulps / std)^2 per element, and once std**2 underflows (eta ~ 1e-20 on Stable Diffusion) it is inf or NaN.
+MIN_STEP_STD = 8 * torch.finfo(torch.float32).eps
 
 # Where a flow sampler's last step ends instead of t = 0, whose step has zero variance (as ddim.py's ends at
 # abar[0] instead of abar = 1). It is below the last time that diffusers' flow samplers step from (the
 # FlowMatchEulerDiscreteScheduler's sigma_min: 1/1000, raised by any shift >= 1), so that step keeps a variance; its
-# std from t = 1e-3 is about eta * 1e-4, above ddim.MIN_STEP_STD (9.5e-7) for eta >= 0.01.
+# std from t = 1e-3 is about eta * 1e-4, above MIN_STEP_STD (9.5e-7) for eta >= 0.01.
 FLOW_SIGMA_MIN = 1e-4
 
 
 @dataclass
 class GaussianStepOutput:
-    r"""Result of one Gaussian step with log-probabilities.
+    r"""Result of one sampler step with log-probabilities: the one step output type of every family and schedule
+    (``DDIMStepOutput`` is another name for it).
 
     Attributes:
         latents: ``x_s``, the next (less noisy) state, float32, detached.
-        mean: the mean of :math:`P_F(x_s \mid x_t)`, float32, differentiable through the model's predictions.
-        std: its standard deviation, float32, per sample, shape ``(B, 1, ..., 1)`` (``(1, ..., 1)`` if shared).
-        log_probs: ``log P_F(x_s | x_t)``, float32, shape ``(B,)``; differentiable through ``mean`` only.
-        backward_log_probs: ``log P_B(x_t | x_s)`` of the noising kernel, float32, shape ``(B,)``, no gradient.
+        log_probs: ``log P_F(x_s | x_t)`` of the policy, float32, shape ``(B,)``; differentiable through the model
+            output (through ``mean``), never through ``x_s``.
+        backward_log_probs: ``log P_B(x_t | x_s)`` of the fixed noising kernel, float32, shape ``(B,)``, no gradient.
+        pred_original_sample: ``x0_hat``, the model's estimate of the clean latent, float32.
+        mean: the mean of :math:`P_F(x_s \mid x_t)`, float32, differentiable through the model's predictions;
+            ``None`` from a step that does not report it (a family's own ``scheduler_step``).
+        std: its standard deviation, float32, per sample, shape ``(B, 1, ..., 1)`` (``(1, ..., 1)`` if shared);
+            ``None`` likewise.
     """
 
     latents: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
     log_probs: torch.Tensor
     backward_log_probs: torch.Tensor
+    pred_original_sample: torch.Tensor
+    mean: Optional[torch.Tensor] = None
+    std: Optional[torch.Tensor] = None
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``(B,)`` tensor to ``(B, 1, 1, ...)`` so that it broadcasts against ``like``."""
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def reduce_over_sample(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce every dimension but the first (the batch) by ``"mean"`` or ``"sum"``."""
+    dims = tuple(range(1, values.ndim))
+    if reduction == "mean":
+        return values.mean(dim=dims)
+    if reduction == "sum":
+        return values.sum(dim=dims)
+    raise ValueError(f"log_prob_reduction={reduction!r} is invalid: expected 'mean' or 'sum'.")
+
+
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
+    r"""Diagonal Gaussian log-density, reduced per sample.
+
+    Per element: :math:`-\frac{(v - \mu)^2}{2\sigma^2} - \log\sigma - \log\sqrt{2\pi}`, then ``reduction`` over all
+    non-batch dimensions. ``std`` broadcasts against ``value`` (a per-sample ``(B, 1, 1, 1)`` tensor is typical).
+    """
+    std = std.to(torch.float32)
+    elementwise = -((value.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return reduce_over_sample(elementwise, reduction)
+
+
+def gaussian_step_kl(mean: torch.Tensor, prior_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    r"""Closed-form KL divergence of one step from the prior's step, two Gaussians with the same variance:
+
+    .. math::
+        k = \mathrm{KL}\big(\mathcal N(\mu, \sigma^2 I) \,\|\, \mathcal N(\mu_p, \sigma^2 I)\big)
+          = \frac{\lVert \mu - \mu_p \rVert^2}{2\sigma^2},
+
+    the squared norm summed over every dimension but the first (the true, summed log-density's KL; it equals
+    :math:`\mathbb E_\pi[\log \pi - \log p \mid x_t]` exactly). Differentiable in both means, so its gradient
+    through the policy's mean at a visited state is the pathwise pull back to the prior of DPOK (Fan et al., 2023,
+    arXiv 2305.16381) and Uehara et al. (2024, arXiv 2402.15194). ``std`` is a scalar, per row ``(B,)``, or shaped
+    to broadcast like :attr:`GaussianStepOutput.std`. Returns ``(B,)``, in at least float32 (float64 is kept).
+    """
+    dtype = torch.promote_types(torch.promote_types(mean.dtype, prior_mean.dtype), torch.float32)
+    std = torch.as_tensor(std, device=mean.device).to(dtype)
+    if std.ndim == 1:
+        std = _per_sample(std, mean)
+    return reduce_over_sample((mean.to(dtype) - prior_mean.to(dtype)) ** 2 / (2 * std**2), "sum")
+
+
+def noising_log_prob(
+    sample: torch.Tensor,
+    prev_sample: torch.Tensor,
+    backward_scale: torch.Tensor,
+    backward_std: torch.Tensor,
+    reduction: str,
+) -> torch.Tensor:
+    r"""``log P_B(x_t | x_s)`` of the noising kernel :math:`\mathcal N(\alpha_{t|s} x_s, \sigma_{t|s}^2 I)`
+    (``backward_scale``, ``backward_std``: per-sample scalars); it depends on no parameter, so nothing is
+    differentiated."""
+    scale, std = (_per_sample(value, sample) for value in (backward_scale, backward_std))
+    return gaussian_log_prob(sample.detach(), scale * prev_sample.detach().float(), std, reduction)
+
+
+def _check_eta(eta: float) -> None:
+    """Refuse an eta outside (0, 1], where the step has no log-probability or no real mean."""
+    if not 0 < eta <= 1:
+        raise ValueError(
+            f"eta={eta!r} is invalid: expected a number in (0, 1] (with eta = 0 DDIM has no log-probability; above 1 "
+            "the mean's sqrt(1 - abar_s - sigma^2) can be the root of a negative number)."
+        )
 
 
 class GaussianStepCoefficients(NamedTuple):
@@ -149,30 +231,45 @@ def ddim_coefficients(
     )
 
 
+def ddim_variance(alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor) -> torch.Tensor:
+    r"""DDIM posterior variance on the VP schedule (Song et al., 2021, eq. 16 with eta = 1):
+    :math:`\sigma^2 = \frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}\left(1 - \frac{\bar\alpha_t}{\bar\alpha_s}\right)`."""
+    return (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+
+
+def vp_noising_kernel(
+    alphas_cumprod_t: torch.Tensor, alphas_cumprod_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`noising_kernel` of the VP schedule in its ``abar`` form: :math:`(\sqrt r, 1 - r)` with
+    :math:`r = \bar\alpha_t / \bar\alpha_s`, float32."""
+    ratio = alphas_cumprod_t.float() / alphas_cumprod_s.float()
+    return ratio.sqrt(), 1 - ratio
+
+
 def vp_ddim_coefficients(
     alphas_cumprod_t: torch.Tensor, alphas_cumprod_s: torch.Tensor, eta: float = 1.0
 ) -> GaussianStepCoefficients:
-    r""":func:`ddim_coefficients` for the VP schedule in its ``abar`` form, float32, with the same operations as
-    :func:`dag_trl.samplers.ddim.ddim_step_with_logprob` (bit-identical results):
-    :math:`\sigma_\eta = \eta\sqrt{\frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}(1 - \frac{\bar\alpha_t}{\bar\alpha_s})}`,
-    mean :math:`\sqrt{\bar\alpha_s}\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma_\eta^2}\,\hat\epsilon`,
-    :math:`P_B = \mathcal N(\sqrt{r} x_s, (1 - r) I)` with :math:`r = \bar\alpha_t / \bar\alpha_s`.
+    r""":func:`ddim_coefficients` for the VP schedule in its ``abar`` form, float32: the schedule of
+    :func:`dag_trl.samplers.ddim.ddim_step_with_logprob`.
+    :math:`\sigma_\eta = \eta\sqrt{\frac{1 - \bar\alpha_s}{1 - \bar\alpha_t}(1 - \frac{\bar\alpha_t}{\bar\alpha_s})}`
+    (:func:`ddim_variance`), mean :math:`\sqrt{\bar\alpha_s}\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma_\eta^2}\,\hat\epsilon`,
+    :math:`P_B = \mathcal N(\sqrt{r} x_s, (1 - r) I)` with :math:`r = \bar\alpha_t / \bar\alpha_s`
+    (:func:`vp_noising_kernel`).
 
-    Unlike ``ddim.py``, the mean's square root is clamped at 0: with zero terminal SNR (:math:`\bar\alpha_t = 0`)
-    and :math:`\eta = 1` its argument is 0 exactly but rounds to -6e-8 for some ``s``, which ``ddim.py`` turns into
-    NaN; elsewhere the clamp changes nothing.
+    The mean's square root is clamped at 0: with zero terminal SNR (:math:`\bar\alpha_t = 0`) and :math:`\eta = 1`
+    its argument is 0 exactly but rounds to -6e-8 for some ``s``; elsewhere the clamp changes nothing.
     """
     _check_eta(eta)
     alpha_prod_t = alphas_cumprod_t.float()
     alpha_prod_s = alphas_cumprod_s.float()
     std = eta * ddim_variance(alpha_prod_t, alpha_prod_s).sqrt()
-    ratio = alpha_prod_t / alpha_prod_s
+    backward_scale, backward_variance = vp_noising_kernel(alpha_prod_t, alpha_prod_s)
     return GaussianStepCoefficients(
         mean_x0=alpha_prod_s.sqrt(),
         mean_eps=(1 - alpha_prod_s - std**2).clamp(min=0).sqrt(),
         std=std,
-        backward_scale=ratio.sqrt(),
-        backward_std=(1 - ratio).sqrt(),
+        backward_scale=backward_scale,
+        backward_std=backward_variance.sqrt(),
     )
 
 
@@ -225,12 +322,13 @@ def gaussian_step_with_logprob(
     generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
     log_prob_reduction: str = "mean",
 ) -> GaussianStepOutput:
-    r"""One Gaussian step from ``x_t`` with its forward and backward log-probabilities.
+    r"""One Gaussian step from ``x_t`` with its forward and backward log-probabilities: the step of every sampler
+    (DDIM on the VP schedule is :func:`dag_trl.samplers.ddim.ddim_step_with_logprob`).
 
     Samples :math:`x_s = \mu + \text{std}\,z` with :math:`\mu = c_0 \hat x_0 + c_\epsilon \hat\epsilon` (or takes
     the given ``prev_sample``), and scores it under :math:`P_F = \mathcal N(\mu, \text{std}^2 I)` with ``x_s``
     detached (gradients reach the model only through :math:`\mu`) and ``x_t`` under
-    :math:`P_B = \mathcal N(\alpha_{t|s} x_s, \sigma_{t|s}^2 I)`.
+    :math:`P_B = \mathcal N(\alpha_{t|s} x_s, \sigma_{t|s}^2 I)` (:func:`noising_log_prob`).
 
     Args:
         sample: ``x_t``.
@@ -241,6 +339,9 @@ def gaussian_step_with_logprob(
         prev_sample: a given ``x_s`` to score instead of sampling one.
         generator: generator(s) for the noise ``z``.
         log_prob_reduction: ``"mean"`` or ``"sum"`` over the non-batch dimensions.
+
+    Returns:
+        A [`GaussianStepOutput`] whose tensors are float32, ``pred_original_sample`` the given :math:`\hat x_0`.
     """
     original = pred_original_sample.float()
     mean_x0, mean_eps, std, backward_scale, backward_std = (_per_sample(c, original) for c in coefficients)
@@ -251,10 +352,13 @@ def gaussian_step_with_logprob(
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.detach().float()
-    log_probs = gaussian_log_prob(prev_sample, mean, std, log_prob_reduction)
-    backward = gaussian_log_prob(sample.detach(), backward_scale * prev_sample, backward_std, log_prob_reduction)
     return GaussianStepOutput(
-        latents=prev_sample, mean=mean, std=std, log_probs=log_probs, backward_log_probs=backward
+        latents=prev_sample,
+        log_probs=gaussian_log_prob(prev_sample, mean, std, log_prob_reduction),
+        backward_log_probs=noising_log_prob(sample, prev_sample, backward_scale, backward_std, log_prob_reduction),
+        pred_original_sample=original,
+        mean=mean,
+        std=std,
     )
 
 
@@ -264,13 +368,15 @@ def x0_and_eps_from_prediction(
     alpha_t: ScheduleValue,
     sigma_t: ScheduleValue,
     prediction_type: str,
+    variance_preserving: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Convert a model output into :math:`(\hat x_0, \hat\epsilon)` for :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`.
 
     - ``epsilon``: :math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon) / \alpha_t` (needs :math:`\alpha_t > 0`).
     - ``v_prediction`` (Salimans & Ho 2022, :math:`v = \alpha_t\epsilon - \sigma_t x_0`, SD 2.x):
       :math:`\hat x_0 = (\alpha_t x_t - \sigma_t v)/(\alpha_t^2 + \sigma_t^2)`,
-      :math:`\hat\epsilon = (\sigma_t x_t + \alpha_t v)/(\alpha_t^2 + \sigma_t^2)`; the denominator is 1 for VP.
+      :math:`\hat\epsilon = (\sigma_t x_t + \alpha_t v)/(\alpha_t^2 + \sigma_t^2)`; the denominator is 1 for VP,
+      where ``variance_preserving=True`` takes it as exactly 1 instead of dividing by its float32 rounding.
     - ``sample``: :math:`\hat x_0` is the output, :math:`\hat\epsilon = (x_t - \alpha_t\hat x_0)/\sigma_t`.
     - ``flow_prediction`` (rectified flow, :math:`v = \epsilon - x_0`, :math:`\alpha_t = 1 - \sigma_t`):
       :math:`\hat x_0 = x_t - \sigma_t v`, :math:`\hat\epsilon = x_t + \alpha_t v`, finite at :math:`t = 1`.
@@ -284,8 +390,11 @@ def x0_and_eps_from_prediction(
     if prediction_type == "epsilon":
         return (sample - sigma * output) / alpha, output
     if prediction_type == "v_prediction":
+        original, noise = alpha * sample - sigma * output, sigma * sample + alpha * output
+        if variance_preserving:
+            return original, noise
         norm = alpha**2 + sigma**2
-        return (alpha * sample - sigma * output) / norm, (sigma * sample + alpha * output) / norm
+        return original / norm, noise / norm
     if prediction_type == "sample":
         return output, (sample - alpha * output) / sigma
     if prediction_type == "flow_prediction":

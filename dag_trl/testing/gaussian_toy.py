@@ -51,6 +51,13 @@ from typing import Optional, Union
 
 import torch
 
+from ..objectives.losses import (
+    forward_looking_log_flow,
+    kl_regularised_returns,
+    leave_one_out_baseline,
+    relative_detailed_balance_residual,
+)
+from ..objectives.rtb import relative_trajectory_balance_residual
 from ..samplers import (
     GaussianStepCoefficients,
     GaussianStepOutput,
@@ -60,13 +67,6 @@ from ..samplers import (
     x0_and_eps_from_prediction,
 )
 from ..samplers.ddim import alphas_cumprod_at, gaussian_step_kl, previous_timestep
-from ..trainer.objectives.losses import (
-    forward_looking_log_flow,
-    kl_regularised_returns,
-    leave_one_out_baseline,
-    relative_detailed_balance_residual,
-)
-from ..trainer.objectives.rtb import relative_trajectory_balance_residual
 from .tiny_models import sd_ddim_scheduler
 
 
@@ -386,7 +386,7 @@ def kl_regularised_surrogate(
 def relative_trajectory_balance_loss(
     toy: GaussianToy, policy: StepShiftPolicy, log_partition: torch.Tensor, trajectories: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    r"""RTB's loss :math:`\delta^2` (:func:`~dag_trl.trainer.objectives.rtb.relative_trajectory_balance_residual`)
+    r"""RTB's loss :math:`\delta^2` (:func:`~dag_trl.objectives.rtb.relative_trajectory_balance_residual`)
     averaged over the trajectories, with a learned scalar ``log_partition`` (Venkatraman et al., 2024, arXiv
     2405.20971); the trajectories are detached, so its gradient is the trainer's :math:`2\delta\nabla\log\pi`."""
     terms = toy.transitions(trajectories, policy.shifts)

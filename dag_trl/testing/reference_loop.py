@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..trainer import WorkCounters
-from ..trainer.objectives.losses import (
+from ..objectives.losses import (
     detailed_balance_residual,
     forward_looking_log_flow,
     leave_one_out_advantages,
@@ -20,6 +19,7 @@ from ..trainer.objectives.losses import (
     proximal_regulariser,
     relative_detailed_balance_residual,
 )
+from ..trainer import WorkCounters
 
 
 def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, epoch):
@@ -29,7 +29,6 @@ def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, ep
         _, conditional = pipeline.predict_noise(latents, timesteps, window["prompt_embeds"][rows], None, 1.0)
         original = pipeline.predict_original_sample(conditional, timesteps, latents)
         images = pipeline.decode(original)
-    counters.unet_forward_no_grad += len(rows)
     counters.vae_decodes += len(rows)
     counters.reward_calls += 1
     counters.reward_samples += len(rows)
@@ -39,7 +38,10 @@ def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, ep
 
 def reference_train_window(trainer, window, kept, beta: float, epoch: int, counters: WorkCounters) -> None:
     """One optimiser step of the straightforward loop on the same window, kept transitions and grouping as
-    ``trainer.train_window`` (transitions of a trajectory from the last to the first)."""
+    ``trainer.train_window`` (transitions of a trajectory from the last to the first).
+
+    Decodes and reward calls are counted in ``counters``; denoiser and flow-network calls, like the trainer's own,
+    by the trainer's forward hooks in ``trainer.counters``."""
     config = trainer.config
     pipeline = trainer.sd_pipeline
     num_steps = window["log_probs"].shape[1]
@@ -66,7 +68,6 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                 guided, _ = pipeline.predict_noise(
                     latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
                 )
-            counters.unet_forward_grad += len(rows) * (2 if trainer.trains_with_guidance else 1)
             step = pipeline.scheduler_step(
                 guided,
                 timesteps,
@@ -81,7 +82,6 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             )
             flow_now = trainer.objective_model(latents, timesteps, embeds.hidden_states, embeds.pooled)
             flow_next = trainer.objective_model(next_latents, next_timesteps, embeds.hidden_states, embeds.pooled)
-            counters.flow_forwards += 2 * len(rows)
             log_flow = forward_looking_log_flow(flow_now, reward_now, beta)
             next_log_flow = torch.where(
                 terminal, beta * window["rewards"][rows], forward_looking_log_flow(flow_next, reward_next, beta)
@@ -94,7 +94,6 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                     prior_guided, _ = pipeline.predict_noise(
                         latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
                     )
-                counters.unet_forward_no_grad += len(rows) * (2 if trainer.trains_with_guidance else 1)
                 prior_step = pipeline.scheduler_step(
                     prior_guided, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents,
                     log_prob_reduction=config.train_log_prob_reduction,

@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import GFlowNetConfig
+from ..objectives import get_objective_class
 from .divergence import refuse_non_finite_weights
-from .objectives import get_objective_class
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
-    from .objectives import Objective
+    from ..objectives import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -43,50 +43,12 @@ TRAINER_STATE_NAME = "trainer_state.json"
 RUN_LOCK_NAME = "run.lock"
 # The counters of progress a resume restores; a trainer_state.json without one of them cannot be resumed from.
 REQUIRED_STATE_KEYS = ("epoch", "global_step", "weights_version")
-# accelerate's ProjectConfiguration arguments, with what each accepts (TRL's DDPO passed them all through).
-PROJECT_KWARGS = {
-    "project_dir": "a folder path",
-    "logging_dir": "a folder path",
-    "automatic_checkpoint_naming": "True or False",
-    "total_limit": "an integer >= 1, or None to keep every checkpoint",
-    "iteration": "an integer >= 0",
-    "save_on_each_node": "True or False",
-}
 # Of those, the ones the trainer implements itself: it always names checkpoints (checkpoint_<epoch>) and prunes them,
 # so accelerate must not (its automatic naming ignores the folder each save is given).
 CHECKPOINT_NAMING_KWARGS = ("automatic_checkpoint_naming", "total_limit")
 # Why a save failed when the disk is full: the OS's errors, and what torch's zip writer raises instead of them.
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
-
-
-def validate_project_kwargs(project_kwargs: Any) -> None:
-    """Raise ``ValueError`` naming the key for ``GFlowNetConfig.project_kwargs`` that accelerate's
-    ``ProjectConfiguration`` would refuse or the trainer cannot honour."""
-    if not isinstance(project_kwargs, dict):
-        raise ValueError(
-            f"GFlowNetConfig.project_kwargs={project_kwargs!r} is invalid: expected a dict of "
-            f"ProjectConfiguration arguments ({', '.join(PROJECT_KWARGS)})."
-        )
-    unknown = sorted(set(project_kwargs) - set(PROJECT_KWARGS))
-    if unknown:
-        raise ValueError(
-            f"GFlowNetConfig.project_kwargs has unknown keys {unknown}: accelerate's ProjectConfiguration accepts "
-            f"{', '.join(PROJECT_KWARGS)}."
-        )
-    for name, value in project_kwargs.items():
-        if name in ("project_dir", "logging_dir"):
-            valid = value is None or isinstance(value, (str, os.PathLike))
-        elif name in ("automatic_checkpoint_naming", "save_on_each_node"):
-            valid = isinstance(value, bool)
-        elif name == "total_limit":
-            valid = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-        else:
-            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        if not valid:
-            raise ValueError(
-                f"GFlowNetConfig.project_kwargs[{name!r}]={value!r} is invalid: expected {PROJECT_KWARGS[name]}."
-            )
 
 
 def accelerate_project_kwargs(config: GFlowNetConfig) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io.hub import callable_name
 from ..rewards.base import FLOAT32_MAX, score_problem
+from ..utils import callable_name
 
 # beta * (max R - min R) beyond which a batch's rewards swamp the log-space, in nats. The objectives compare beta * R
 # with log-probability differences in float32, never exponentiating it (DAG's default beta = 100 on rewards in [0, 1]
@@ -101,7 +101,7 @@ def validate_rewards(
             f"{name} returned shape {shape} at epoch {epoch} for {count} prompts: expected ({count},), one reward per "
             "image."
         )
-    problems = [(prompt, score_problem(value)) for prompt, value in zip(prompts, scalars)]
+    problems = [(prompt, score_problem(value)) for prompt, value in zip(prompts, scalars, strict=True)]
     non_finite = [prompt for prompt, problem in problems if problem in ("NaN", "inf", "-inf")]
     if non_finite:
         raise ValueError(

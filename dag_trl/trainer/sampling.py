@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ..config import GFlowNetConfig
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
-    from .objectives import Objective
+    from ..objectives import Objective
 
 
 class SamplingMixin:
@@ -102,16 +102,6 @@ class SamplingMixin:
                     "sample_eta and the scheduler."
                 )
             batch_size = len(prompts)
-            # One (guided: two-row) UNet call per step, and one more for the prior when the objective records it,
-            # except on the steps below lora_min_timestep, which are the prior's own.
-            prior_steps = 0
-            if self.objective.uses_prior_log_probs:
-                prior_steps = int((output.timesteps >= config.lora_min_timestep).sum())
-            self.counters.unet_forward_no_grad += (
-                batch_size
-                * (config.sample_num_steps + prior_steps)
-                * (2 if config.sample_guidance_scale != 1.0 else 1)
-            )
             self.counters.vae_decodes += batch_size
             if config.async_reward_computation:
                 pending.append(self.executor.submit(self.compute_rewards, output.images, prompts, metadata, epoch))
@@ -133,7 +123,7 @@ class SamplingMixin:
                 }
             )
             prompt_image_data.append([output.images, prompts, metadata])
-        for batch, data, result in zip(batches, prompt_image_data, pending):
+        for batch, data, result in zip(batches, prompt_image_data, pending, strict=True):
             rewards, info = result.result() if isinstance(result, futures.Future) else result
             batch["rewards"] = rewards
             data.extend([rewards, info])

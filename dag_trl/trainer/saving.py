@@ -6,7 +6,8 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Optional, Union
 
-from ..io.hub import callable_name, create_model_card, push_folder_to_hub
+from ..io.hub import create_model_card, push_folder_to_hub
+from ..utils import callable_name
 from .divergence import refuse_non_finite_weights
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
     from ..config import GFlowNetConfig
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
-    from .objectives import Objective
+    from ..objectives import Objective
 
 MODEL_CARD_NAME = "README.md"
 

@@ -78,7 +78,7 @@ class StateRewardCache:
             timesteps[missing],
             conditional_outputs.detach()[missing],
         )
-        self.rewards.update(zip([states[i] for i in missing], values))
+        self.rewards.update(zip([states[i] for i in missing], values, strict=True))
 
     def _add_fresh(self, states: list[State]) -> None:
         trainer = self.trainer
@@ -95,8 +95,7 @@ class StateRewardCache:
                     1.0,
                     unet=trainer.unet,
                 )
-            trainer.counters.unet_forward_no_grad += len(part)
-            predictions.update(zip(part, conditional))
+            predictions.update(zip(part, conditional, strict=True))
         self._add_from_predictions(states, predictions)
 
     def _add_from_predictions(self, states: list[State], predictions: dict) -> None:
@@ -108,7 +107,7 @@ class StateRewardCache:
             latents = self.window["latents"][rows, steps]
             timesteps = self.window["timesteps"][rows, steps]
             outputs = torch.stack([predictions[state] for state in part])
-            self.rewards.update(zip(part, self._score(rows.tolist(), latents, timesteps, outputs)))
+            self.rewards.update(zip(part, self._score(rows.tolist(), latents, timesteps, outputs), strict=True))
 
     def _score(
         self, rows: list[int], latents: torch.Tensor, timesteps: torch.Tensor, conditional_outputs: torch.Tensor

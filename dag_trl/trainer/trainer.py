@@ -4,7 +4,7 @@ DDPO), shaped like TRL's ``DDPOTrainer``.
 Zhang et al., "Improving GFlowNets for Text-to-Image Diffusion Alignment" (arXiv 2406.00633). One epoch samples
 trajectories with the current policy, scores their final images, then trains the denoiser (through its LoRA) and the
 objective's own model (DAG's flow network) on every kept transition. The trainer orchestrates: the loss is the
-objective's (:mod:`dag_trl.trainer.objectives`), everything model-family specific is the pipeline's
+objective's (:mod:`dag_trl.objectives`), everything model-family specific is the pipeline's
 (:mod:`dag_trl.models`), and the math of both is small pure functions.
 
 How a training window (one optimiser step; the weights are fixed inside it) avoids the reference's repeated work,
@@ -41,18 +41,18 @@ from tqdm.auto import tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
-from ..io.hub import callable_name
 from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+from ..objectives import TransitionBatch, get_objective_class
+from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
+from ..utils import callable_name
 from .checkpointing import CheckpointingMixin, accelerate_project_kwargs, list_checkpoints, resolve_resume_from
 from .distributed import TrainableModules, check_deepspeed_precision, configure_deepspeed
 from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
 from .evaluating import EvaluationHook, EvaluationMixin
 from .inputs import check_reward_scale, validate_reward_output
-from .objectives import TransitionBatch, get_objective_class
-from .objectives.losses import reward_exponent
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache
@@ -304,6 +304,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             self.prepared_models = (self.unet,)
         self.unwrapped_objective_model = objective_model
         self.counters = WorkCounters()
+        # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
+        # state-reward cache, evaluation, the reference loop).
+        sd_pipeline.unet.register_forward_hook(self._count_denoiser_forward)
         if objective_model is not None:
             objective_model.register_forward_hook(self._count_objective_model_forward)
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
@@ -339,6 +342,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             weight_decay=config.train_adam_weight_decay,
             eps=config.train_adam_epsilon,
         )
+
+    def _count_denoiser_forward(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
+        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
+        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
+        if torch.is_grad_enabled():
+            self.counters.unet_forward_grad += rows
+        else:
+            self.counters.unet_forward_no_grad += rows
 
     def _count_objective_model_forward(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.counters.flow_forwards += output.shape[0]
@@ -597,7 +609,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 parameter.grad = torch.zeros_like(parameter)
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), reduction="mean")
-            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
                 parameter.grad.copy_(grad.view_as(parameter))
         name = f"grad_norm_{self.objective.model_folder}"
         norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.train_max_grad_norm))
@@ -666,7 +678,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     window["prompt_embeds"][rows],
                     window["latents"][rows, step + 1],
                 )[2].log_probs
-                self.counters.unet_forward_no_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         return result
 
     def transition_batch(
@@ -691,11 +702,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
 
         guided, conditional, step = self._policy(latents, timesteps, prompt_embeds, next_latents)
         log_probs = step.log_probs
-        self.counters.unet_forward_grad += len(rows) * (2 if self.trains_with_guidance else 1)
         final_rewards = window["rewards"][rows_d].float()
         reward_now = reward_next = None
         if state_rewards is not None:
-            states = list(zip(rows.tolist(), steps.tolist()))
+            states = list(zip(rows.tolist(), steps.tolist(), strict=True))
             # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
             state_rewards.add_from_outputs(states, latents, timesteps, conditional)
             reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)

@@ -119,7 +119,7 @@ def prompt_adherence(images: ImagesLike, prompts: Sequence[str]) -> dict[str, fl
         raise ValueError(f"got {len(analyses)} images for {len(prompts)} prompts.")
     hits: dict[str, list[bool]] = {"colour": [], "background": [], "shape": []}
     all_hits = []
-    for analysis, prompt in zip(analyses, prompts):
+    for analysis, prompt in zip(analyses, prompts, strict=True):
         matches = [
             (attribute, getattr(analysis, attribute) == value) for attribute, value in parse_prompt(prompt).items()
         ]

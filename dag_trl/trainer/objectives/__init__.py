@@ -1,49 +1,12 @@
-"""Training objectives, one file each, chosen by ``GFlowNetConfig.train_objective``.
+"""The former place of :mod:`dag_trl.objectives`, kept so that existing imports keep working (this name and its
+submodules, e.g. ``dag_trl.trainer.objectives.losses``, are the same module objects). The objectives moved below the
+trainer so that the config can look one up without importing the trainer."""
 
-To add one: write a subclass of :class:`Objective` in a new file and add it to :data:`OBJECTIVES`.
-"""
+import sys
 
-from __future__ import annotations
+from ...objectives import *  # noqa: F403 (the same public names)
+from ...objectives import __all__ as __all__
+from ...objectives import base, dag_db, dag_kl, ddpo, kl_pg, losses, rdb, rtb
 
-from .base import Objective, TransitionBatch
-from .dag_db import DAGDetailedBalance
-from .dag_kl import DAGKL
-from .ddpo import DDPO
-from .kl_pg import KLRegularisedPolicyGradient
-from .rdb import RelativeDetailedBalance
-from .rtb import RelativeTrajectoryBalance
-
-OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls
-    for cls in (
-        DAGDetailedBalance,
-        DAGKL,
-        DDPO,
-        RelativeTrajectoryBalance,
-        KLRegularisedPolicyGradient,
-        RelativeDetailedBalance,
-    )
-}
-
-
-def get_objective_class(name: str) -> type[Objective]:
-    """The objective class registered as ``name``; ``ValueError`` naming the accepted values otherwise."""
-    if name not in OBJECTIVES:
-        raise ValueError(
-            f"GFlowNetConfig.train_objective={name!r} is invalid: expected one of {sorted(OBJECTIVES)} (or None)."
-        )
-    return OBJECTIVES[name]
-
-
-__all__ = [
-    "DAGDetailedBalance",
-    "DAGKL",
-    "DDPO",
-    "KLRegularisedPolicyGradient",
-    "OBJECTIVES",
-    "Objective",
-    "RelativeDetailedBalance",
-    "RelativeTrajectoryBalance",
-    "TransitionBatch",
-    "get_objective_class",
-]
+for _submodule in (base, dag_db, dag_kl, ddpo, kl_pg, losses, rdb, rtb):
+    sys.modules[f"{__name__}.{_submodule.__name__.rsplit('.', 1)[1]}"] = _submodule

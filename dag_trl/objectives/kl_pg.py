@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...samplers.ddim import gaussian_step_kl
+from ..samplers.ddim import gaussian_step_kl
 from .base import Objective, TransitionBatch, check_prior_available
 from .losses import kl_regularised_returns, leave_one_out_baseline
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 
 if TYPE_CHECKING:
-    from ...config import GFlowNetConfig
-    from ...models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+    from ..config import GFlowNetConfig
+    from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 
 
 @dataclass
@@ -101,7 +101,7 @@ def check_guided_training(config: GFlowNetConfig, objective_name: str) -> None:
 
 class Objective(ABC):
     """A training objective. Subclass it, set the class attributes, implement :meth:`loss`, and register the class
-    in :data:`dag_trl.trainer.objectives.OBJECTIVES` under its ``name``; nothing in the trainer changes.
+    with :func:`dag_trl.objectives.register_objective` under its ``name``; nothing in the trainer changes.
 
     Class attributes (the declarations the loop reads):
         name: the registry key, the value of ``GFlowNetConfig.train_objective``.

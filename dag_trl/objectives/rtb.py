@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...models.log_partition import LogPartitionHead
+from ..models.log_partition import LogPartitionHead
 from .base import Objective, TransitionBatch, check_guided_training, check_prior_available
 
 

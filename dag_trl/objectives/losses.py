@@ -12,7 +12,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from ...samplers.ddim import _per_sample, reduce_over_sample
+from ..samplers.gaussian import _per_sample, reduce_over_sample
 
 
 def reward_exponent(epoch: int, num_epochs: int, reward_exp: float, anneal: str = "linear") -> float:

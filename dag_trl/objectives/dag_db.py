@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ...models.flow_network import FlowNetwork
+from ..models.flow_network import FlowNetwork
 from .base import Objective, TransitionBatch
 from .losses import detailed_balance_residual, forward_looking_log_flow, proximal_regulariser
 
