@@ -145,6 +145,34 @@ def test_keyword_arguments_must_be_json_objects():
         ScriptArguments(prompt_kwargs=[1])
 
 
+def test_every_keyword_arguments_flag_takes_a_json_object_on_the_command_line():
+    script_args, config = parse_arguments(
+        ["--pipeline_kwargs", '{"torch_dtype": "bfloat16"}', "--reward_kwargs", '{"quality": 80}',
+         "--prompt_kwargs", '{"seed": 3}', "--tracker_kwargs", '{"wandb": {"entity": "me"}}',
+         "--accelerator_kwargs", '{"step_scheduler_with_optimizer": false}',
+         "--project_kwargs", '{"total_limit": 3}']
+    )  # fmt: skip
+    assert script_args.pipeline_kwargs == {"torch_dtype": "bfloat16"}
+    assert (script_args.reward_kwargs, script_args.prompt_kwargs) == ({"quality": 80}, {"seed": 3})
+    assert config.tracker_kwargs == {"wandb": {"entity": "me"}}
+    assert config.accelerator_kwargs == {"step_scheduler_with_optimizer": False}
+    assert config.project_kwargs == {"total_limit": 3}
+    # The = form, and a recipe's value under a command-line one.
+    assert parse_arguments(["--project_kwargs={}"])[1].project_kwargs == {}
+
+
+@pytest.mark.parametrize("name", ["pipeline_kwargs", "tracker_kwargs", "project_kwargs"])
+def test_a_keyword_arguments_flag_that_is_not_a_json_object_is_refused_naming_the_flag(name, capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments([f"--{name}", "{torch_dtype: bfloat16}"])
+    error = capsys.readouterr().err
+    assert f"argument --{name}" in error and f"{name}='{{torch_dtype: bfloat16}}' is not valid JSON" in error
+    with pytest.raises(SystemExit):
+        parse_arguments([f"--{name}", "[1, 2]"])
+    error = capsys.readouterr().err
+    assert f"{name}='[1, 2]' is invalid: expected a JSON object" in error
+
+
 def test_summary_text_reports_before_after_and_colour_shift():
     summary = {
         "algorithm": "DAG-DB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",

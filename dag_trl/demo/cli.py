@@ -12,6 +12,7 @@ With ``--pretrained_model`` (a Hub id or local folder of an SD 1.x / 2.x, SDXL, 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import json
@@ -20,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
@@ -47,6 +48,51 @@ BUILTIN_MODEL = "builtin:shapes"
 BUILTIN_RECIPE = "shapes_recipe.yaml"
 # What the job writes into output_dir beside the logs; --overwrite removes an earlier run's.
 REPORT_OUTPUTS = ("before.png", "after.png", "reward_curve.png", "summary.json", "model")
+
+
+# The dict-valued options of ScriptArguments and GFlowNetConfig: each takes a JSON object on the command line.
+JSON_OBJECT_OPTIONS = (
+    "pipeline_kwargs",
+    "reward_kwargs",
+    "prompt_kwargs",
+    "tracker_kwargs",
+    "accelerator_kwargs",
+    "project_kwargs",
+)
+
+
+def json_object(name: str, value: Any) -> dict[str, Any]:
+    """``value`` of the option ``name`` as a dict: a dict as it is, a string parsed as a JSON object (an empty string
+    is ``{}``); anything else is a ``ValueError`` naming the option, its value and what is accepted."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}={value!r} is not valid JSON: {error}.") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
+    return parsed
+
+
+def accept_json_objects(parser: argparse.ArgumentParser) -> None:
+    """Make each of :data:`JSON_OBJECT_OPTIONS` of ``parser`` read a JSON object, e.g.
+    ``--pipeline_kwargs '{"torch_dtype": "bfloat16"}'``: ``HfArgumentParser`` gives dict fields the type ``dict``
+    (and ``Any`` fields the type ``Any``), which refuses every string. Invalid JSON or a JSON value that is not an
+    object makes argparse exit with ``argument --<name>/...: <name>=... is ...``."""
+
+    def reader(name: str) -> Callable[[str], dict[str, Any]]:
+        def read(text: str) -> dict[str, Any]:
+            try:
+                return json_object(name, text)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from error
+
+        return read
+
+    for action in parser._actions:  # argparse has no public way to change an option's type
+        if action.dest in JSON_OBJECT_OPTIONS:
+            action.type = reader(action.dest)
 
 
 @dataclass
@@ -104,15 +150,7 @@ class ScriptArguments:
 
     def __post_init__(self) -> None:
         for name in ("reward_kwargs", "prompt_kwargs", "pipeline_kwargs"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value) if value.strip() else {}
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name}={value!r} is not valid JSON: {error}.") from error
-            if not isinstance(value, dict):
-                raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
-            setattr(self, name, value)
+            setattr(self, name, json_object(name, getattr(self, name)))
         if self.eval_num_images < 1:
             raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
 
@@ -161,6 +199,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
             file_settings = yaml.safe_load(handle) or {}
     argv = with_objective_settings(argv, file_settings)
     parser = TrlParser((ScriptArguments, GFlowNetConfig))
+    accept_json_objects(parser)
     model = flag_value(argv, "pretrained_model") or file_settings.get("pretrained_model", BUILTIN_MODEL)
     if model != BUILTIN_MODEL:
         return parser.parse_args_and_config(argv)
