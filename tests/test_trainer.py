@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import PROMPTS, brightness, record_logs, tiny_config
 
-from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
 from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
 from dag_trl.trainer.objectives.losses import reward_exponent
@@ -556,3 +556,37 @@ def test_transition_order_puts_one_timestep_in_a_batch_or_mixes_them(tmp_path, t
     one_timestep = [len(set(timesteps)) == 1 for timesteps in seen]
     assert len(seen) == 8  # 2 batches x 4 kept timesteps
     assert all(one_timestep) if order == "by_timestep" else not all(one_timestep)
+
+
+def test_a_config_without_train_objective_says_what_it_trains_and_its_reward_calls(tmp_path):
+    from dag_trl.trainer.trainer import default_objective_message
+
+    # 4 steps, every transition kept: the 4 states x_T .. x_1 besides the final image.
+    message = default_objective_message(tiny_config(tmp_path))
+    assert message.startswith("train_objective is not set, so train_klpf=-1 picks DAG-DB (detailed balance)")
+    assert "density proportional to exp(beta * R), not DDPO's reward maximum" in message
+    assert "one-step predictions of 4 intermediate states of every trajectory" in message
+    assert "up to 5 images per trajectory where DDPO calls it on 1" in message
+    assert message.endswith("Set train_objective='ddpo' for TRL's DDPO, or train_objective='dag_db' to keep DAG-DB "
+                            "without this message.")  # fmt: skip
+    # Half the transitions kept: 2 kept states and at most their 2 successors.
+    message = default_objective_message(
+        tiny_config(tmp_path, train_klpf=0.5, sample_num_steps=8, train_timestep_fraction=0.25)
+    )
+    assert "picks DAG-KL" in message and "of 2 to 4 intermediate states" in message and "up to 5 images" in message
+    # The paper's defaults, as the README's DDPO port table states them.
+    assert "up to 51 images per trajectory" in default_objective_message(GFlowNetConfig())
+
+
+def test_the_default_objective_is_announced_once_and_the_reward_calls_match_it(tmp_path, tiny_sd_path, caplog):
+    with caplog.at_level("WARNING", logger="dag_trl.trainer.trainer"):
+        trainer, _ = make_trainer(tmp_path, tiny_sd_path, sample_num_batches_per_epoch=1)
+    notices = [record.getMessage() for record in caplog.records if "train_objective is not set" in record.getMessage()]
+    assert len(notices) == 1 and "up to 5 images per trajectory" in notices[0]
+    trainer.step(0, 0)
+    # 4 trajectories: their final images and, at every transition kept, the 4 states before them.
+    assert trainer.counters.reward_samples == 4 * 5
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dag_trl.trainer.trainer"):
+        make_trainer(tmp_path / "explicit", tiny_sd_path, train_objective="dag_db")
+    assert not [record for record in caplog.records if "train_objective is not set" in record.getMessage()]

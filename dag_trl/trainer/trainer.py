@@ -25,6 +25,7 @@ runs the clipping and the optimiser step at the end of each window.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -56,6 +57,8 @@ from .objectives.losses import reward_exponent
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache
+
+logger = logging.getLogger(__name__)
 
 # derive_seed stream of the prompt order; streams 0 (sampling noise) and 1.. (inner-epoch shuffles) are taken.
 PROMPT_SEED_STREAM = 1 << 20
@@ -115,6 +118,31 @@ def terminate_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt(str(error) or "SIGINT") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def default_objective_message(config: GFlowNetConfig) -> str:
+    """What a config without ``train_objective`` trains, for users who port a DDPO script: the objective ``train_klpf``
+    picks, its target, and the reward evaluations its state rewards add (per trajectory and inner epoch: the ``k``
+    kept transitions need the states they start from and, when not final, the ones they end in, between ``k`` and
+    ``min(N, 2k)`` of the ``N`` steps' states, besides the final image)."""
+    objective = get_objective_class(config.objective_name)
+    steps, kept = config.sample_num_steps, config.num_train_timesteps
+    message = (
+        f"train_objective is not set, so train_klpf={config.train_klpf:g} picks {objective.display_name} "
+        f"({objective.description}): its target is images with density proportional to exp(beta * R), not DDPO's "
+        "reward maximum (docs/algorithm.md)"
+    )
+    if objective.uses_state_rewards:
+        states = f"{kept}" if min(steps, 2 * kept) == kept else f"{kept} to {min(steps, 2 * kept)}"
+        message += (
+            f"; it also decodes and scores the one-step predictions of {states} intermediate states of every "
+            f"trajectory, so a reward function is called on up to {1 + min(steps, 2 * kept)} images per trajectory "
+            "where DDPO calls it on 1 (a slow or remote reward costs that much more)"
+        )
+    return (
+        message + f". Set train_objective='ddpo' for TRL's DDPO, or train_objective='{objective.name}' to keep "
+        f"{objective.display_name} without this message."
+    )
 
 
 def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
@@ -229,6 +257,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             **config.accelerator_kwargs,
         )
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if config.train_objective is None and self.accelerator.is_main_process:
+            logger.warning(default_objective_message(config))
         if self.uses_deepspeed:
             check_deepspeed_precision(config, self.objective)
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
