@@ -14,6 +14,7 @@ import yaml
 from conftest import files_under
 from PIL import Image
 
+from dag_trl.demo import cli
 from dag_trl.demo.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +172,42 @@ def test_a_keyword_arguments_flag_that_is_not_a_json_object_is_refused_naming_th
         parse_arguments([f"--{name}", "[1, 2]"])
     error = capsys.readouterr().err
     assert f"{name}='[1, 2]' is invalid: expected a JSON object" in error
+
+
+def without_tensorboard(monkeypatch):
+    """Make tensorboard (and tensorboardX, which accelerate also takes) look uninstalled."""
+    for name in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_a_tracker_the_user_names_without_its_package_fails_before_the_model_loads(tmp_path, monkeypatch):
+    without_tensorboard(monkeypatch)
+    monkeypatch.setattr(cli, "build_trainer", lambda *args: pytest.fail("the model was loaded"))
+    script_args, config = parse_arguments(["--output_dir", str(tmp_path / "out"), "--log_with", "tensorboard"])
+    message = (
+        "GFlowNetConfig.log_with='tensorboard' needs the tensorboard package, which is not installed, so the run would "
+        "log nothing: `pip install 'dag_trl[tensorboard]'`, or choose another tracker (log_with=None, --log_with "
+        "none: no tracker)."
+    )
+    with pytest.raises(ImportError) as error:
+        run(script_args, config)
+    assert str(error.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_packaged_recipe_falls_back_to_no_tracker_with_one_warning_when_tensorboard_is_missing(
+    monkeypatch, caplog
+):
+    assert parse_arguments([])[1].log_with == "tensorboard"
+    without_tensorboard(monkeypatch)
+    with caplog.at_level("WARNING", logger="dag_trl.demo.cli"):
+        _, config = parse_arguments(["--num_epochs", "3"])
+    assert config.log_with is None and config.num_epochs == 3
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning == (
+        "The built-in recipe logs to tensorboard, which is not installed: this run reports on the console and in "
+        "--output_dir only (`pip install 'dag_trl[tensorboard]'` for tensorboard logs)."
+    )
 
 
 def test_summary_text_reports_before_after_and_colour_shift():

@@ -1,6 +1,7 @@
 """GFlowNetDiffusionTrainer on the tiny offline pipeline: losses on known numbers, training runs, bad input."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -590,3 +591,40 @@ def test_the_default_objective_is_announced_once_and_the_reward_calls_match_it(t
     with caplog.at_level("WARNING", logger="dag_trl.trainer.trainer"):
         make_trainer(tmp_path / "explicit", tiny_sd_path, train_objective="dag_db")
     assert not [record for record in caplog.records if "train_objective is not set" in record.getMessage()]
+
+
+def test_the_epoch_line_shows_rewards_the_main_metric_and_the_times():
+    from dag_trl.trainer.trainer import epoch_line
+
+    rewards = {"reward_mean": 0.41234, "reward_q05": 0.1, "reward_q50": 0.4, "reward_q95": 0.71, "reward_std": 0.2}
+    assert epoch_line(2, 24, rewards, ("loss_total", 0.012345), 37.4, 192.6) == (
+        "epoch 3/24: reward 0.412 (q05 0.100, q50 0.400, q95 0.710), loss_total 0.01235, elapsed 0:00:37, ETA 0:03:13"
+    )
+    assert epoch_line(0, 1, rewards, None, 3725.0, 0.0).endswith("q95 0.710), elapsed 1:02:05, ETA 0:00:00")
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_anything_is_set_up(tmp_path, tiny_sd_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what importing a package that is not installed finds
+    with pytest.raises(
+        ImportError, match=r"log_with='wandb' needs the wandb package, .* `pip install 'dag_trl\[wandb\]'`"
+    ):
+        make_trainer(tmp_path, tiny_sd_path, log_with="wandb")
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.integration
+def test_every_epoch_logs_one_line_with_its_rewards_and_the_objectives_main_metric(tmp_path, tiny_sd_path, caplog):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, sample_num_batches_per_epoch=1, num_epochs=2)
+    with caplog.at_level("INFO", logger="dag_trl.trainer.trainer"):
+        trainer.train()
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("epoch ")]
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines):
+        rewards = trainer.reward_history[epoch]
+        losses = [values["loss_total"] for _, values in logged if "loss_total" in values and values["epoch"] == epoch]
+        assert line.startswith(
+            f"epoch {epoch + 1}/2: reward {rewards['reward_mean']:.3f} (q05 {rewards['reward_q05']:.3f}, "
+            f"q50 {rewards['reward_q50']:.3f}, q95 {rewards['reward_q95']:.3f}), "
+            f"loss_total {sum(losses) / len(losses):.4g}, elapsed "
+        )
+    assert lines[1].endswith("ETA 0:00:00")

@@ -16,6 +16,7 @@ import argparse
 import copy
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ import torch
 from ..config import GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 from ..io.hub import HubPushError
+from ..io.tracking import check_tracker_installed, tracker_install_command, tracker_installed
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
 from ..trainer.checkpointing import (
@@ -43,6 +45,8 @@ from ..trainer.checkpointing import (
 from ..trainer.objectives import get_objective_class
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
 from .shapes.target import load_table, tilted_target_hook
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_MODEL = "builtin:shapes"
 BUILTIN_RECIPE = "shapes_recipe.yaml"
@@ -210,6 +214,19 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
     objective = flag_value(argv, "train_objective") or file_settings.get("train_objective")
     if objective and (assets / f"shapes_recipe_{objective}.yaml").is_file():
         recipe.update(yaml.safe_load((assets / f"shapes_recipe_{objective}.yaml").read_text()))
+    tracker = recipe.get("log_with")
+    user_named_a_tracker = flag_value(argv, "log_with") is not None or "log_with" in file_settings
+    if tracker and not user_named_a_tracker and not tracker_installed(tracker):
+        # Plain `pip install dag_trl` has no tracker; the packaged recipe still runs (a tracker the user names is an
+        # error instead, before the model loads).
+        logger.warning(
+            "The built-in recipe logs to %s, which is not installed: this run reports on the console and in "
+            "--output_dir only (`%s` for %s logs).",
+            tracker,
+            tracker_install_command(tracker),
+            tracker,
+        )
+        recipe["log_with"] = None
     with tempfile.TemporaryDirectory() as folder:
         merged = os.path.join(folder, "recipe.yaml")
         with open(merged, "w") as handle:
@@ -408,6 +425,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     from ..rewards import get_reward_fn
     from ..trainer import resolve_resume_from
 
+    show_progress_on_the_console()
     config.logdir = run_logdir(script_args, config)
     check_output_dir(script_args, config)
     # Resolve names before any model is loaded, so a typo fails in a second.
@@ -420,6 +438,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         # A wrong folder, or one with nothing left to train, fails here, not after loading the model.
         check_epochs_left(config, resolve_resume_from(config))
 
+    check_tracker_installed(config.log_with)
     check_writable(script_args.output_dir)  # last of the checks that need no model; it creates the folder
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL
     trainer = build_trainer(script_args, config, reward_fn, prompt_fn)
@@ -520,6 +539,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_progress_on_the_console() -> None:
+    """Print dag_trl's log messages from INFO up (the trainer's line per epoch) on stderr, unless the program has set
+    up logging itself (a handler on the root or the ``dag_trl`` logger)."""
+    package_logger = logging.getLogger("dag_trl")
+    if package_logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``dag-trl``: ``dag-trl train [--config recipe.yaml] [--field value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -531,6 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if argv[0] != "train":
         raise SystemExit(f"unknown command {argv[0]!r}: expected 'train' (see dag-trl --help).")
+    show_progress_on_the_console()
     script_args, config = parse_arguments(argv[1:])
     run(script_args, config)
 

@@ -25,10 +25,12 @@ runs the clipping and the optimiser step at the end of each window.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import signal
 import threading
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -39,11 +41,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
 from ..io.hub import callable_name
-from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
+from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
@@ -145,6 +148,26 @@ def default_objective_message(config: GFlowNetConfig) -> str:
     )
 
 
+def epoch_line(
+    epoch: int,
+    num_epochs: int,
+    rewards: dict[str, float],
+    metric: Optional[tuple[str, float]],
+    elapsed: float,
+    remaining: float,
+) -> str:
+    """The console line of a finished epoch (``epoch`` counted from 0): the epoch's reward mean and 5 / 50 / 95 %
+    quantiles (``rewards`` with :func:`~dag_trl.evaluation.reward_statistics`' keys prefixed ``reward_``), the
+    objective's main metric ``(name, epoch mean)`` if any, and the elapsed and remaining wall time in seconds."""
+    quantiles = ", ".join(f"{name} {rewards[f'reward_{name}']:.3f}" for name in ("q05", "q50", "q95"))
+    parts = [f"epoch {epoch + 1}/{num_epochs}: reward {rewards['reward_mean']:.3f} ({quantiles})"]
+    if metric is not None:
+        parts.append(f"{metric[0]} {metric[1]:.4g}")
+    clock = [str(datetime.timedelta(seconds=round(seconds))) for seconds in (elapsed, remaining)]
+    parts.append(f"elapsed {clock[0]}, ETA {clock[1]}")
+    return ", ".join(parts)
+
+
 def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
     sampler = getattr(pipeline, "sampler", None)
     return f" and sampler={sampler!r}" if sampler else ""
@@ -213,6 +236,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
                 "steps below it use the pretrained model, the LoRA switched off."
             )
+        check_tracker_installed(config.log_with)
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -341,6 +365,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.global_step = 0
         self.weights_version = 0
         self.reward_history: list[dict[str, float]] = []
+        self.epoch_window_metrics: list[dict[str, float]] = []  # the metrics of each optimiser step of the epoch
         self.evaluation_history: list[dict[str, Any]] = []
         self._reward_scale_warned = False
         # fp16 scales the loss (accelerate's gradient scaler, DeepSpeed's dynamic loss scale): a step whose gradients
@@ -380,12 +405,25 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         last_epoch = self.config.num_epochs if epochs is None else epochs
         self._acquire_run_lock()  # again: an earlier train() released it
         epoch = self.first_epoch
+        main = self.accelerator.is_local_main_process
+        progress = tqdm(total=last_epoch, initial=self.first_epoch, desc="Training", unit="epoch", disable=not main)
+        start = time.perf_counter()
         try:
-            with terminate_as_interrupt():
+            # Log lines (the per-epoch one) are printed above the progress bars instead of through them.
+            with terminate_as_interrupt(), logging_redirect_tqdm(loggers=[logging.getLogger("dag_trl")]):
                 if self.config.eval_freq and self.first_epoch == 0 and not self.evaluation_history:
                     self.evaluate(0)
                 for epoch in range(self.first_epoch, last_epoch):
                     self.global_step = self.step(epoch, self.global_step)
+                    progress.update(1)
+                    elapsed = time.perf_counter() - start
+                    remaining = elapsed / (epoch + 1 - self.first_epoch) * (last_epoch - epoch - 1)
+                    if self.accelerator.is_main_process:
+                        logger.info(
+                            epoch_line(
+                                epoch, last_epoch, self.reward_history[-1], self._epoch_metric(), elapsed, remaining
+                            )
+                        )
         except KeyboardInterrupt as interrupt:
             # Rewards still being computed for the abandoned epoch are not waited for.
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -402,6 +440,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 f"Training was interrupted ({interrupt}) during epoch {epoch}; {last}."
             ) from None
         finally:
+            progress.close()
             self._release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
@@ -412,6 +451,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         config = self.config
         beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
         self.counters = WorkCounters()
+        self.epoch_window_metrics = []
         self.unet.eval()
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
@@ -446,6 +486,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             self.save_checkpoint(epoch)
         return global_step
 
+    def _epoch_metric(self) -> Optional[tuple[str, float]]:
+        """``(name, mean over the epoch's optimiser steps)`` of the objective's main metric, ``None`` if not logged."""
+        name = self.objective.main_metric
+        values = [metrics[name] for metrics in self.epoch_window_metrics if name in metrics]
+        return (name, sum(values) / len(values)) if values else None
+
     def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
         self.counters.reward_calls += 1
@@ -478,7 +524,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
         ):
             metrics = self.train_window(window, kept, beta, epoch, window_index=global_step - first_step)
-            metrics.update({"epoch": epoch, "beta": beta})
+            self.epoch_window_metrics.append(metrics)
+            metrics = {**metrics, "epoch": epoch, "beta": beta}
             self.accelerator.log(metrics, step=global_step)
             global_step += 1
         return global_step

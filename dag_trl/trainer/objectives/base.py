@@ -89,6 +89,7 @@ class Objective(ABC):
             only for samplers that are the Gaussian posterior (DDIM at ``eta = 1``); the trainer warns on others.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
             adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
+        main_metric: the metric of :meth:`loss` that the trainer's per-epoch console line shows (its epoch mean).
     """
 
     name: ClassVar[str]
@@ -102,6 +103,7 @@ class Objective(ABC):
     uses_prior_log_probs: ClassVar[bool] = False
     uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
+    main_metric: ClassVar[str] = "loss_total"
 
     def __init__(self, config: GFlowNetConfig):
         self.config = config
