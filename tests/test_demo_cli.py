@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import files_under
+from conftest import another_run_holding, files_under, run_lock_is_free
 from PIL import Image
 
 from dag_trl.demo import cli
@@ -304,19 +304,18 @@ def test_a_folder_that_a_live_run_writes_is_refused_and_nothing_is_removed(tmp_p
     _, config = parse_arguments([])
     output_dir = tmp_path / "run"
     earlier_run(output_dir, config.tracker_project_name)
-    lock = output_dir / "logs" / "run.lock"
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
-    before = files_under(output_dir)
-    for resume_from in ("", "latest"):
-        config.resume_from = resume_from
-        with pytest.raises(SystemExit) as caught:
-            check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
-        assert str(caught.value) == (
-            f"Another run (pid {os.getppid()} on '{socket.gethostname()}') is writing to '{output_dir / 'logs'}': "
-            "two runs in one folder prune and resume each other's checkpoints. Wait for it to end, or use another "
-            f"logdir (project_dir); if that process is gone, delete '{lock}'."
-        )
-    assert files_under(output_dir) == before
+    with another_run_holding(output_dir / "logs") as other:
+        before = files_under(output_dir)
+        for resume_from in ("", "latest"):
+            config.resume_from = resume_from
+            with pytest.raises(SystemExit) as caught:
+                check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
+            assert str(caught.value) == (
+                f"Another run (pid {other.pid} on '{socket.gethostname()}') is writing to '{output_dir / 'logs'}': "
+                "two runs in one folder prune and resume each other's checkpoints. Wait for it to end (its lock ends "
+                "with its process), or use another logdir (project_dir)."
+            )
+        assert files_under(output_dir) == before
 
 
 @pytest.mark.integration
@@ -335,7 +334,7 @@ def test_overwrite_over_a_longer_run_then_resume_latest(tmp_path, tiny_sd_path):
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_0"]  # the earlier run's epochs 1 and 2 are gone
     assert len(summary["reward_history"]) == 1
     assert json.loads((output_dir / "summary.json").read_text())["epochs"] == 1
-    assert not (output_dir / "logs" / "run.lock").exists()  # released when training ended
+    assert run_lock_is_free(output_dir / "logs" / "run.lock")  # released when training ended
 
     with pytest.raises(SystemExit) as caught:
         dag_trl_train("--num_epochs", "1", "--resume_from", "latest")

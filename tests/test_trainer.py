@@ -439,11 +439,11 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
     import os
     import signal
 
-    from conftest import make_resumable_trainer
+    from conftest import make_resumable_trainer, run_lock_is_free
 
     from dag_trl import TrainingInterrupted
     from dag_trl.trainer import list_checkpoints
-    from dag_trl.trainer.checkpointing import run_lock_path
+    from dag_trl.trainer.checkpointing import run_lock_path, run_owner_path
 
     if signal.getsignal(getattr(signal, signal_name)) is signal.SIG_IGN:
         pytest.skip(f"{signal_name} is ignored in this process (started in the background by a shell or nohup)")
@@ -465,7 +465,7 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
         "resume from it with resume_from='latest'."
     )
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert not os.path.exists(run_lock_path(trainer.config))
+    assert run_lock_is_free(run_lock_path(trainer.config)) and not os.path.exists(run_owner_path(trainer.config))
 
 
 def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is_not_exact(tmp_path, tiny_sd_path):
