@@ -4,9 +4,13 @@ reloaded like a Hub checkpoint, and the real shapes model."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,6 +95,46 @@ def files_under(folder) -> set[str]:
         for root, _, names in os.walk(folder)
         for name in names
     }
+
+
+@contextlib.contextmanager
+def another_run_holding(folder) -> Iterator[subprocess.Popen]:
+    """A live process that holds the run lock of ``folder`` and records itself beside it as a run does; killed (not
+    asked to stop) on exit."""
+    from dag_trl.trainer.checkpointing import RUN_LOCK_NAME, RUN_OWNER_NAME
+
+    os.makedirs(folder, exist_ok=True)
+    holder = (
+        "import json, os, socket, sys, time\n"
+        "from filelock import FileLock\n"
+        f"lock = FileLock({os.path.join(folder, RUN_LOCK_NAME)!r})\n"  # kept referenced: a collected lock is released
+        "lock.acquire()\n"
+        f"with open({os.path.join(folder, RUN_OWNER_NAME)!r}, 'w') as handle:\n"
+        "    json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, handle)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def run_lock_is_free(path) -> bool:
+    """Whether a new lock on ``path`` can be taken now (then given back)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    lock.release(force=True)
+    return True
 
 
 @pytest.fixture(scope="session")

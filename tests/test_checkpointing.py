@@ -17,11 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, brightness, files_under, make_resumable_trainer, tiny_config
+from conftest import (
+    PROMPTS,
+    another_run_holding,
+    brightness,
+    files_under,
+    make_resumable_trainer,
+    run_lock_is_free,
+    tiny_config,
+)
 
 from dag_trl import DefaultGFlowNetStableDiffusionPipeline, FlowNetwork, GFlowNetDiffusionTrainer
 from dag_trl.prompts import PromptList
 from dag_trl.trainer import list_checkpoints
+from dag_trl.trainer.checkpointing import RUN_LOCK_NAME, RUN_OWNER_NAME
 
 FLOW_FILES = {"flow/config.json", "flow/diffusion_pytorch_model.safetensors"}
 
@@ -397,33 +406,32 @@ def finished_process_id() -> int:
     return process.pid
 
 
-def test_a_folder_that_a_live_run_writes_is_refused_naming_its_process(tmp_path, tiny_sd_path):
-    lock = tmp_path / "logs" / "run.lock"
-    lock.parent.mkdir()
-    other = {"pid": os.getppid(), "host": socket.gethostname()}  # a live process other than this one
-    lock.write_text(json.dumps(other))
-    with pytest.raises(RuntimeError) as caught:
-        make_resumable_trainer(tmp_path, tiny_sd_path)
-    assert str(caught.value) == (
-        f"Another run (pid {os.getppid()} on '{socket.gethostname()}') is writing to '{tmp_path / 'logs'}': two runs "
-        "in one folder prune and resume each other's checkpoints. Wait for it to end, or use another logdir "
-        f"(project_dir); if that process is gone, delete '{lock}'."
-    )
-    assert json.loads(lock.read_text()) == other
-    # A lock from another host cannot be checked from here: it is respected too.
-    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-    with pytest.raises(RuntimeError, match=r"^Another run \(pid 1 on 'elsewhere'\) is writing to "):
-        make_resumable_trainer(tmp_path, tiny_sd_path)
+def test_a_folder_that_a_live_run_writes_is_refused_naming_its_process_until_it_ends(tmp_path, tiny_sd_path):
+    owner = tmp_path / "logs" / RUN_OWNER_NAME
+    with another_run_holding(tmp_path / "logs") as other:
+        with pytest.raises(RuntimeError) as caught:
+            make_resumable_trainer(tmp_path, tiny_sd_path)
+        assert str(caught.value) == (
+            f"Another run (pid {other.pid} on '{socket.gethostname()}') is writing to '{tmp_path / 'logs'}': two runs "
+            "in one folder prune and resume each other's checkpoints. Wait for it to end (its lock ends with its "
+            "process), or use another logdir (project_dir)."
+        )
+        assert json.loads(owner.read_text()) == {"pid": other.pid, "host": socket.gethostname()}
+    # The other process was killed, leaving its owner file: the operating system ended its lock.
+    make_resumable_trainer(tmp_path, tiny_sd_path)
+    assert json.loads(owner.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
 
 
-def test_stale_lock_is_taken_over_and_released_when_training_ends(tmp_path, tiny_sd_path):
-    lock = tmp_path / "logs" / "run.lock"
-    lock.parent.mkdir()
-    lock.write_text(json.dumps({"pid": finished_process_id(), "host": socket.gethostname()}))
+def test_a_lock_left_by_a_finished_run_is_taken_over_and_released_when_training_ends(tmp_path, tiny_sd_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / RUN_LOCK_NAME).write_text("")
+    owner = tmp_path / "logs" / RUN_OWNER_NAME
+    owner.write_text(json.dumps({"pid": finished_process_id(), "host": socket.gethostname()}))
     trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=1)
-    assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert json.loads(owner.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert not run_lock_is_free(tmp_path / "logs" / RUN_LOCK_NAME)
     trainer.train()
-    assert not lock.exists()
+    assert run_lock_is_free(tmp_path / "logs" / RUN_LOCK_NAME) and not owner.exists()
     assert sorted(os.listdir(tmp_path / "logs" / "checkpoints")) == ["checkpoint_0"]
 
 

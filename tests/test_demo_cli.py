@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import files_under
+from conftest import another_run_holding, files_under, run_lock_is_free
 from PIL import Image
 
+from dag_trl.demo import cli
 from dag_trl.demo.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +146,70 @@ def test_keyword_arguments_must_be_json_objects():
         ScriptArguments(prompt_kwargs=[1])
 
 
+def test_every_keyword_arguments_flag_takes_a_json_object_on_the_command_line():
+    script_args, config = parse_arguments(
+        ["--pipeline_kwargs", '{"torch_dtype": "bfloat16"}', "--reward_kwargs", '{"quality": 80}',
+         "--prompt_kwargs", '{"seed": 3}', "--tracker_kwargs", '{"wandb": {"entity": "me"}}',
+         "--accelerator_kwargs", '{"step_scheduler_with_optimizer": false}',
+         "--project_kwargs", '{"total_limit": 3}']
+    )  # fmt: skip
+    assert script_args.pipeline_kwargs == {"torch_dtype": "bfloat16"}
+    assert (script_args.reward_kwargs, script_args.prompt_kwargs) == ({"quality": 80}, {"seed": 3})
+    assert config.tracker_kwargs == {"wandb": {"entity": "me"}}
+    assert config.accelerator_kwargs == {"step_scheduler_with_optimizer": False}
+    assert config.project_kwargs == {"total_limit": 3}
+    # The = form, and a recipe's value under a command-line one.
+    assert parse_arguments(["--project_kwargs={}"])[1].project_kwargs == {}
+
+
+@pytest.mark.parametrize("name", ["pipeline_kwargs", "tracker_kwargs", "project_kwargs"])
+def test_a_keyword_arguments_flag_that_is_not_a_json_object_is_refused_naming_the_flag(name, capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments([f"--{name}", "{torch_dtype: bfloat16}"])
+    error = capsys.readouterr().err
+    assert f"argument --{name}" in error and f"{name}='{{torch_dtype: bfloat16}}' is not valid JSON" in error
+    with pytest.raises(SystemExit):
+        parse_arguments([f"--{name}", "[1, 2]"])
+    error = capsys.readouterr().err
+    assert f"{name}='[1, 2]' is invalid: expected a JSON object" in error
+
+
+def without_tensorboard(monkeypatch):
+    """Make tensorboard (and tensorboardX, which accelerate also takes) look uninstalled."""
+    for name in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_a_tracker_the_user_names_without_its_package_fails_before_the_model_loads(tmp_path, monkeypatch):
+    without_tensorboard(monkeypatch)
+    monkeypatch.setattr(cli, "build_trainer", lambda *args: pytest.fail("the model was loaded"))
+    script_args, config = parse_arguments(["--output_dir", str(tmp_path / "out"), "--log_with", "tensorboard"])
+    message = (
+        "GFlowNetConfig.log_with='tensorboard' needs the tensorboard package, which is not installed, so the run would "
+        "log nothing: `pip install 'dag_trl[tensorboard]'`, or choose another tracker (log_with=None, --log_with "
+        "none: no tracker)."
+    )
+    with pytest.raises(ImportError) as error:
+        run(script_args, config)
+    assert str(error.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_packaged_recipe_falls_back_to_no_tracker_with_one_warning_when_tensorboard_is_missing(
+    monkeypatch, caplog
+):
+    assert parse_arguments([])[1].log_with == "tensorboard"
+    without_tensorboard(monkeypatch)
+    with caplog.at_level("WARNING", logger="dag_trl.demo.cli"):
+        _, config = parse_arguments(["--num_epochs", "3"])
+    assert config.log_with is None and config.num_epochs == 3
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning == (
+        "The built-in recipe logs to tensorboard, which is not installed: this run reports on the console and in "
+        "--output_dir only (`pip install 'dag_trl[tensorboard]'` for tensorboard logs)."
+    )
+
+
 def test_summary_text_reports_before_after_and_colour_shift():
     summary = {
         "algorithm": "DAG-DB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
@@ -239,19 +304,18 @@ def test_a_folder_that_a_live_run_writes_is_refused_and_nothing_is_removed(tmp_p
     _, config = parse_arguments([])
     output_dir = tmp_path / "run"
     earlier_run(output_dir, config.tracker_project_name)
-    lock = output_dir / "logs" / "run.lock"
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
-    before = files_under(output_dir)
-    for resume_from in ("", "latest"):
-        config.resume_from = resume_from
-        with pytest.raises(SystemExit) as caught:
-            check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
-        assert str(caught.value) == (
-            f"Another run (pid {os.getppid()} on '{socket.gethostname()}') is writing to '{output_dir / 'logs'}': "
-            "two runs in one folder prune and resume each other's checkpoints. Wait for it to end, or use another "
-            f"logdir (project_dir); if that process is gone, delete '{lock}'."
-        )
-    assert files_under(output_dir) == before
+    with another_run_holding(output_dir / "logs") as other:
+        before = files_under(output_dir)
+        for resume_from in ("", "latest"):
+            config.resume_from = resume_from
+            with pytest.raises(SystemExit) as caught:
+                check_output_dir(ScriptArguments(output_dir=str(output_dir), overwrite=True), config)
+            assert str(caught.value) == (
+                f"Another run (pid {other.pid} on '{socket.gethostname()}') is writing to '{output_dir / 'logs'}': "
+                "two runs in one folder prune and resume each other's checkpoints. Wait for it to end (its lock ends "
+                "with its process), or use another logdir (project_dir)."
+            )
+        assert files_under(output_dir) == before
 
 
 @pytest.mark.integration
@@ -270,7 +334,7 @@ def test_overwrite_over_a_longer_run_then_resume_latest(tmp_path, tiny_sd_path):
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_0"]  # the earlier run's epochs 1 and 2 are gone
     assert len(summary["reward_history"]) == 1
     assert json.loads((output_dir / "summary.json").read_text())["epochs"] == 1
-    assert not (output_dir / "logs" / "run.lock").exists()  # released when training ended
+    assert run_lock_is_free(output_dir / "logs" / "run.lock")  # released when training ended
 
     with pytest.raises(SystemExit) as caught:
         dag_trl_train("--num_epochs", "1", "--resume_from", "latest")

@@ -84,6 +84,32 @@ def test_tensorboard_writes_scalars_and_the_sample_grid(tmp_path, tiny_sd_path):
     assert caption.tensor_proto.string_val[0].decode().startswith("0: ")
 
 
+def test_evaluation_images_before_and_during_training_reach_tensorboard(tmp_path, tiny_sd_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_resumable_trainer(
+        tmp_path, tiny_sd_path, num_epochs=2, save_freq=100, log_with="tensorboard", eval_freq=1, eval_num_samples=4
+    )
+    trainer.train()
+    trainer.accelerator.end_training()
+
+    events = EventAccumulator(str(tmp_path / "logs" / "dag_trl"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    grids = events.Images("eval/samples")
+    # Before training, then after each epoch (one optimiser step each), as the evaluation history says.
+    assert [grid.step for grid in grids] == [0, 1, 2] and len(trainer.evaluation_history) == 3
+    # The last grid is the current weights' samples for the fixed prompts and noise, pixel for pixel (PNG).
+    prompts, _ = trainer.evaluation_prompts()
+    expected = tracker_image_grid(trainer.sample_images(prompts, trainer.config.eval_seed))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(grids[-1].encoded_image_string))), expected)
+    [*_, caption] = events.Tensors("eval/samples/prompts/text_summary")
+    assert caption.tensor_proto.string_val[0].decode().startswith(f"0: {prompts[0]} (reward ")
+
+
 def test_wandb_offline_writes_scalars_and_the_sample_grid(tmp_path, tiny_sd_path, monkeypatch):
     import wandb
 

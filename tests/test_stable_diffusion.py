@@ -1,5 +1,7 @@
 """DefaultGFlowNetStableDiffusionPipeline on a tiny Stable Diffusion saved and loaded like a Hub checkpoint."""
 
+import logging
+
 import pytest
 import torch
 
@@ -149,3 +151,32 @@ def test_a_nested_adapter_disabled_keeps_the_lora_off_until_the_outermost_exits(
             pass
         assert torch.equal(predict(), prior)
     assert torch.equal(predict(), with_lora) and not torch.equal(prior, with_lora)
+
+
+class KeptRecords(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("loaded_in, trained_in", [(None, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_weights_loaded_in_their_training_dtype_are_placed_without_diffusers_float32_warning(
+    tiny_sd_path, loaded_in, trained_in
+):
+    # diffusers' ModelMixin.to warns about modules "that should be kept in float32" whenever a dtype is named, even
+    # when it lists none.
+    records = KeptRecords()
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_logger.addHandler(records)
+    try:
+        pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True, torch_dtype=loaded_in)
+        pipeline.prepare_for_training(torch.device("cpu"), trained_in)
+    finally:
+        diffusers_logger.removeHandler(records)
+    assert not [message for message in records.messages if "should be kept in float32" in message]
+    frozen = [p for module in (pipeline.unet, pipeline.vae) for p in module.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {trained_in}
+    assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}

@@ -2,13 +2,14 @@
 
 import math
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, brightness, record_logs, tiny_config
 
-from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetConfig, GFlowNetDiffusionTrainer
 from dag_trl.objectives.losses import reward_exponent
 from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
@@ -480,11 +481,11 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
     import os
     import signal
 
-    from conftest import make_resumable_trainer
+    from conftest import make_resumable_trainer, run_lock_is_free
 
     from dag_trl import TrainingInterrupted
     from dag_trl.trainer import list_checkpoints
-    from dag_trl.trainer.checkpointing import run_lock_path
+    from dag_trl.trainer.checkpointing import run_lock_path, run_owner_path
 
     if signal.getsignal(getattr(signal, signal_name)) is signal.SIG_IGN:
         pytest.skip(f"{signal_name} is ignored in this process (started in the background by a shell or nohup)")
@@ -506,7 +507,7 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
         "resume from it with resume_from='latest'."
     )
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert not os.path.exists(run_lock_path(trainer.config))
+    assert run_lock_is_free(run_lock_path(trainer.config)) and not os.path.exists(run_owner_path(trainer.config))
 
 
 def test_resuming_with_a_prompt_function_without_reseed_warns_that_the_resume_is_not_exact(tmp_path, tiny_sd_path):
@@ -598,3 +599,74 @@ def test_transition_order_puts_one_timestep_in_a_batch_or_mixes_them(tmp_path, t
     one_timestep = [len(set(timesteps)) == 1 for timesteps in seen]
     assert len(seen) == 8  # 2 batches x 4 kept timesteps
     assert all(one_timestep) if order == "by_timestep" else not all(one_timestep)
+
+
+def test_a_config_without_train_objective_says_what_it_trains_and_its_reward_calls(tmp_path):
+    from dag_trl.trainer.trainer import default_objective_message
+
+    # 4 steps, every transition kept: the 4 states x_T .. x_1 besides the final image.
+    message = default_objective_message(tiny_config(tmp_path))
+    assert message.startswith("train_objective is not set, so train_klpf=-1 picks DAG-DB (detailed balance)")
+    assert "density proportional to exp(beta * R), not DDPO's reward maximum" in message
+    assert "one-step predictions of 4 intermediate states of every trajectory" in message
+    assert "up to 5 images per trajectory where DDPO calls it on 1" in message
+    assert message.endswith("Set train_objective='ddpo' for TRL's DDPO, or train_objective='dag_db' to keep DAG-DB "
+                            "without this message.")  # fmt: skip
+    # Half the transitions kept: 2 kept states and at most their 2 successors.
+    message = default_objective_message(
+        tiny_config(tmp_path, train_klpf=0.5, sample_num_steps=8, train_timestep_fraction=0.25)
+    )
+    assert "picks DAG-KL" in message and "of 2 to 4 intermediate states" in message and "up to 5 images" in message
+    # The paper's defaults, as the README's DDPO port table states them.
+    assert "up to 51 images per trajectory" in default_objective_message(GFlowNetConfig())
+
+
+def test_the_default_objective_is_announced_once_and_the_reward_calls_match_it(tmp_path, tiny_sd_path, caplog):
+    with caplog.at_level("WARNING", logger="dag_trl.trainer.trainer"):
+        trainer, _ = make_trainer(tmp_path, tiny_sd_path, sample_num_batches_per_epoch=1)
+    notices = [record.getMessage() for record in caplog.records if "train_objective is not set" in record.getMessage()]
+    assert len(notices) == 1 and "up to 5 images per trajectory" in notices[0]
+    trainer.step(0, 0)
+    # 4 trajectories: their final images and, at every transition kept, the 4 states before them.
+    assert trainer.counters.reward_samples == 4 * 5
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dag_trl.trainer.trainer"):
+        make_trainer(tmp_path / "explicit", tiny_sd_path, train_objective="dag_db")
+    assert not [record for record in caplog.records if "train_objective is not set" in record.getMessage()]
+
+
+def test_the_epoch_line_shows_rewards_the_main_metric_and_the_times():
+    from dag_trl.trainer.trainer import epoch_line
+
+    rewards = {"reward_mean": 0.41234, "reward_q05": 0.1, "reward_q50": 0.4, "reward_q95": 0.71, "reward_std": 0.2}
+    assert epoch_line(2, 24, rewards, ("loss_total", 0.012345), 37.4, 192.6) == (
+        "epoch 3/24: reward 0.412 (q05 0.100, q50 0.400, q95 0.710), loss_total 0.01235, elapsed 0:00:37, ETA 0:03:13"
+    )
+    assert epoch_line(0, 1, rewards, None, 3725.0, 0.0).endswith("q95 0.710), elapsed 1:02:05, ETA 0:00:00")
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_anything_is_set_up(tmp_path, tiny_sd_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what importing a package that is not installed finds
+    with pytest.raises(
+        ImportError, match=r"log_with='wandb' needs the wandb package, .* `pip install 'dag_trl\[wandb\]'`"
+    ):
+        make_trainer(tmp_path, tiny_sd_path, log_with="wandb")
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.integration
+def test_every_epoch_logs_one_line_with_its_rewards_and_the_objectives_main_metric(tmp_path, tiny_sd_path, caplog):
+    trainer, logged = make_trainer(tmp_path, tiny_sd_path, sample_num_batches_per_epoch=1, num_epochs=2)
+    with caplog.at_level("INFO", logger="dag_trl.trainer.trainer"):
+        trainer.train()
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("epoch ")]
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines):
+        rewards = trainer.reward_history[epoch]
+        losses = [values["loss_total"] for _, values in logged if "loss_total" in values and values["epoch"] == epoch]
+        assert line.startswith(
+            f"epoch {epoch + 1}/2: reward {rewards['reward_mean']:.3f} (q05 {rewards['reward_q05']:.3f}, "
+            f"q50 {rewards['reward_q50']:.3f}, q95 {rewards['reward_q95']:.3f}), "
+            f"loss_total {sum(losses) / len(losses):.4g}, elapsed "
+        )
+    assert lines[1].endswith("ETA 0:00:00")

@@ -12,15 +12,17 @@ With ``--pretrained_model`` (a Hub id or local folder of an SD 1.x / 2.x, SDXL, 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
@@ -30,6 +32,7 @@ import torch
 from ..config import GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 from ..io.hub import HubPushError
+from ..io.tracking import check_tracker_installed, tracker_install_command, tracker_installed
 from ..objectives import get_objective_class
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
@@ -43,10 +46,57 @@ from ..trainer.checkpointing import (
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
 from .shapes.target import load_table, tilted_target_hook
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_MODEL = "builtin:shapes"
 BUILTIN_RECIPE = "shapes_recipe.yaml"
 # What the job writes into output_dir beside the logs; --overwrite removes an earlier run's.
 REPORT_OUTPUTS = ("before.png", "after.png", "reward_curve.png", "summary.json", "model")
+
+
+# The dict-valued options of ScriptArguments and GFlowNetConfig: each takes a JSON object on the command line.
+JSON_OBJECT_OPTIONS = (
+    "pipeline_kwargs",
+    "reward_kwargs",
+    "prompt_kwargs",
+    "tracker_kwargs",
+    "accelerator_kwargs",
+    "project_kwargs",
+)
+
+
+def json_object(name: str, value: Any) -> dict[str, Any]:
+    """``value`` of the option ``name`` as a dict: a dict as it is, a string parsed as a JSON object (an empty string
+    is ``{}``); anything else is a ``ValueError`` naming the option, its value and what is accepted."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}={value!r} is not valid JSON: {error}.") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
+    return parsed
+
+
+def accept_json_objects(parser: argparse.ArgumentParser) -> None:
+    """Make each of :data:`JSON_OBJECT_OPTIONS` of ``parser`` read a JSON object, e.g.
+    ``--pipeline_kwargs '{"torch_dtype": "bfloat16"}'``: ``HfArgumentParser`` gives dict fields the type ``dict``
+    (and ``Any`` fields the type ``Any``), which refuses every string. Invalid JSON or a JSON value that is not an
+    object makes argparse exit with ``argument --<name>/...: <name>=... is ...``."""
+
+    def reader(name: str) -> Callable[[str], dict[str, Any]]:
+        def read(text: str) -> dict[str, Any]:
+            try:
+                return json_object(name, text)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from error
+
+        return read
+
+    for action in parser._actions:  # argparse has no public way to change an option's type
+        if action.dest in JSON_OBJECT_OPTIONS:
+            action.type = reader(action.dest)
 
 
 @dataclass
@@ -104,15 +154,7 @@ class ScriptArguments:
 
     def __post_init__(self) -> None:
         for name in ("reward_kwargs", "prompt_kwargs", "pipeline_kwargs"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value) if value.strip() else {}
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name}={value!r} is not valid JSON: {error}.") from error
-            if not isinstance(value, dict):
-                raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
-            setattr(self, name, value)
+            setattr(self, name, json_object(name, getattr(self, name)))
         if self.eval_num_images < 1:
             raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
 
@@ -161,6 +203,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
             file_settings = yaml.safe_load(handle) or {}
     argv = with_objective_settings(argv, file_settings)
     parser = TrlParser((ScriptArguments, GFlowNetConfig))
+    accept_json_objects(parser)
     model = flag_value(argv, "pretrained_model") or file_settings.get("pretrained_model", BUILTIN_MODEL)
     if model != BUILTIN_MODEL:
         return parser.parse_args_and_config(argv)
@@ -171,6 +214,19 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[ScriptArgumen
     objective = flag_value(argv, "train_objective") or file_settings.get("train_objective")
     if objective and (assets / f"shapes_recipe_{objective}.yaml").is_file():
         recipe.update(yaml.safe_load((assets / f"shapes_recipe_{objective}.yaml").read_text()))
+    tracker = recipe.get("log_with")
+    user_named_a_tracker = flag_value(argv, "log_with") is not None or "log_with" in file_settings
+    if tracker and not user_named_a_tracker and not tracker_installed(tracker):
+        # Plain `pip install dag_trl` has no tracker; the packaged recipe still runs (a tracker the user names is an
+        # error instead, before the model loads).
+        logger.warning(
+            "The built-in recipe logs to %s, which is not installed: this run reports on the console and in "
+            "--output_dir only (`%s` for %s logs).",
+            tracker,
+            tracker_install_command(tracker),
+            tracker,
+        )
+        recipe["log_with"] = None
     with tempfile.TemporaryDirectory() as folder:
         merged = os.path.join(folder, "recipe.yaml")
         with open(merged, "w") as handle:
@@ -369,6 +425,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     from ..rewards import get_reward_fn
     from ..trainer import resolve_resume_from
 
+    show_progress_on_the_console()
     config.logdir = run_logdir(script_args, config)
     check_output_dir(script_args, config)
     # Resolve names before any model is loaded, so a typo fails in a second.
@@ -381,6 +438,7 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
         # A wrong folder, or one with nothing left to train, fails here, not after loading the model.
         check_epochs_left(config, resolve_resume_from(config))
 
+    check_tracker_installed(config.log_with)
     check_writable(script_args.output_dir)  # last of the checks that need no model; it creates the folder
     is_shapes = script_args.pretrained_model == BUILTIN_MODEL
     trainer = build_trainer(script_args, config, reward_fn, prompt_fn)
@@ -481,6 +539,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_progress_on_the_console() -> None:
+    """Print dag_trl's log messages from INFO up (the trainer's line per epoch) on stderr, unless the program has set
+    up logging itself (a handler on the root or the ``dag_trl`` logger)."""
+    package_logger = logging.getLogger("dag_trl")
+    if package_logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``dag-trl``: ``dag-trl train [--config recipe.yaml] [--field value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -492,6 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if argv[0] != "train":
         raise SystemExit(f"unknown command {argv[0]!r}: expected 'train' (see dag-trl --help).")
+    show_progress_on_the_console()
     script_args, config = parse_arguments(argv[1:])
     run(script_args, config)
 

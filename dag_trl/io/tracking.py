@@ -71,6 +71,31 @@ def grid_caption(prompts: list[str], rewards: Any, max_images: int = MAX_GRID_IM
     return "\n".join(f"{i}: {prompt} (reward {value:.4g})" for i, (prompt, value) in enumerate(lines))
 
 
+def log_image_grid(
+    tracker: Any, tag: str, images: torch.Tensor, prompts: list[str], rewards: Any, global_step: int
+) -> None:
+    """Log a grid of up to :data:`MAX_GRID_IMAGES` ``images`` with one caption line per tile (prompt and reward) as
+    the image ``tag`` (and, for TensorBoard, the text ``<tag>/prompts``) to a wandb, TensorBoard or trackio tracker;
+    any other tracker gets nothing."""
+    grid = tracker_image_grid(images)
+    caption = grid_caption(list(prompts), rewards)
+    name = getattr(tracker, "name", None)
+    if name == "wandb":
+        import wandb
+
+        tracker.log({tag: wandb.Image(grid, caption=caption)}, step=global_step)
+    elif name == "tensorboard":
+        tracker.writer.add_image(tag, grid, global_step, dataformats="HWC")
+        # Markdown needs two trailing spaces for a line break inside one text block.
+        tracker.writer.add_text(f"{tag}/prompts", caption.replace("\n", "  \n"), global_step)
+    elif name == "trackio":
+        import trackio
+
+        tracker.log({tag: trackio.Image(grid, caption=caption)}, step=global_step)
+    else:
+        logger.debug("No images for tracker %r: only wandb, tensorboard and trackio are supported.", name)
+
+
 def log_image_samples(prompt_image_data: list, global_step: int, tracker: Optional[Any]) -> None:
     """The default ``image_samples_hook``: log a grid of the epoch's first sampling batch with its prompts and rewards.
 
@@ -81,20 +106,44 @@ def log_image_samples(prompt_image_data: list, global_step: int, tracker: Option
     if tracker is None or not prompt_image_data:
         return
     images, prompts, _, rewards, _ = prompt_image_data[0]
-    grid = tracker_image_grid(images)
-    caption = grid_caption(list(prompts), rewards)
-    name = getattr(tracker, "name", None)
-    if name == "wandb":
-        import wandb
+    log_image_grid(tracker, "samples", images, list(prompts), rewards, global_step)
 
-        tracker.log({"samples": wandb.Image(grid, caption=caption)}, step=global_step)
-    elif name == "tensorboard":
-        tracker.writer.add_image("samples", grid, global_step, dataformats="HWC")
-        # Markdown needs two trailing spaces for a line break inside one text block.
-        tracker.writer.add_text("samples/prompts", caption.replace("\n", "  \n"), global_step)
-    elif name == "trackio":
-        import trackio
 
-        tracker.log({"samples": trackio.Image(grid, caption=caption)}, step=global_step)
-    else:
-        logger.debug("No sample images for tracker %r: only wandb, tensorboard and trackio are supported.", name)
+# The package each of accelerate's trackers imports, and the dag_trl extra that installs it (None: no extra).
+TRACKER_PACKAGES = {
+    "wandb": ("wandb", "wandb"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "trackio": ("trackio", "trackio"),
+    "comet_ml": ("comet-ml", None),
+    "mlflow": ("mlflow", None),
+    "aim": ("aim", None),
+    "clearml": ("clearml", None),
+    "dvclive": ("dvclive", None),
+    "swanlab": ("swanlab", None),
+}
+
+
+def tracker_installed(log_with: str) -> bool:
+    """Whether accelerate can start the tracker ``log_with`` here (its own availability check: it drops a tracker
+    whose package is missing, logging that at debug level only)."""
+    import accelerate.utils
+
+    return bool(getattr(accelerate.utils, f"is_{log_with}_available")())
+
+
+def tracker_install_command(log_with: str) -> str:
+    """The pip command that installs the tracker ``log_with``: dag_trl's extra where there is one."""
+    package, extra = TRACKER_PACKAGES[log_with]
+    return f"pip install 'dag_trl[{extra}]'" if extra else f"pip install {package}"
+
+
+def check_tracker_installed(log_with: Optional[str]) -> None:
+    """Raise ``ImportError`` naming the package and the pip command when the tracker ``log_with`` cannot start
+    (``None`` and ``"all"``, which takes whatever is installed, pass)."""
+    if log_with is None or log_with == "all" or tracker_installed(log_with):
+        return
+    raise ImportError(
+        f"GFlowNetConfig.log_with={log_with!r} needs the {TRACKER_PACKAGES[log_with][0]} package, which is not "
+        f"installed, so the run would log nothing: `{tracker_install_command(log_with)}`, or choose another tracker "
+        "(log_with=None, --log_with none: no tracker)."
+    )

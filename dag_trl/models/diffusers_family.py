@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any, ClassVar, Optional, Union
@@ -154,11 +155,11 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
                 module, device, torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
             )
         if self.use_lora:
-            self.unet.to(device, dtype=weight_dtype)
+            move_module(self.unet, device, weight_dtype, frozen_only=True)
             for parameter in self.get_trainable_layers():
                 parameter.data = parameter.data.float()
         else:
-            self.unet.to(device, dtype=torch.float32)
+            move_module(self.unet, device, torch.float32)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
@@ -267,10 +268,26 @@ def token_counts(tokenizer: Any, prompts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
 
 
+def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, frozen_only: bool = False) -> None:
+    """``module.to(device, dtype=dtype)``, naming no dtype when the module's floating-point parameters and buffers
+    (with ``frozen_only``, those without gradient) already have it: diffusers' ``ModelMixin.to`` warns that modules "should
+    be kept in float32" on every call that names a dtype, even with no such module, so a model loaded in the dtype it
+    trains in (``torch_dtype``, as diffusers recommends) is moved without the warning."""
+    tensors = [
+        tensor
+        for tensor in itertools.chain(module.parameters(), module.buffers())
+        if tensor.is_floating_point() and not (frozen_only and tensor.requires_grad)
+    ]
+    if all(tensor.dtype == dtype for tensor in tensors):
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
+
+
 def place_frozen_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move a frozen module to ``device`` in ``dtype``, keeping in float32 under float16 the submodules a
     transformers model keeps there (``_keep_in_fp32_modules``, T5's ``wo``, which overflow in float16)."""
-    module.to(device, dtype=dtype)
+    move_module(module, device, dtype)
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     if dtype == torch.float16 and keep:
         for name, submodule in module.named_modules():

@@ -127,6 +127,7 @@ class Objective(ABC):
             every visited state, ``"prior_means"`` ``(B, N, C, h, w)``, and the closed-form KL from the sampling
             policy's step to it, ``"prior_kls"`` ``(B, N)`` in nats; the loop fills
             :attr:`TransitionBatch.prior_mean`.
+        main_metric: the metric of :meth:`loss` that the trainer's per-epoch console line shows (its epoch mean).
     """
 
     name: ClassVar[str]
@@ -141,6 +142,7 @@ class Objective(ABC):
     uses_prior_means: ClassVar[bool] = False
     uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
+    main_metric: ClassVar[str] = "loss_total"
 
     def __init__(self, config: GFlowNetConfig):
         self.config = config

@@ -46,6 +46,7 @@ class KLRegularisedPolicyGradient(Objective):
     paper = ("Fan et al., 2023 (DPOK); Uehara et al., 2024", "https://arxiv.org/abs/2305.16381")
     hyperparameters = ("train_reward_exp",)
     trajectory_fields = ("kl_pg_advantages",)
+    main_metric = "kl_step"
     uses_prior_log_probs = True
     uses_prior_means = True
     required_settings = {

@@ -59,6 +59,7 @@ class RelativeTrajectoryBalance(Objective):
     """
 
     name = "rtb"
+    main_metric = "loss_rtb"
     display_name = "RTB"
     description = "relative trajectory balance towards the reward-tilted pretrained model"
     hyperparameters = ("train_log_z_learning_rate", "train_log_z_estimate")

@@ -8,8 +8,9 @@ when complete, so an interrupted save never leaves a folder that looks complete.
 every file of the checkpoint with its size and the settings that shape the saved weights, so that a damaged file or a
 checkpoint of another configuration is named before anything is loaded.
 
-While a run trains it holds ``run.lock`` (its process id and host) in the folder above ``checkpoints/``: a second run
-writing the same folder would prune the first one's checkpoints and resume from them.
+While a run trains it holds ``run.lock`` in the folder above ``checkpoints/``, an operating-system file lock
+(``filelock``) that ends with its process, however that process ends; ``run.lock.owner.json`` beside it names the
+process. A second run writing the same folder would prune the first one's checkpoints and resume from them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
+from filelock import FileLock, Timeout
+
 from ..config import GFlowNetConfig
 from ..objectives import get_objective_class
 from .divergence import refuse_non_finite_weights
@@ -41,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 RUN_LOCK_NAME = "run.lock"
+# Who holds run.lock, for the message another run gets: the lock file cannot carry it, since every attempt to take the
+# lock truncates it.
+RUN_OWNER_NAME = "run.lock.owner.json"
+# The run locks this process holds, by path: its own lock is no conflict (a trainer built twice in one script, or
+# train() taking the lock again after the constructor did).
+_HELD_RUN_LOCKS: dict[str, FileLock] = {}
 # The counters of progress a resume restores; a trainer_state.json without one of them cannot be resumed from.
 REQUIRED_STATE_KEYS = ("epoch", "global_step", "weights_version")
 # Of those, the ones the trainer implements itself: it always names checkpoints (checkpoint_<epoch>) and prunes them,
@@ -210,79 +219,77 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(sign in str(error) for sign in TORCH_WRITE_FAILURES)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def run_lock_path(config: GFlowNetConfig) -> str:
-    return os.path.join(run_dir(config), RUN_LOCK_NAME)
+    return os.path.abspath(os.path.join(run_dir(config), RUN_LOCK_NAME))
+
+
+def run_owner_path(config: GFlowNetConfig) -> str:
+    return os.path.join(os.path.dirname(run_lock_path(config)), RUN_OWNER_NAME)
+
+
+def _read_owner(config: GFlowNetConfig) -> dict[str, Any]:
+    """``{"pid", "host"}`` of the run holding the lock, as it recorded itself (``"unknown"`` values while it has not
+    yet written them)."""
+    try:
+        with open(run_owner_path(config)) as handle:
+            owner = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        owner = {}
+    if not isinstance(owner, dict):
+        owner = {}
+    return {"pid": owner.get("pid", "unknown"), "host": owner.get("host", "unknown")}
 
 
 def run_lock_holder(config: GFlowNetConfig) -> Optional[dict[str, Any]]:
-    """The other live run (``{"pid", "host"}``) whose lock is on ``config``'s folder, or ``None``: no lock, this
-    process's own, or a stale one (unreadable, or its process on this host is gone)."""
+    """The other live run (``{"pid", "host"}``) that holds ``config``'s folder, or ``None``: no run does, or this
+    process does. Looks without taking the lock (it is taken and given back at once)."""
+    path = run_lock_path(config)
+    if path in _HELD_RUN_LOCKS or not os.path.isfile(path):
+        return None  # a live run keeps its lock file
+    probe = FileLock(path)
     try:
-        with open(run_lock_path(config)) as handle:
-            holder = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # a writer died between creating and filling the file
-    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
-        return None
-    if holder.get("host") != socket.gethostname():
-        return holder  # its process cannot be checked from here
-    if holder["pid"] == os.getpid() or not _process_alive(holder["pid"]):
-        return None
-    return holder
+        probe.acquire(blocking=False)
+    except Timeout:
+        return _read_owner(config)
+    probe.release(force=True)
+    return None
 
 
 def run_lock_message(config: GFlowNetConfig, holder: dict[str, Any]) -> str:
     return (
         f"Another run (pid {holder['pid']} on {holder.get('host')!r}) is writing to {run_dir(config)!r}: two runs in "
-        "one folder prune and resume each other's checkpoints. Wait for it to end, or use another logdir "
-        f"(project_dir); if that process is gone, delete {run_lock_path(config)!r}."
+        "one folder prune and resume each other's checkpoints. Wait for it to end (its lock ends with its process), "
+        "or use another logdir (project_dir)."
     )
 
 
 def acquire_run_lock(config: GFlowNetConfig) -> None:
-    """Write ``run.lock`` (this process's id and host) in :func:`run_dir`, replacing a stale one; ``RuntimeError``
-    naming the other run's process id if a live run holds it."""
+    """Take ``run.lock`` in :func:`run_dir` (unless this process holds it) and record this process's id and host
+    beside it; ``RuntimeError`` naming the other run's process if a live run holds it."""
     path = run_lock_path(config)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for _ in range(3):
-        holder = run_lock_holder(config)
-        if holder is not None:
-            raise RuntimeError(run_lock_message(config, holder))
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # stale, or this process's own
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            continue  # another run created it in between: look at it again
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+    if path in _HELD_RUN_LOCKS:
         return
-    raise RuntimeError(f"Could not take {path!r}: other runs keep creating it at the same time as this one.")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise RuntimeError(run_lock_message(config, _read_owner(config))) from None
+    _HELD_RUN_LOCKS[path] = lock
+    owner = run_owner_path(config)
+    with open(f"{owner}.tmp", "w") as handle:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+    os.replace(f"{owner}.tmp", owner)
 
 
 def release_run_lock(config: GFlowNetConfig) -> None:
-    """Remove ``run.lock`` if this process holds it."""
-    path = run_lock_path(config)
-    try:
-        with open(path) as handle:
-            holder = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    """Give ``run.lock`` back if this process holds it."""
+    lock = _HELD_RUN_LOCKS.pop(run_lock_path(config), None)
+    if lock is None:
         return
-    if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(run_owner_path(config))
+    lock.release(force=True)
 
 
 class CheckpointingMixin:

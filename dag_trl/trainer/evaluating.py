@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..evaluation import diversity, kernel_distance, reward_statistics
+from ..io.tracking import log_image_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -24,7 +25,7 @@ class EvaluationMixin:
     """``evaluate()``: sample ``eval_num_samples`` images for fixed prompts and noise with the training sampler, and
     report the reward's mean, standard deviation and quantiles, the per-prompt diversity and the kernel distance from
     the pretrained model's samples for the same prompts and noise (LoRA runs: the adapter switched off), plus what the
-    ``evaluation_hook`` adds."""
+    ``evaluation_hook`` adds; the images go to every tracker as ``eval/samples``."""
 
     config: GFlowNetConfig
     accelerator: Accelerator
@@ -75,6 +76,10 @@ class EvaluationMixin:
         result["seconds"] = time.perf_counter() - start
         self.evaluation_history.append(result)
         self.accelerator.log(flat_scalars(result, "eval"), step=self.global_step)
+        if self.accelerator.is_main_process:
+            # The same prompts and noise every time: successive grids show what training changed.
+            for tracker in self.accelerator.trackers:
+                log_image_grid(tracker, "eval/samples", images, prompts, rewards, self.global_step)
         return result
 
 

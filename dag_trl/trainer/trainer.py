@@ -25,9 +25,12 @@ runs the clipping and the optimiser step at the end of each window.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 import math
 import signal
 import threading
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -38,10 +41,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
-from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
+from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..objectives import TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
@@ -56,6 +60,8 @@ from .inputs import check_reward_scale, validate_reward_output
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache
+
+logger = logging.getLogger(__name__)
 
 # derive_seed stream of the prompt order; streams 0 (sampling noise) and 1.. (inner-epoch shuffles) are taken.
 PROMPT_SEED_STREAM = 1 << 20
@@ -115,6 +121,51 @@ def terminate_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt(str(error) or "SIGINT") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def default_objective_message(config: GFlowNetConfig) -> str:
+    """What a config without ``train_objective`` trains, for users who port a DDPO script: the objective ``train_klpf``
+    picks, its target, and the reward evaluations its state rewards add (per trajectory and inner epoch: the ``k``
+    kept transitions need the states they start from and, when not final, the ones they end in, between ``k`` and
+    ``min(N, 2k)`` of the ``N`` steps' states, besides the final image)."""
+    objective = get_objective_class(config.objective_name)
+    steps, kept = config.sample_num_steps, config.num_train_timesteps
+    message = (
+        f"train_objective is not set, so train_klpf={config.train_klpf:g} picks {objective.display_name} "
+        f"({objective.description}): its target is images with density proportional to exp(beta * R), not DDPO's "
+        "reward maximum (docs/algorithm.md)"
+    )
+    if objective.uses_state_rewards:
+        states = f"{kept}" if min(steps, 2 * kept) == kept else f"{kept} to {min(steps, 2 * kept)}"
+        message += (
+            f"; it also decodes and scores the one-step predictions of {states} intermediate states of every "
+            f"trajectory, so a reward function is called on up to {1 + min(steps, 2 * kept)} images per trajectory "
+            "where DDPO calls it on 1 (a slow or remote reward costs that much more)"
+        )
+    return (
+        message + f". Set train_objective='ddpo' for TRL's DDPO, or train_objective='{objective.name}' to keep "
+        f"{objective.display_name} without this message."
+    )
+
+
+def epoch_line(
+    epoch: int,
+    num_epochs: int,
+    rewards: dict[str, float],
+    metric: Optional[tuple[str, float]],
+    elapsed: float,
+    remaining: float,
+) -> str:
+    """The console line of a finished epoch (``epoch`` counted from 0): the epoch's reward mean and 5 / 50 / 95 %
+    quantiles (``rewards`` with :func:`~dag_trl.evaluation.reward_statistics`' keys prefixed ``reward_``), the
+    objective's main metric ``(name, epoch mean)`` if any, and the elapsed and remaining wall time in seconds."""
+    quantiles = ", ".join(f"{name} {rewards[f'reward_{name}']:.3f}" for name in ("q05", "q50", "q95"))
+    parts = [f"epoch {epoch + 1}/{num_epochs}: reward {rewards['reward_mean']:.3f} ({quantiles})"]
+    if metric is not None:
+        parts.append(f"{metric[0]} {metric[1]:.4g}")
+    clock = [str(datetime.timedelta(seconds=round(seconds))) for seconds in (elapsed, remaining)]
+    parts.append(f"elapsed {clock[0]}, ETA {clock[1]}")
+    return ", ".join(parts)
 
 
 def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
@@ -185,6 +236,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
                 "steps below it use the pretrained model, the LoRA switched off."
             )
+        check_tracker_installed(config.log_with)
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -229,6 +281,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             **config.accelerator_kwargs,
         )
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if config.train_objective is None and self.accelerator.is_main_process:
+            logger.warning(default_objective_message(config))
         if self.uses_deepspeed:
             check_deepspeed_precision(config, self.objective)
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
@@ -314,6 +368,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.global_step = 0
         self.weights_version = 0
         self.reward_history: list[dict[str, float]] = []
+        self.epoch_window_metrics: list[dict[str, float]] = []  # the metrics of each optimiser step of the epoch
         self.evaluation_history: list[dict[str, Any]] = []
         self._reward_scale_warned = False
         # fp16 scales the loss (accelerate's gradient scaler, DeepSpeed's dynamic loss scale): a step whose gradients
@@ -362,12 +417,25 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         last_epoch = self.config.num_epochs if epochs is None else epochs
         self._acquire_run_lock()  # again: an earlier train() released it
         epoch = self.first_epoch
+        main = self.accelerator.is_local_main_process
+        progress = tqdm(total=last_epoch, initial=self.first_epoch, desc="Training", unit="epoch", disable=not main)
+        start = time.perf_counter()
         try:
-            with terminate_as_interrupt():
+            # Log lines (the per-epoch one) are printed above the progress bars instead of through them.
+            with terminate_as_interrupt(), logging_redirect_tqdm(loggers=[logging.getLogger("dag_trl")]):
                 if self.config.eval_freq and self.first_epoch == 0 and not self.evaluation_history:
                     self.evaluate(0)
                 for epoch in range(self.first_epoch, last_epoch):
                     self.global_step = self.step(epoch, self.global_step)
+                    progress.update(1)
+                    elapsed = time.perf_counter() - start
+                    remaining = elapsed / (epoch + 1 - self.first_epoch) * (last_epoch - epoch - 1)
+                    if self.accelerator.is_main_process:
+                        logger.info(
+                            epoch_line(
+                                epoch, last_epoch, self.reward_history[-1], self._epoch_metric(), elapsed, remaining
+                            )
+                        )
         except KeyboardInterrupt as interrupt:
             # Rewards still being computed for the abandoned epoch are not waited for.
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -384,6 +452,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 f"Training was interrupted ({interrupt}) during epoch {epoch}; {last}."
             ) from None
         finally:
+            progress.close()
             self._release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
@@ -394,6 +463,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         config = self.config
         beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
         self.counters = WorkCounters()
+        self.epoch_window_metrics = []
         self.unet.eval()
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
@@ -428,6 +498,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             self.save_checkpoint(epoch)
         return global_step
 
+    def _epoch_metric(self) -> Optional[tuple[str, float]]:
+        """``(name, mean over the epoch's optimiser steps)`` of the objective's main metric, ``None`` if not logged."""
+        name = self.objective.main_metric
+        values = [metrics[name] for metrics in self.epoch_window_metrics if name in metrics]
+        return (name, sum(values) / len(values)) if values else None
+
     def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
         self.counters.reward_calls += 1
@@ -460,7 +536,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             windows, desc=f"Epoch {epoch}: training", disable=not self.accelerator.is_local_main_process, leave=False
         ):
             metrics = self.train_window(window, kept, beta, epoch, window_index=global_step - first_step)
-            metrics.update({"epoch": epoch, "beta": beta})
+            self.epoch_window_metrics.append(metrics)
+            metrics = {**metrics, "epoch": epoch, "beta": beta}
             self.accelerator.log(metrics, step=global_step)
             global_step += 1
         return global_step

@@ -6,7 +6,8 @@
         --config examples/recipes/sd15_aesthetic.yaml --use_lora false       # ZeRO-2 full fine-tuning
     python examples/scripts/dag.py --config recipe.yaml --num_epochs 10   # flags override the YAML
 
-Every GFlowNetConfig field is a flag (the *_kwargs dicts: YAML only); see `python examples/scripts/dag.py --help`.
+Every GFlowNetConfig field is a flag (the *_kwargs dicts take a JSON object, e.g.
+``--pipeline_kwargs '{"torch_dtype": "bfloat16"}'``); see `python examples/scripts/dag.py --help`.
 """
 
 from dag_trl.demo.cli import parse_arguments, run
