@@ -25,6 +25,9 @@ TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "cle
 # The largest seed torch.manual_seed accepts (seeds also feed numpy's SeedSequence, which takes any int >= 0).
 MAX_SEED = 2**64 - 1
 
+# Why evaluations need two images: the kernel distance from the pretrained model's samples compares two sets of them.
+EVAL_SIZE_NOTE = " (the distance from the pretrained model's samples compares sets of at least 2 images)"
+
 # A field's check: (does the value pass, what is accepted), the second for the error message.
 FieldRule = tuple[Callable[[Any], bool], str]
 
@@ -111,7 +114,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "save_freq": _integer(1),
     "num_checkpoint_limit": _integer(1),
     "eval_freq": _integer(0, note=" (0: never)"),
-    "eval_num_samples": _integer(1),
+    "eval_num_samples": _integer(2, note=EVAL_SIZE_NOTE),
     "eval_seed": _integer(0, MAX_SEED),
     "mixed_precision": _choice(MIXED_PRECISIONS),
     "allow_tf32": _BOOL,
@@ -232,7 +235,7 @@ class GFlowNetConfig:
             from the pretrained model's samples, logged to the trackers as `eval/...` and kept in the trainer's
             `evaluation_history`. `0`: never.
         eval_num_samples (`int`, *optional*, defaults to `64`):
-            Images per evaluation (split over the processes).
+            Images per evaluation (split over the processes), at least 2.
         eval_seed (`int`, *optional*, defaults to `1234`):
             Seed of the evaluation's prompts and noise.
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):

@@ -209,6 +209,8 @@ def test_every_float_field_must_be_finite(name, value):
         ({"seed": 2**64}, "seed=18446744073709551616 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_seed": -1}, "eval_seed=-1 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_freq": -1}, "eval_freq=-1 is invalid: expected an integer >= 0 (0: never)."),
+        ({"eval_num_samples": 1}, "eval_num_samples=1 is invalid: expected an integer >= 2 (the distance from the "
+         "pretrained model's samples compares sets of at least 2 images)."),
         ({"num_epochs": True}, "num_epochs=True is invalid: expected an integer >= 1."),
         ({"train_decode_batch_size": 0},
          "train_decode_batch_size=0 is invalid: expected an integer >= 1, or None to use train_batch_size."),

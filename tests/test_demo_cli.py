@@ -137,6 +137,19 @@ def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_evaluation_of_one_image_is_refused_when_the_arguments_are_parsed():
+    # It used to train the whole run, then fail in kernel_distance before writing the report or the model.
+    with pytest.raises(ValueError) as caught:
+        parse_arguments(["--eval_num_images", "1"])
+    assert str(caught.value) == (
+        "eval_num_images=1 is invalid: expected an integer >= 2 (the distance from the pretrained model's samples "
+        "compares sets of at least 2 images)."
+    )
+    with pytest.raises(ValueError, match=r"^GFlowNetConfig.eval_num_samples=1 is invalid: expected an integer >= 2"):
+        parse_arguments(["--eval_freq", "1", "--eval_num_samples", "1"])
+    assert parse_arguments(["--eval_num_images", "2"])[0].eval_num_images == 2
+
+
 def test_keyword_arguments_must_be_json_objects():
     assert ScriptArguments(reward_kwargs='{"quality": 80}').reward_kwargs == {"quality": 80}
     with pytest.raises(ValueError, match="reward_kwargs='{quality: 80}' is not valid JSON"):

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import GFlowNetConfig
+from ..config import EVAL_SIZE_NOTE, GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 from ..io.hub import HubPushError
 
@@ -81,7 +81,7 @@ class ScriptArguments:
         overwrite (`bool`, defaults to `False`):
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
-            Images in the before / after grids (the same prompts and noise before and after training).
+            Images in the before / after grids (the same prompts and noise before and after training), at least 2.
         cache_dir (`str`, *optional*):
             Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
     """
@@ -113,8 +113,10 @@ class ScriptArguments:
             if not isinstance(value, dict):
                 raise ValueError(f"{name}={value!r} is invalid: expected a JSON object (a dict of keyword arguments).")
             setattr(self, name, value)
-        if self.eval_num_images < 1:
-            raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
+        if self.eval_num_images < 2:
+            raise ValueError(
+                f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 2{EVAL_SIZE_NOTE}."
+            )
 
 
 def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
