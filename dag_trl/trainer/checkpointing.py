@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import GFlowNetConfig
-from .divergence import refuse_non_finite_weights
+from .divergence import TrainingDivergedError, how_to_go_on
 from .objectives import get_objective_class
 
 if TYPE_CHECKING:
@@ -337,6 +337,11 @@ class CheckpointingMixin:
     def checkpoint_dir(self) -> str:
         return checkpoint_dir(self.config)
 
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint of this run's folder, or ``None``."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        return checkpoints[-1][1] if checkpoints else None
+
     def _run_settings(self) -> dict[str, Any]:
         """What a resumed run must match (:meth:`_check_resumable`): the launch (DeepSpeed, process count), the
         objective, and the pipeline settings that shape the saved weights (``None`` where the family has none)."""
@@ -497,9 +502,15 @@ class CheckpointingMixin:
 
     def save_checkpoint(self, epoch: int) -> str:
         """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones;
-        non-finite weights are refused before anything is written or pruned."""
+        weights that fail the health check (:meth:`weights_health_problem`) raise ``TrainingDivergedError`` before
+        anything is written or pruned, naming the last checkpoint (which passed it)."""
         final = os.path.join(self.checkpoint_dir, f"checkpoint_{epoch}")
-        refuse_non_finite_weights(self.trainable_parameters(), final)
+        problem = self.weights_health_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                f"Refusing to write {final!r}: {problem}; training diverged by the end of epoch {epoch}. Nothing was "
+                f"pruned. {how_to_go_on(self.last_checkpoint())}"
+            )
         temporary = final + ".tmp"
         if self.accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -541,6 +552,10 @@ class CheckpointingMixin:
 
     def _load_checkpoint(self, path: str) -> None:
         state = read_trainer_state(path)
+        # The optimisers' saved state carries the saved run's learning rates; this run's config sets them (a resume
+        # after a divergence lowers them).
+        optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
+        learning_rates = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
         try:
             self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
         except (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as error:
@@ -549,6 +564,9 @@ class CheckpointingMixin:
                 f"Checkpoint {path!r} could not be loaded ({type(error).__name__}: {error}). If one of its files is "
                 f"damaged: {resume_advice(path)}"
             ) from error
+        for optimizer, rates in zip(optimizers, learning_rates):
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
         self.first_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.weights_version = state["weights_version"]

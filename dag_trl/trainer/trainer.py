@@ -544,10 +544,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.optimizer.zero_grad(set_to_none=True)
         if self.objective_optimizer is not None:
             self.objective_optimizer.zero_grad(set_to_none=True)
-        checkpoints = list_checkpoints(self.checkpoint_dir)
-        last = checkpoints[-1][1] if checkpoints else None
         raise TrainingDivergedError(
-            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, last)
+            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, self.last_checkpoint())
         )
 
     def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:

@@ -156,6 +156,14 @@ class Objective(ABC):
         """The learning rate of the objective's own model."""
         return self.config.train_learning_rate
 
+    def probe_model(
+        self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: PromptEmbeddings
+    ) -> Optional[torch.Tensor]:
+        """The objective's model's outputs on the states ``latents`` ``(B, C, h, w)`` at ``timesteps`` ``(B,)`` of a
+        trajectory for ``prompt_embeds``, for the weights health check before a save (they must be finite); ``None``
+        when the objective has no model to probe."""
+        return None
+
     @abstractmethod
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss of ``batch`` (a mean over its rows) and its metrics (floats, averaged over the window by

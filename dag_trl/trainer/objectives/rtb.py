@@ -97,6 +97,9 @@ class RelativeTrajectoryBalance(Objective):
     def learning_rate(self) -> float:
         return self.config.train_log_z_learning_rate
 
+    def probe_model(self, model, latents, timesteps, prompt_embeds) -> torch.Tensor:
+        return model(prompt_embeds.hidden_states)
+
     @torch.no_grad()
     def prepare_window(
         self,
