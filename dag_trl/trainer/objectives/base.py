@@ -89,6 +89,8 @@ class Objective(ABC):
             only for samplers that are the Gaussian posterior (DDIM at ``eta = 1``); the trainer warns on others.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
             adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
+        target_settings: the config fields that define what the objective trains towards; a checkpoint records
+            them, and a resume that changes one is refused (a resume may change others, such as learning rates).
     """
 
     name: ClassVar[str]
@@ -102,6 +104,12 @@ class Objective(ABC):
     uses_prior_log_probs: ClassVar[bool] = False
     uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
+    target_settings: ClassVar[tuple[str, ...]] = (
+        "train_reward_exp",
+        "train_reward_exp_anneal",
+        "train_log_prob_reduction",
+        "lora_min_timestep",
+    )
 
     def __init__(self, config: GFlowNetConfig):
         self.config = config

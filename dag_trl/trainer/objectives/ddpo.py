@@ -68,6 +68,8 @@ class DDPO(Objective):
         "per_prompt_stat_tracking_min_count",
     )
     trajectory_fields = ("advantages",)
+    # DDPO maximises the reward itself: the reward exponent and its anneal are not read.
+    target_settings = ("train_log_prob_reduction", "lora_min_timestep")
 
     def __init__(self, config):
         super().__init__(config)

@@ -62,6 +62,7 @@ class RelativeTrajectoryBalance(Objective):
     display_name = "RTB"
     description = "relative trajectory balance towards the reward-tilted pretrained model"
     hyperparameters = ("train_log_z_learning_rate", "train_log_z_estimate")
+    target_settings = Objective.target_settings + ("train_log_z_estimate",)
     model_folder = "log_partition"
     trajectory_fields = ("rtb_delta", "rtb_log_z_delta")
     uses_prior_log_probs = True
