@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -27,6 +28,11 @@ MAX_SEED = 2**64 - 1
 
 # Why evaluations need two images: the kernel distance from the pretrained model's samples compares two sets of them.
 EVAL_SIZE_NOTE = " (the distance from the pretrained model's samples compares sets of at least 2 images)"
+
+# Above this classifier-free guidance scale GFlowNetConfig warns: models are sampled at about 1 to 15 (Stable
+# Diffusion's default 7.5, FLUX's distilled 3.5), and far above it the guided noise prediction leaves the range any
+# model was trained on.
+MAX_USUAL_GUIDANCE_SCALE = 50.0
 
 # A field's check: (does the value pass, what is accepted), the second for the error message.
 FieldRule = tuple[Callable[[Any], bool], str]
@@ -173,6 +179,12 @@ FIELD_RULES: dict[str, FieldRule] = {
     "per_prompt_stat_tracking_buffer_size": _integer(1),
     "per_prompt_stat_tracking_min_count": _integer(1),
 }
+
+
+def _field_default(name: str) -> Any:
+    """The default value of the ``GFlowNetConfig`` field ``name``."""
+    default = GFlowNetConfig.__dataclass_fields__[name]
+    return default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
 
 
 def _default_exp_name() -> str:
@@ -567,6 +579,15 @@ class GFlowNetConfig:
                 f"multiple of train_batch_size * train_gradient_accumulation_steps = {self.train_batch_size} * "
                 f"{self.train_gradient_accumulation_steps} = {window}, so that every optimiser step sees whole batches."
             )
+        if abs(self.sample_guidance_scale) > MAX_USUAL_GUIDANCE_SCALE:
+            warnings.warn(
+                f"GFlowNetConfig.sample_guidance_scale={self.sample_guidance_scale!r} is far outside the scales models "
+                f"are sampled at (about 1 to 15; this warning starts above {MAX_USUAL_GUIDANCE_SCALE:g}): the guided "
+                "noise prediction extrapolates far past the conditional one, and samples are typically saturated "
+                "noise. Did you mean a value such as 7.5?",
+                UserWarning,
+                stacklevel=4,
+            )
         # reward_exponent gives epoch e (from 0) beta * min(1, e / (num_epochs / 2)): 0 only at epoch 0, so every
         # epoch trains at beta = 0 exactly when epoch 0 is the only one. DDPO does not read beta.
         if (
@@ -585,10 +606,31 @@ class GFlowNetConfig:
             )
 
     def _validate_objective(self) -> None:
-        from .trainer.objectives import get_objective_class
+        from .trainer.objectives import OBJECTIVES, get_objective_class
 
         objective = get_objective_class(self.objective_name)
         objective.validate_config(self)
+        # Settings that only other objectives read (their `hyperparameters`), set away from their defaults.
+        readers: dict[str, list[str]] = {}
+        for other in OBJECTIVES.values():
+            for name in other.hyperparameters:
+                readers.setdefault(name, []).append(other.name)
+        unread = [
+            name
+            for name in readers
+            if name not in objective.hyperparameters
+            and name != "per_prompt_stat_tracking"  # warned below, with what to do
+            and getattr(self, name) != _field_default(name)
+        ]
+        if unread:
+            warnings.warn(
+                f"GFlowNetConfig sets {', '.join(f'{name}={getattr(self, name)!r}' for name in unread)}, which "
+                f"train_objective={self.objective_name!r} does not read: "
+                + "; ".join(f"{name} is read by {readers[name]}" for name in unread)
+                + ". Remove them, or choose the objective that reads them.",
+                UserWarning,
+                stacklevel=4,
+            )
         if self.per_prompt_stat_tracking and "per_prompt_stat_tracking" not in objective.hyperparameters:
             warnings.warn(
                 f"GFlowNetConfig.per_prompt_stat_tracking=True is ignored with train_objective={self.objective_name!r}:"

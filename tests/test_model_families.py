@@ -308,6 +308,12 @@ def test_cli_picks_the_family_from_the_model_folder_with_its_pipeline_kwargs(tmp
     }
     with pytest.raises(ValueError, match=r"pipeline_kwargs.torch_dtype='bf16' is invalid: expected a torch dtype"):
         pipeline_keyword_arguments({"torch_dtype": "bf16"})
+    with pytest.raises(ValueError) as caught:  # YAML `torch_dtype: 16` used to load in float32 after a warning
+        pipeline_keyword_arguments({"torch_dtype": 16})
+    assert str(caught.value) == (
+        "pipeline_kwargs.torch_dtype=16 is invalid: expected a torch dtype name such as 'bfloat16', 'float16' or "
+        "'float32'."
+    )
     with pytest.raises(
         ValueError, match=r"pipeline_kwargs.sampler is not an argument of DefaultGFlowNetStableDiff.*XL"
     ):

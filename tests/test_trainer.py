@@ -556,3 +556,20 @@ def test_transition_order_puts_one_timestep_in_a_batch_or_mixes_them(tmp_path, t
     one_timestep = [len(set(timesteps)) == 1 for timesteps in seen]
     assert len(seen) == 8  # 2 batches x 4 kept timesteps
     assert all(one_timestep) if order == "by_timestep" else not all(one_timestep)
+
+
+def test_a_lora_min_timestep_above_every_sampled_timestep_is_refused_at_construction(tmp_path, tiny_sd_path):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
+    largest = int(pipeline.set_timesteps(4).max())
+    with pytest.raises(ValueError) as caught:
+        GFlowNetDiffusionTrainer(tiny_config(tmp_path, lora_min_timestep=5000), brightness, "simple_animals", pipeline)
+    assert str(caught.value) == (
+        f"GFlowNetConfig.lora_min_timestep=5000 is invalid for this scheduler and sample_num_steps=4: its largest "
+        f"timestep is {largest}, so no step would use the LoRA and nothing would be trained; expected an integer in "
+        f"[0, {largest}] (0: the LoRA acts at every step)."
+    )
+    assert not (tmp_path / "logs").exists()  # refused before the run folder was set up
+    trainer = GFlowNetDiffusionTrainer(
+        tiny_config(tmp_path, lora_min_timestep=largest), brightness, "simple_animals", pipeline
+    )
+    assert trainer.config.lora_min_timestep == largest  # the first step still trains

@@ -366,8 +366,8 @@ def pipeline_keyword_arguments(pipeline_kwargs: dict[str, Any], family: Optional
                     f"{sorted(accepted - set(SCRIPT_PIPELINE_ARGUMENTS))}."
                 )
     name = result.get("torch_dtype")
-    if isinstance(name, str):
-        dtype = getattr(torch, name, None)
+    if name is not None and not isinstance(name, torch.dtype):
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(
                 f"pipeline_kwargs.torch_dtype={name!r} is invalid: expected a torch dtype name such as 'bfloat16', "

@@ -185,6 +185,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
                 "steps below it use the pretrained model, the LoRA switched off."
             )
+        if config.lora_min_timestep:
+            largest = float(sd_pipeline.set_timesteps(config.sample_num_steps).max())
+            if config.lora_min_timestep > largest:
+                raise ValueError(
+                    f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} is invalid for this scheduler and "
+                    f"sample_num_steps={config.sample_num_steps}: its largest timestep is {largest:g}, so no step would "
+                    f"use the LoRA and nothing would be trained; expected an integer in [0, {math.floor(largest)}] "
+                    "(0: the LoRA acts at every step)."
+                )
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
