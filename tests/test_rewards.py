@@ -708,6 +708,31 @@ def test_remote_reward_timeout_is_a_total_deadline(trickle_url):
     assert rewards.tolist() == [0.5] and info == {}
 
 
+def test_remote_reward_cancel_ends_a_request_in_flight_at_once(trickle_url):
+    # The answer would take ~2.9 s (58 bytes, 50 ms apart); an interrupted training run must not wait for it.
+    reward = R.remote_reward(trickle_url + "/50", timeout=30.0, max_retries=3, backoff=0.0)
+    outcome = {}
+
+    def call():
+        try:
+            reward(torch.rand(1, 3, 4, 4), ["a"])
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    reward.cancel()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - start < 0.5
+    assert outcome["error"] == f"remote reward at {trickle_url}/50 was cancelled (training was interrupted)."
+    # Later calls of the same reward work as before (here on a quick endpoint).
+    reward.url = trickle_url + "/2"
+    rewards, _ = reward(torch.rand(1, 3, 4, 4), ["a"])
+    assert rewards.tolist() == [0.5]
+
+
 @pytest.mark.parametrize(
     ("scores", "problems"),
     [
