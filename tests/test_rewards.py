@@ -752,3 +752,27 @@ def test_remote_scores_beyond_float32_are_named_like_nan(scores, problems):
         r"must be a finite number within float32's range \(\|score\| <= 3.4e\+38\): '\{\"scores\": "
     )
     assert reward.decode_response(b'{"scores": [3e38, -2]}', 2) == ([3e38, -2.0], {})
+
+
+@pytest.mark.parametrize(
+    "name, repositories",
+    [
+        ("aesthetic_score", ["openai/clip-vit-large-patch14", "camenduru/improved-aesthetic-predictor"]),
+        ("clip_score", ["openai/clip-vit-large-patch14"]),
+    ],
+)
+def test_an_offline_scorer_names_its_hub_repositories_and_how_to_fetch_them(name, repositories, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as raised:
+        R.get_reward_fn(name).load()
+    message = str(raised.value)
+    assert message.startswith(f"reward {name!r} could not load its weights (OSError: ")
+    commands = "; ".join(f"`hf download {repo}`" for repo in repositories)
+    assert message.endswith(
+        f"They come from the Hub repositories {repositories}, which must be in the Hub cache when the Hub cannot be "
+        f"reached (HF_HUB_OFFLINE=1, or no network): download them beforehand where it can ({commands}), or pass "
+        "local folders instead."
+    )
