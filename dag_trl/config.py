@@ -277,7 +277,7 @@ class GFlowNetConfig:
             small that a step's standard deviation falls below float32's resolution of the latents (below 4.7e-5 with
             Stable Diffusion's schedule; the error gives the smallest eta for the scheduler and step count).
         sample_guidance_scale (`float`, *optional*, defaults to `5.0`):
-            Classifier-free guidance scale.
+            Classifier-free guidance scale; above 50 (far past the 1 to 15 models are sampled at) it warns.
         sample_batch_size (`int`, *optional*, defaults to `16`):
             Trajectories sampled per batch and process.
         sample_num_batches_per_epoch (`int`, *optional*, defaults to `4`):
@@ -357,7 +357,8 @@ class GFlowNetConfig:
             low-noise steps a change of the noise prediction costs the most KL from the pretrained model
             (log-probability ratios scale with the mean's shift over the step's small standard deviation) and
             changes the image least, so RTB, whose residual sums these ratios, spends its signal there; see the
-            algorithm docs for the measurement. Needs a LoRA.
+            algorithm docs for the measurement. Needs a LoRA; a value above the sampler's largest timestep (no step
+            would be trained) is refused when the trainer is built.
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
