@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -34,6 +35,14 @@ TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "cle
 
 # The largest seed torch.manual_seed accepts (seeds also feed numpy's SeedSequence, which takes any int >= 0).
 MAX_SEED = 2**64 - 1
+
+# Why evaluations need two images: the kernel distance from the pretrained model's samples compares two sets of them.
+EVAL_SIZE_NOTE = " (the distance from the pretrained model's samples compares sets of at least 2 images)"
+
+# Above this classifier-free guidance scale GFlowNetConfig warns: models are sampled at about 1 to 15 (Stable
+# Diffusion's default 7.5, FLUX's distilled 3.5), and far above it the guided noise prediction leaves the range any
+# model was trained on.
+MAX_USUAL_GUIDANCE_SCALE = 50.0
 
 # A field's check: (does the value pass, what is accepted), the second for the error message.
 FieldRule = tuple[Callable[[Any], bool], str]
@@ -150,7 +159,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "save_freq": _integer(1),
     "num_checkpoint_limit": _integer(1),
     "eval_freq": _integer(0, note=" (0: never)"),
-    "eval_num_samples": _integer(1),
+    "eval_num_samples": _integer(2, note=EVAL_SIZE_NOTE),
     "eval_seed": _integer(0, MAX_SEED),
     "mixed_precision": _choice(MIXED_PRECISIONS),
     "allow_tf32": _BOOL,
@@ -209,6 +218,12 @@ FIELD_RULES: dict[str, FieldRule] = {
     "per_prompt_stat_tracking_buffer_size": _integer(1),
     "per_prompt_stat_tracking_min_count": _integer(1),
 }
+
+
+def _field_default(name: str) -> Any:
+    """The default value of the ``GFlowNetConfig`` field ``name``."""
+    default = GFlowNetConfig.__dataclass_fields__[name]
+    return default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
 
 
 def _default_exp_name() -> str:
@@ -271,7 +286,7 @@ class GFlowNetConfig:
             from the pretrained model's samples, logged to the trackers as `eval/...` and kept in the trainer's
             `evaluation_history`. `0`: never.
         eval_num_samples (`int`, *optional*, defaults to `64`):
-            Images per evaluation (split over the processes).
+            Images per evaluation (split over the processes), at least 2.
         eval_seed (`int`, *optional*, defaults to `1234`):
             Seed of the evaluation's prompts and noise.
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):
@@ -301,7 +316,7 @@ class GFlowNetConfig:
             small that a step's standard deviation falls below float32's resolution of the latents (below 4.7e-5 with
             Stable Diffusion's schedule; the error gives the smallest eta for the scheduler and step count).
         sample_guidance_scale (`float`, *optional*, defaults to `5.0`):
-            Classifier-free guidance scale.
+            Classifier-free guidance scale; above 50 (far past the 1 to 15 models are sampled at) it warns.
         sample_batch_size (`int`, *optional*, defaults to `16`):
             Trajectories sampled per batch and process.
         sample_num_batches_per_epoch (`int`, *optional*, defaults to `4`):
@@ -381,7 +396,8 @@ class GFlowNetConfig:
             low-noise steps a change of the noise prediction costs the most KL from the pretrained model
             (log-probability ratios scale with the mean's shift over the step's small standard deviation) and
             changes the image least, so RTB, whose residual sums these ratios, spends its signal there; see the
-            algorithm docs for the measurement. Needs a LoRA.
+            algorithm docs for the measurement. Needs a LoRA; a value above the sampler's largest timestep (no step
+            would be trained) is refused when the trainer is built.
         train_objective (`str` or `None`, *optional*, defaults to `None`):
             The training objective: `"dag_db"` (DAG with detailed balance), `"dag_kl"` (DAG-KL), `"ddpo"` (DDPO,
             the reward-maximising baseline), `"rtb"` (relative trajectory balance towards the reward-tilted
@@ -603,6 +619,15 @@ class GFlowNetConfig:
                 f"multiple of train_batch_size * train_gradient_accumulation_steps = {self.train_batch_size} * "
                 f"{self.train_gradient_accumulation_steps} = {window}, so that every optimiser step sees whole batches."
             )
+        if abs(self.sample_guidance_scale) > MAX_USUAL_GUIDANCE_SCALE:
+            warnings.warn(
+                f"GFlowNetConfig.sample_guidance_scale={self.sample_guidance_scale!r} is far outside the scales models "
+                f"are sampled at (about 1 to 15; this warning starts above {MAX_USUAL_GUIDANCE_SCALE:g}): the guided "
+                "noise prediction extrapolates far past the conditional one, and samples are typically saturated "
+                "noise. Did you mean a value such as 7.5?",
+                UserWarning,
+                stacklevel=4,
+            )
         # reward_exponent gives epoch e (from 0) beta * min(1, e / (num_epochs / 2)): 0 only at epoch 0, so every
         # epoch trains at beta = 0 exactly when epoch 0 is the only one. DDPO does not read beta.
         if (
@@ -621,10 +646,31 @@ class GFlowNetConfig:
             )
 
     def _validate_objective(self) -> None:
-        from .objectives import get_objective_class
+        from .objectives import OBJECTIVES, get_objective_class
 
         objective = get_objective_class(self.objective_name)
         objective.validate_config(self)
+        # Settings that only other objectives read (their `hyperparameters`), set away from their defaults.
+        readers: dict[str, list[str]] = {}
+        for other in OBJECTIVES.values():
+            for name in other.hyperparameters:
+                readers.setdefault(name, []).append(other.name)
+        unread = [
+            name
+            for name in readers
+            if name not in objective.hyperparameters
+            and name != "per_prompt_stat_tracking"  # warned below, with what to do
+            and getattr(self, name) != _field_default(name)
+        ]
+        if unread:
+            warnings.warn(
+                f"GFlowNetConfig sets {', '.join(f'{name}={getattr(self, name)!r}' for name in unread)}, which "
+                f"train_objective={self.objective_name!r} does not read: "
+                + "; ".join(f"{name} is read by {readers[name]}" for name in unread)
+                + ". Remove them, or choose the objective that reads them.",
+                UserWarning,
+                stacklevel=4,
+            )
         if self.per_prompt_stat_tracking and "per_prompt_stat_tracking" not in objective.hyperparameters:
             warnings.warn(
                 f"GFlowNetConfig.per_prompt_stat_tracking=True is ignored with train_objective={self.objective_name!r}:"

@@ -185,8 +185,43 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1 or extension in _DATASET_BUILDERS
 
 
-def _load_table(path: str) -> Any:
-    """A ``datasets.Dataset`` from a local csv/tsv/json/jsonl/parquet file, with errors naming the file."""
+JSON_KINDS = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+
+
+def _refuse_non_string_json_prompts(path: str, text: str, extension: str, column: str) -> None:
+    """Raise ``ValueError`` naming the line (JSON Lines) or record (a JSON list) whose ``column`` holds a JSON
+    value other than a string or null: ``datasets`` would train on ``12`` and ``true`` as ``'12'`` and ``'True'``.
+    Text that does not parse is left to the loader, which names the bad line."""
+    if extension == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError:
+                    return
+    else:
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError:
+            return
+        records = (
+            [(f"record {i}", item) for i, item in enumerate(content, start=1)] if isinstance(content, list) else []
+        )
+    for where, record in records:
+        value = record.get(column) if isinstance(record, dict) else None
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"{path!r} holds the JSON {JSON_KINDS.get(type(value), type(value).__name__)} {json.dumps(value)} in "
+                f"column {column!r} at {where}, not a string; write every prompt as a JSON string (e.g. "
+                f"{json.dumps(json.dumps(value))}), so that it trains exactly as written"
+            )
+
+
+def _load_table(path: str, column: str = "prompt") -> Any:
+    """A ``datasets.Dataset`` from a local csv/tsv/json/jsonl/parquet file, with errors naming the file. The
+    ``column`` of prompts keeps its text as written: CSV cells are not converted to numbers, and JSON values
+    other than strings are refused."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -202,7 +237,12 @@ def _load_table(path: str) -> Any:
                 f"{path!r} {'has a header line but no rows' if lines else 'is empty'}; expected a header line "
                 "naming the columns, then one row per prompt"
             )
-    kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+    if builder == "json":
+        _refuse_non_string_json_prompts(path, text, extension, column)
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if extension == ".tsv" else {}
+    if builder == "csv":
+        # pandas would read a column of 0012 and 1e3 as the numbers 12.0 and 1000.0 (empty and NA cells stay missing).
+        kwargs["converters"] = {column: str}
     try:
         return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
     except DatasetGenerationError as error:
@@ -213,12 +253,12 @@ def _load_table(path: str) -> Any:
         raise ValueError(f"cannot read {path!r} as a {extension[1:]} table: {detail}") from error
 
 
-def _load_dataset(path: str, split: str) -> Any:
+def _load_dataset(path: str, split: str, column: str = "prompt") -> Any:
     """A ``datasets.Dataset`` from a local file (csv/tsv/json/jsonl/parquet), a local folder or a Hub id."""
     import datasets
 
     if os.path.isfile(path):
-        return _load_table(path)
+        return _load_table(path, column)
     saved_markers = ("state.json", "dataset_dict.json")
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in saved_markers):
         # A folder written by `save_to_disk`, which `load_dataset` refuses.
@@ -252,7 +292,7 @@ def from_dataset(
     """
     label = name or (dataset if isinstance(dataset, str) else "dataset")
     if isinstance(dataset, str):
-        dataset = _load_dataset(dataset, split)
+        dataset = _load_dataset(dataset, split, column)
     elif not hasattr(dataset, "column_names") or isinstance(dataset.column_names, dict):
         raise ValueError(
             f"from_dataset needs a datasets.Dataset, a Hub id or a local path; got {type(dataset).__name__} "
@@ -287,6 +327,11 @@ def from_file(path: str | os.PathLike, column: str = "prompt", seed: int | None 
     table (csv/tsv/jsonl/parquet, or a json list of records) whose ``column`` holds the prompts.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"prompt file {path!r} is a folder: pass a file in it (accepted extensions: "
+            f"{sorted(['.txt', *_DATASET_BUILDERS])}), or the folder to from_dataset if `save_to_disk` wrote it"
+        )
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path!r} does not exist")
     extension = os.path.splitext(path)[1].lower()

@@ -388,16 +388,92 @@ def test_checkpoint_of_another_base_model_is_refused(tmp_path, tiny_sd_path):
     )
 
 
-def test_checkpoint_of_another_objective_is_refused(tmp_path, tiny_sd_path):
-    checkpoint = lora_trainer(tmp_path / "first", tiny_sd_path).save_checkpoint(0)
+RTB = dict(train_objective="rtb", train_log_prob_reduction="sum", train_reward_exp_anneal="none")
+
+
+@pytest.mark.parametrize(
+    "first, second, saved, here",
+    [
+        ({}, {"train_objective": "ddpo", "train_clip_range": 0.2}, "dag_db", "ddpo"),
+        (RTB, {"train_log_prob_reduction": "sum"}, "rtb", "dag_db"),  # used to say "missing ['log_partition']"
+        ({"train_log_prob_reduction": "sum"}, RTB, "dag_db", "rtb"),  # used to say "missing ['flow']"
+    ],
+    ids=["dag_db-as-ddpo", "rtb-as-dag_db", "dag_db-as-rtb"],
+)
+def test_checkpoint_of_another_objective_is_named_as_such(tmp_path, tiny_sd_path, first, second, saved, here):
+    checkpoint = lora_trainer(tmp_path / "first", tiny_sd_path, **first).save_checkpoint(0)
     with pytest.raises(ValueError) as caught:
-        lora_trainer(
-            tmp_path / "second", tiny_sd_path, train_objective="ddpo", train_clip_range=0.2, resume_from=checkpoint
-        )
+        lora_trainer(tmp_path / "second", tiny_sd_path, resume_from=checkpoint, **second)
     assert str(caught.value) == (
-        f"GFlowNetConfig.resume_from='{checkpoint}' ('{checkpoint}') was written with objective='dag_db', but this "
-        "run has objective='ddpo': resume with the launch settings, config and pipeline of that run."
+        f"GFlowNetConfig.resume_from='{checkpoint}' ('{checkpoint}') is a checkpoint of train_objective='{saved}', "
+        f"but this run trains train_objective='{here}': a checkpoint resumes only the objective that wrote it. Set "
+        f"train_objective='{saved}' to continue that run, or start a new one (resume_from='')."
     )
+    assert not (tmp_path / "second").exists()
+
+
+@pytest.mark.parametrize(
+    "first, change, named",
+    [
+        ({}, {"train_log_prob_reduction": "sum"}, "train_log_prob_reduction='mean'"),
+        ({}, {"lora_min_timestep": 500}, "lora_min_timestep=0"),
+        ({}, {"train_reward_exp": 20.0, "train_reward_exp_anneal": "none"},
+         "train_reward_exp=10.0, train_reward_exp_anneal='linear'"),
+        (RTB, {"train_log_z_estimate": "learned"}, "train_log_z_estimate='batch'"),
+    ],
+    ids=["log-prob-reduction", "lora-min-timestep", "reward-exponent", "rtb-log-z-estimate"],
+)  # fmt: skip
+def test_a_resume_that_changes_the_target_is_refused_naming_the_settings(tmp_path, tiny_sd_path, first, change, named):
+    checkpoint = lora_trainer(tmp_path / "first", tiny_sd_path, **first).save_checkpoint(0)
+    with pytest.raises(ValueError) as caught:
+        lora_trainer(tmp_path / "second", tiny_sd_path, resume_from=checkpoint, **first, **change)
+    here = ", ".join(f"{name}={value!r}" for name, value in change.items())
+    display = "RTB" if first else "DAG-DB"
+    assert str(caught.value) == (
+        f"GFlowNetConfig.resume_from='{checkpoint}' ('{checkpoint}') was trained with {named}, but this run has "
+        f"{here}: these settings define what {display} trains towards, so a resume must keep them. Resume with the "
+        "saved values, or start a new run (resume_from='')."
+    )
+
+
+def test_a_resume_with_another_seed_or_learning_rate_warns_and_trains_at_the_new_rate(tmp_path, tiny_sd_path):
+    checkpoint = lora_trainer(tmp_path, tiny_sd_path).save_checkpoint(0)
+    with pytest.warns(UserWarning) as record:
+        trainer = lora_trainer(
+            tmp_path,
+            tiny_sd_path,
+            resume_from="latest",
+            seed=5,
+            train_learning_rate=1e-4,
+            train_flow_learning_rate=2e-3,
+        )
+    messages = [str(w.message) for w in record if "no longer repeats" in str(w.message)]
+    assert messages == [
+        f"GFlowNetConfig.resume_from='latest': '{checkpoint}' was trained with seed=0, train_learning_rate=0.0003, "
+        "train_flow_learning_rate=None; this run goes on with seed=5, train_learning_rate=0.0001, "
+        "train_flow_learning_rate=0.002, so it no longer repeats the uninterrupted run."
+    ]
+    # The optimiser's saved state held the old rates; the resumed run trains at the new ones.
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-4, 2e-3]
+    trainer.train()
+    assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [0, 1]
+
+
+def test_latest_names_a_newest_checkpoint_without_its_state_instead_of_skipping_it(tmp_path, tiny_sd_path):
+    trainer = lora_trainer(tmp_path, tiny_sd_path, num_epochs=3)
+    older = trainer.save_checkpoint(0)
+    newest = Path(trainer.save_checkpoint(1))
+    (newest / "trainer_state.json").unlink()
+    for resume_from in ("latest", str(newest.parent)):
+        with pytest.raises(ValueError) as caught:
+            lora_trainer(tmp_path, tiny_sd_path, num_epochs=3, resume_from=resume_from)
+        assert str(caught.value) == (
+            f"GFlowNetConfig.resume_from={resume_from!r}: the newest checkpoint, '{newest}', has no trainer_state.json "
+            f"(it was damaged or is not one this library wrote); resume from the newest complete one, "
+            f"resume_from='{older}', or delete '{newest}'."
+        )
+    resumed = lora_trainer(tmp_path, tiny_sd_path, num_epochs=3, resume_from=older)
+    assert resumed.first_epoch == 1
 
 
 def finished_process_id() -> int:

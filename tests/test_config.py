@@ -161,7 +161,8 @@ ACCEPTED = {
     "save_freq": AT_LEAST_ONE,
     "num_checkpoint_limit": AT_LEAST_ONE,
     "eval_freq": "an integer >= 0 (0: never)",
-    "eval_num_samples": AT_LEAST_ONE,
+    "eval_num_samples": "an integer >= 2 (the distance from the pretrained model's samples compares sets of at least 2 "
+    "images)",
     "eval_seed": SEED,
     "mixed_precision": "one of 'no', 'fp16', 'bf16'",
     "allow_tf32": BOOL,
@@ -287,6 +288,8 @@ def test_every_float_field_must_be_finite(name, value):
         ({"seed": 2**64}, "seed=18446744073709551616 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_seed": -1}, "eval_seed=-1 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_freq": -1}, "eval_freq=-1 is invalid: expected an integer >= 0 (0: never)."),
+        ({"eval_num_samples": 1}, "eval_num_samples=1 is invalid: expected an integer >= 2 (the distance from the "
+         "pretrained model's samples compares sets of at least 2 images)."),
         ({"num_epochs": True}, "num_epochs=True is invalid: expected an integer >= 1."),
         ({"train_decode_batch_size": 0},
          "train_decode_batch_size=0 is invalid: expected an integer >= 1, or None to use train_batch_size."),
@@ -327,13 +330,18 @@ def test_yaml_mixed_precision_no_read_as_false_means_no(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def config_warnings(**overrides) -> list[str]:
+    """The messages of the warnings that ``GFlowNetConfig(**overrides)`` gives (at least one)."""
+    with pytest.warns(UserWarning) as record:
+        GFlowNetConfig(**overrides)
+    return [str(w.message) for w in record]
+
+
 def test_linear_anneal_over_a_single_epoch_warns_that_beta_stays_zero():
     # reward_exponent is 0 at epoch 0 only: with one epoch that is the whole run, with two the last is at full beta.
     assert reward_exponent(0, 1, 100.0, "linear") == 0.0
     assert reward_exponent(1, 2, 100.0, "linear") == 100.0
-    with pytest.warns(UserWarning) as record:
-        GFlowNetConfig(num_epochs=1)
-    assert [str(w.message) for w in record] == [
+    assert config_warnings(num_epochs=1) == [
         "GFlowNetConfig.train_reward_exp_anneal='linear' with num_epochs=1 trains the only epoch at beta = 0, "
         "ignoring the reward: the linear anneal gives epoch e (counted from 0) the exponent "
         "train_reward_exp * min(1, e / (num_epochs / 2)), and train_reward_exp=100.0 is first reached at epoch "
@@ -358,3 +366,49 @@ def test_anneal_is_silent_when_some_epoch_trains_at_the_set_beta(overrides):
 
 def test_resume_from_none_means_no_resume():
     assert GFlowNetConfig(resume_from=None).resume_from == ""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Settings that cannot work are refused, settings that do nothing are named (issue 20)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_settings_that_only_other_objectives_read_are_named_with_their_readers():
+    assert config_warnings(train_log_z_learning_rate=0.5, train_log_z_estimate="learned", train_clip_range=0.2) == [
+        "GFlowNetConfig sets train_clip_range=0.2, train_log_z_learning_rate=0.5, train_log_z_estimate='learned', "
+        "which train_objective='dag_db' does not read: train_clip_range is read by ['dag_kl', 'ddpo']; "
+        "train_log_z_learning_rate is read by ['rtb']; train_log_z_estimate is read by ['rtb']. Remove them, or "
+        "choose the objective that reads them."
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each objective's own settings, and the defaults of the others', are silent
+        GFlowNetConfig(train_objective="ddpo", train_clip_range=0.2, per_prompt_stat_tracking_min_count=8)
+        GFlowNetConfig(train_klpf=0.5, train_clip_range=0.2, train_unet_reg=0.5)
+
+
+def test_ddpo_statistics_that_could_never_start_are_refused():
+    with pytest.raises(ValueError) as caught:
+        GFlowNetConfig(
+            train_objective="ddpo",
+            per_prompt_stat_tracking=True,
+            per_prompt_stat_tracking_buffer_size=4,
+            per_prompt_stat_tracking_min_count=32,
+        )
+    assert str(caught.value) == (
+        "GFlowNetConfig.per_prompt_stat_tracking_min_count=32 is invalid with per_prompt_stat_tracking_buffer_size=4: "
+        "a prompt's buffer never holds more than 4 rewards, so per-prompt statistics would never start; expected an "
+        "integer in [1, 4]."
+    )
+    GFlowNetConfig(train_objective="ddpo", per_prompt_stat_tracking=True, per_prompt_stat_tracking_min_count=16)
+
+
+def test_guidance_far_above_any_models_use_warns_with_the_limit():
+    assert config_warnings(sample_guidance_scale=1e6) == [
+        "GFlowNetConfig.sample_guidance_scale=1000000.0 is far outside the scales models are sampled at (about 1 to "
+        "15; this warning starts above 50): the guided noise prediction extrapolates far past the conditional one, "
+        "and samples are typically saturated noise. Did you mean a value such as 7.5?"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GFlowNetConfig(sample_guidance_scale=50.0)
+        GFlowNetConfig(sample_guidance_scale=-5)

@@ -138,6 +138,19 @@ def test_unknown_names_fail_before_any_model_is_loaded(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_evaluation_of_one_image_is_refused_when_the_arguments_are_parsed():
+    # It used to train the whole run, then fail in kernel_distance before writing the report or the model.
+    with pytest.raises(ValueError) as caught:
+        parse_arguments(["--eval_num_images", "1"])
+    assert str(caught.value) == (
+        "eval_num_images=1 is invalid: expected an integer >= 2 (the distance from the pretrained model's samples "
+        "compares sets of at least 2 images)."
+    )
+    with pytest.raises(ValueError, match=r"^GFlowNetConfig.eval_num_samples=1 is invalid: expected an integer >= 2"):
+        parse_arguments(["--eval_freq", "1", "--eval_num_samples", "1"])
+    assert parse_arguments(["--eval_num_images", "2"])[0].eval_num_images == 2
+
+
 def test_keyword_arguments_must_be_json_objects():
     assert ScriptArguments(reward_kwargs='{"quality": 80}').reward_kwargs == {"quality": 80}
     with pytest.raises(ValueError, match="reward_kwargs='{quality: 80}' is not valid JSON"):
@@ -391,4 +404,29 @@ def test_a_failed_push_keeps_the_report_and_model_and_says_how_to_push(tmp_path,
         "summary.json",
         "model/pytorch_lora_weights.safetensors",
     ):
+        assert (output_dir / name).is_file(), name
+
+
+@pytest.mark.integration
+def test_a_part_of_the_report_that_fails_is_named_and_the_rest_is_written(tmp_path, tiny_sd_path, monkeypatch):
+    import dag_trl.demo.cli as cli
+
+    def broken_distance(*args):
+        raise ValueError("kernel_distance needs at least 2 samples per set, got 1 and 1.")
+
+    monkeypatch.setattr(cli, "kernel_distance", broken_distance)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RUN_MIXING_RECIPE, "pretrained_model": str(tiny_sd_path), "num_epochs": 1}))
+    output_dir = tmp_path / "run"
+    failure = "ValueError: kernel_distance needs at least 2 samples per set, got 1 and 1."
+    with pytest.warns(UserWarning) as record:
+        summary = run(*parse_arguments(["--config", str(recipe), "--output_dir", str(output_dir)]))
+    assert f"The report leaves out after.prior_kernel_distance: it failed with {failure}" in [
+        str(w.message) for w in record
+    ]
+    assert summary["failed_parts"] == {"after.prior_kernel_distance": failure}
+    written = json.loads((output_dir / "summary.json").read_text())
+    assert written["failed_parts"] == summary["failed_parts"] and "prior_kernel_distance" not in written["after"]
+    assert f"left out of the report: after.prior_kernel_distance ({failure})" in format_summary(written)
+    for name in ("before.png", "after.png", "reward_curve.png", "model/pytorch_lora_weights.safetensors"):
         assert (output_dir / name).is_file(), name

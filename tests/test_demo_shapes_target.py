@@ -53,3 +53,70 @@ def test_image_attributes_of_rendered_shapes():
         "background": ["blue", "white"],
         "shape_kind": ["triangle", "circle"],
     }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A damaged base-sample table fails when it is read, before training (issue 20, bad case 2)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def write_table(folder, content: str):
+    from dag_trl.demo.shapes.target import table_path
+
+    path = table_path(20, 1.0, 5.0, folder)
+    path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda table: table.pop("reward"), "it has no list under ['reward']"),
+        (lambda table: table["shape_colour"].pop(),
+         "its lists differ in length (prompts: 8, reward: 8, shape_colour: 7, background: 8, shape_kind: 8)"),
+        (lambda table: table["reward"].__setitem__(2, "high"), "its rewards are not all finite numbers"),
+        (lambda table: table["background"].__setitem__(0, "mauve"),
+         "its background values ['mauve'] are not among ['red', 'yellow', 'green', 'cyan', 'blue', 'magenta', "
+         "'white']"),
+    ],
+)  # fmt: skip
+def test_a_damaged_base_sample_table_is_refused_naming_the_file_and_the_problem(tmp_path, damage, problem):
+    import json
+
+    from dag_trl.demo.shapes.target import TABLE_ADVICE, load_table
+
+    table = hand_table()
+    damage(table)
+    path = write_table(tmp_path, json.dumps(table))
+    with pytest.raises(ValueError) as caught:
+        load_table(20, 1.0, 5.0, tmp_path)
+    assert str(caught.value) == f"The shapes base-sample table {str(path)!r} is damaged: {problem}. {TABLE_ADVICE}"
+
+
+def test_a_truncated_base_sample_table_names_the_file(tmp_path):
+    from dag_trl.demo.shapes.target import TABLE_ADVICE, load_table
+
+    path = write_table(tmp_path, '{"prompts": ["a circle", ')  # cut off after 25 characters
+    with pytest.raises(ValueError) as caught:
+        load_table(20, 1.0, 5.0, tmp_path)
+    assert str(caught.value) == (
+        f"The shapes base-sample table {str(path)!r} cannot be read (Expecting value: line 1 column 26 (char 25)). "
+        f"{TABLE_ADVICE}"
+    )
+
+
+def test_the_trainers_evaluation_hook_reads_and_checks_the_table_when_it_is_built(tmp_path, monkeypatch):
+    # The CLI builds this hook with the trainer, before training; the report after training reads the same table.
+    import json
+
+    from dag_trl.demo.shapes import target
+
+    assert target.tilted_target_hook(20, 1.0, 5.0, 1.0) is not None  # the shipped table passes the checks
+    table = hand_table()
+    table["prompts"].pop()
+    write_table(tmp_path, json.dumps(table))
+    monkeypatch.setattr(target, "TABLE_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"is damaged: its lists differ in length \(prompts: 7, reward: 8"):
+        target.tilted_target_hook(20, 1.0, 5.0, 1.0)
+    good = write_table(tmp_path, json.dumps(hand_table()))
+    assert target.load_table(20, 1.0, 5.0) == json.loads(good.read_text())

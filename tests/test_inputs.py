@@ -208,3 +208,17 @@ def test_prompt_checks_are_silent_on_good_prompts_and_need_both_token_arguments(
         check_prompts(["a cat"], token_counts=[3])
     with pytest.raises(ValueError, match="got 1 token counts for 2 prompts"):
         check_prompts(["a", "b"], token_counts=[3], max_length=77)
+
+
+def test_rewards_on_the_meta_device_are_named_as_such():
+    # torch's own error was "Cannot copy out of meta tensor; no data!", naming neither the function nor the device.
+    def meta_reward(images, prompts, metadata):
+        return torch.empty(len(prompts), device="meta"), {}
+
+    with pytest.raises(ValueError) as raised:
+        validate_reward_output(meta_reward(None, ["a", "b"], None), meta_reward, ["a", "b"], 3, torch.device("cpu"))
+    assert str(raised.value) == (
+        "reward function 'meta_reward' returned rewards on the 'meta' device at epoch 3: a meta tensor has a shape "
+        "but no values (typically from a reward model whose weights were never loaded, e.g. built under "
+        "init_empty_weights or with a device_map that offloaded it); return rewards on the CPU or a GPU."
+    )

@@ -308,6 +308,12 @@ def test_cli_picks_the_family_from_the_model_folder_with_its_pipeline_kwargs(tmp
     }
     with pytest.raises(ValueError, match=r"pipeline_kwargs.torch_dtype='bf16' is invalid: expected a torch dtype"):
         pipeline_keyword_arguments({"torch_dtype": "bf16"})
+    with pytest.raises(ValueError) as caught:  # YAML `torch_dtype: 16` used to load in float32 after a warning
+        pipeline_keyword_arguments({"torch_dtype": 16})
+    assert str(caught.value) == (
+        "pipeline_kwargs.torch_dtype=16 is invalid: expected a torch dtype name such as 'bfloat16', 'float16' or "
+        "'float32'."
+    )
     with pytest.raises(
         ValueError, match=r"pipeline_kwargs.sampler is not an argument of DefaultGFlowNetStableDiff.*XL"
     ):
@@ -476,3 +482,17 @@ def test_a_scheduler_without_betas_is_refused_by_name(family_paths):
     loaded.scheduler = EDMEulerScheduler()
     with pytest.raises(ValueError, match=r"its scheduler \(EDMEulerScheduler\) has no beta schedule"):
         make_pipeline("sdxl", {"sdxl": loaded})
+
+
+def test_a_missing_local_model_folder_is_named_without_asking_the_hub(tmp_path, monkeypatch):
+    from dag_trl.models import pipeline_family
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as raised:
+        pipeline_family("./missing_folder")
+    assert str(raised.value) == (
+        f"pretrained model './missing_folder' is not a folder that exists (looked for '{tmp_path / 'missing_folder'}'); "
+        "pass a model folder written by save_pretrained, or a Hub id ('name' or 'owner/name')."
+    )
+    with pytest.raises(OSError, match=r"^pretrained model 'nobody/no-such-model' is not a local folder, and its "):
+        pipeline_family("nobody/no-such-model")

@@ -219,3 +219,47 @@ def test_a_missing_local_dataset_is_not_looked_up_on_the_hub(monkeypatch, path):
         P.from_dataset(path)
     assert str(raised.value).startswith(f"local dataset {path!r} does not exist (looked for '/")
     assert str(raised.value).endswith("pass an existing file or folder, or a Hub dataset id ('name' or 'owner/name')")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prompt text is kept as written (issue 20, bad case 4); a folder is not a prompt file
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_csv_prompts_that_look_numeric_keep_their_text(tmp_path):
+    # pandas read this column as numbers: the prompts trained as '12.0', '1000.0' and '7.0'.
+    for name, separator in (("p.csv", ","), ("p.tsv", "\t")):
+        (tmp_path / name).write_text(f"prompt{separator}level\n0012{separator}1\n1e3{separator}2\n7{separator}3\n")
+        table = P.from_file(tmp_path / name)
+        assert table.prompts == ["0012", "1e3", "7"]
+    table = P.from_dataset(str(tmp_path / "p.csv"), metadata_columns=["level"])
+    assert [m["level"] for m in table.metadata] == [1, 2, 3]  # other columns keep their types
+
+
+@pytest.mark.parametrize(
+    "name, content, where, value, example",
+    [
+        ("p.jsonl", '{"prompt": "a cat"}\n\n{"prompt": 12}\n', "line 3", "number 12", '"12"'),
+        ("p.jsonl", '{"prompt": true}\n', "line 1", "boolean true", '"true"'),
+        ("p.json", '[{"prompt": "a cat"}, {"prompt": ["a", "b"]}]', "record 2", 'array ["a", "b"]',
+         '"[\\"a\\", \\"b\\"]"'),
+    ],
+)  # fmt: skip
+def test_json_prompts_that_are_not_strings_are_refused_with_their_line(tmp_path, name, content, where, value, example):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as raised:
+        P.from_file(path)
+    assert str(raised.value) == (
+        f"{str(path)!r} holds the JSON {value} in column 'prompt' at {where}, not a string; write every prompt as a "
+        f"JSON string (e.g. {example}), so that it trains exactly as written"
+    )
+
+
+def test_a_folder_given_as_a_prompt_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ValueError) as raised:
+        P.from_file(tmp_path)
+    assert str(raised.value) == (
+        f"prompt file {str(tmp_path)!r} is a folder: pass a file in it (accepted extensions: ['.csv', '.json', "
+        "'.jsonl', '.parquet', '.tsv', '.txt']), or the folder to from_dataset if `save_to_disk` wrote it"
+    )

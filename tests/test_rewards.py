@@ -708,6 +708,31 @@ def test_remote_reward_timeout_is_a_total_deadline(trickle_url):
     assert rewards.tolist() == [0.5] and info == {}
 
 
+def test_remote_reward_cancel_ends_a_request_in_flight_at_once(trickle_url):
+    # The answer would take ~2.9 s (58 bytes, 50 ms apart); an interrupted training run must not wait for it.
+    reward = R.remote_reward(trickle_url + "/50", timeout=30.0, max_retries=3, backoff=0.0)
+    outcome = {}
+
+    def call():
+        try:
+            reward(torch.rand(1, 3, 4, 4), ["a"])
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    reward.cancel()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - start < 0.5
+    assert outcome["error"] == f"remote reward at {trickle_url}/50 was cancelled (training was interrupted)."
+    # Later calls of the same reward work as before (here on a quick endpoint).
+    reward.url = trickle_url + "/2"
+    rewards, _ = reward(torch.rand(1, 3, 4, 4), ["a"])
+    assert rewards.tolist() == [0.5]
+
+
 @pytest.mark.parametrize(
     ("scores", "problems"),
     [
@@ -727,3 +752,27 @@ def test_remote_scores_beyond_float32_are_named_like_nan(scores, problems):
         r"must be a finite number within float32's range \(\|score\| <= 3.4e\+38\): '\{\"scores\": "
     )
     assert reward.decode_response(b'{"scores": [3e38, -2]}', 2) == ([3e38, -2.0], {})
+
+
+@pytest.mark.parametrize(
+    "name, repositories",
+    [
+        ("aesthetic_score", ["openai/clip-vit-large-patch14", "camenduru/improved-aesthetic-predictor"]),
+        ("clip_score", ["openai/clip-vit-large-patch14"]),
+    ],
+)
+def test_an_offline_scorer_names_its_hub_repositories_and_how_to_fetch_them(name, repositories, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as raised:
+        R.get_reward_fn(name).load()
+    message = str(raised.value)
+    assert message.startswith(f"reward {name!r} could not load its weights (OSError: ")
+    commands = "; ".join(f"`hf download {repo}`" for repo in repositories)
+    assert message.endswith(
+        f"They come from the Hub repositories {repositories}, which must be in the Hub cache when the Hub cannot be "
+        f"reached (HF_HUB_OFFLINE=1, or no network): download them beforehand where it can ({commands}), or pass "
+        "local folders instead."
+    )

@@ -58,6 +58,23 @@ def test_full_unet_training_without_lora_and_custom_rank(tiny_sd_path):
         DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_rank=0)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"lora_alpha": -3}, "lora_alpha=-3 is invalid: expected a finite number > 0 (the adapter's update is scaled by "
+         "lora_alpha / lora_rank), or None for lora_rank."),
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan is invalid: expected a finite number > 0"),
+        ({"torch_dtype": 16}, "torch_dtype=16 is invalid: expected a torch.dtype such as torch.bfloat16, or None to "
+         "load the weights as saved."),
+    ],
+)  # fmt: skip
+def test_a_negative_lora_alpha_or_a_dtype_that_is_not_one_is_refused_before_loading(arguments, message):
+    # Checked before the model loads: the folder does not even exist. -3 used to train with the update negated.
+    with pytest.raises(ValueError) as caught:
+        DefaultGFlowNetStableDiffusionPipeline("no-such-model", **arguments)
+    assert str(caught.value).startswith(message)
+
+
 def test_lora_initialisation_follows_its_seed_and_leaves_the_global_random_state(tiny_sd_path):
     def lora_down_weights(pipeline):
         return {n: p.detach().clone() for n, p in pipeline.unet.named_parameters() if "lora_A" in n}

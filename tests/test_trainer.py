@@ -3,6 +3,7 @@
 import math
 import random
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -474,9 +475,28 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_rejected(tmp_path, plu
         configure_deepspeed(DeepSpeedPlugin(**plugin_kwargs), tiny_config(tmp_path, train_max_grad_norm=0.3))
 
 
+def send_during_epoch(trainer, epoch_to_interrupt: int, signal_name: str, times: int) -> None:
+    """Make ``trainer`` receive ``signal_name`` ``times`` times at the start of epoch ``epoch_to_interrupt``, as a
+    cluster's pre-emption or Ctrl-C would."""
+    import os
+    import signal
+
+    if signal.getsignal(getattr(signal, signal_name)) is signal.SIG_IGN:
+        pytest.skip(f"{signal_name} is ignored in this process (started in the background by a shell or nohup)")
+    epoch_step = trainer.step
+
+    def step(epoch: int, global_step: int) -> int:
+        if epoch == epoch_to_interrupt:
+            for _ in range(times):
+                os.kill(os.getpid(), getattr(signal, signal_name))
+        return epoch_step(epoch, global_step)
+
+    trainer.step = step
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its_lock(
-    tmp_path, tiny_sd_path, signal_name
+def test_a_stop_signal_finishes_and_checkpoints_the_epoch_that_save_freq_would_skip(
+    tmp_path, tiny_sd_path, signal_name, capsys
 ):
     import os
     import signal
@@ -487,18 +507,41 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
     from dag_trl.trainer import list_checkpoints
     from dag_trl.trainer.checkpointing import run_lock_path, run_owner_path
 
-    if signal.getsignal(getattr(signal, signal_name)) is signal.SIG_IGN:
-        pytest.skip(f"{signal_name} is ignored in this process (started in the background by a shell or nohup)")
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=4, save_freq=2)
+    send_during_epoch(trainer, 2, signal_name, times=1)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as error:
+        trainer.train()
+    # checkpoint_1 by save_freq; checkpoint_2 because of the signal (save_freq=2 skips it): epoch 2 is not lost.
+    assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [1, 2]
+    checkpoint = trainer.last_checkpoint()
+    assert str(error.value) == (
+        f"Training was stopped by {signal_name} after epoch 2, which it finished and checkpointed in {checkpoint!r}: "
+        "resume from it with resume_from='latest'."
+    )
+    assert f"{signal_name} received: finishing this epoch and writing its checkpoint" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert run_lock_is_free(run_lock_path(trainer.config)) and not os.path.exists(run_owner_path(trainer.config))
+    resumed = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=4, save_freq=2, resume_from="latest")
+    assert resumed.first_epoch == 3
+    resumed.train()
+    assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_interrupts_at_once_naming_the_checkpoint_to_resume_from(
+    tmp_path, tiny_sd_path, signal_name
+):
+    import os
+
+    from conftest import make_resumable_trainer, run_lock_is_free
+
+    from dag_trl import TrainingInterrupted
+    from dag_trl.trainer import list_checkpoints
+    from dag_trl.trainer.checkpointing import run_lock_path, run_owner_path
+
     trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=3)
-    epoch_step = trainer.step
-
-    def step(epoch: int, global_step: int) -> int:
-        if epoch == 1:
-            os.kill(os.getpid(), getattr(signal, signal_name))  # as a cluster's pre-emption or Ctrl-C would
-        return epoch_step(epoch, global_step)
-
-    trainer.step = step
-    handler = signal.getsignal(signal.SIGTERM)
+    send_during_epoch(trainer, 1, signal_name, times=2)
     with pytest.raises(TrainingInterrupted) as error:
         trainer.train()
     [(_, checkpoint)] = list_checkpoints(trainer.checkpoint_dir)
@@ -506,7 +549,6 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume_from_and_releases_its
         f"Training was interrupted ({signal_name}) during epoch 1; the last checkpoint is {checkpoint!r} (epoch 0): "
         "resume from it with resume_from='latest'."
     )
-    assert signal.getsignal(signal.SIGTERM) is handler
     assert run_lock_is_free(run_lock_path(trainer.config)) and not os.path.exists(run_owner_path(trainer.config))
 
 
@@ -670,3 +712,66 @@ def test_every_epoch_logs_one_line_with_its_rewards_and_the_objectives_main_metr
             f"loss_total {sum(losses) / len(losses):.4g}, elapsed "
         )
     assert lines[1].endswith("ETA 0:00:00")
+
+
+def test_a_lora_min_timestep_above_every_sampled_timestep_is_refused_at_construction(tmp_path, tiny_sd_path):
+    pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
+    largest = int(pipeline.set_timesteps(4).max())
+    with pytest.raises(ValueError) as caught:
+        GFlowNetDiffusionTrainer(tiny_config(tmp_path, lora_min_timestep=5000), brightness, "simple_animals", pipeline)
+    assert str(caught.value) == (
+        f"GFlowNetConfig.lora_min_timestep=5000 is invalid for this scheduler and sample_num_steps=4: its largest "
+        f"timestep is {largest}, so no step would use the LoRA and nothing would be trained; expected an integer in "
+        f"[0, {largest}] (0: the LoRA acts at every step)."
+    )
+    assert not (tmp_path / "logs").exists()  # refused before the run folder was set up
+    trainer = GFlowNetDiffusionTrainer(
+        tiny_config(tmp_path, lora_min_timestep=largest), brightness, "simple_animals", pipeline
+    )
+    assert trainer.config.lora_min_timestep == largest  # the first step still trains
+
+
+def test_an_interrupt_cancels_the_asynchronous_reward_in_flight(tmp_path, tiny_sd_path):
+    import os
+    import signal
+    import time
+
+    from conftest import make_resumable_trainer
+
+    from dag_trl import TrainingInterrupted
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("SIGINT is ignored in this process (started in the background by a shell or nohup)")
+
+    class SlowServer:
+        """A reward that, at epoch 1, is interrupted twice (Ctrl-C Ctrl-C) and then waits for an answer that only
+        cancel() gives."""
+
+        def __init__(self):
+            self.calls, self.cancelled = 0, threading.Event()
+
+        def __call__(self, images, prompts, metadata):
+            self.calls += 1
+            if self.calls == 2:  # epoch 1's only batch
+                for _ in range(2):  # apart: two pending signals of one kind are delivered once
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.5)
+                self.cancelled.wait(timeout=30)
+            return images.mean(dim=(1, 2, 3)), {}
+
+        def cancel(self):
+            self.cancelled.set()
+
+    reward = SlowServer()
+    trainer = make_resumable_trainer(  # DDPO: one reward call per epoch (DAG also scores intermediate states)
+        tmp_path, tiny_sd_path, num_epochs=3, async_reward_computation=True, train_objective="ddpo"
+    )
+    trainer.reward_fn = reward
+    start = time.monotonic()
+    with pytest.raises(TrainingInterrupted) as error:
+        trainer.train()
+    assert str(error.value) == (
+        f"Training was interrupted (SIGINT) during epoch 1; the last checkpoint is {trainer.last_checkpoint()!r} "
+        "(epoch 0): resume from it with resume_from='latest'."
+    )
+    assert reward.cancelled.is_set() and time.monotonic() - start < 20

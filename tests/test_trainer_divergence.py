@@ -9,11 +9,10 @@ import warnings
 import pytest
 import torch
 from conftest import files_under, make_resumable_trainer
-from safetensors.torch import load_file
 
 from dag_trl import TrainingDivergedError
 from dag_trl.trainer import list_checkpoints
-from dag_trl.trainer.divergence import MAX_CONSECUTIVE_SKIPPED_STEPS
+from dag_trl.trainer.divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, first_non_finite
 
 
 def trained_copy(trainer) -> list[torch.Tensor]:
@@ -57,18 +56,65 @@ def test_a_non_finite_gradient_is_not_applied(tmp_path, tiny_sd_path):
     assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [0]
 
 
-def test_a_huge_learning_rate_stops_before_any_non_finite_checkpoint_or_model(tmp_path, tiny_sd_path):
-    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=4, train_learning_rate=1e30)
-    # The first step's weights are finite but huge; the next epoch's samples are not.
-    with pytest.raises(
-        TrainingDivergedError, match=r"^Training diverged before epoch 1: the policy's sampled latents "
-    ):
+def resumed_trainer(tmp_path, tiny_sd_path, resume_from: str, learning_rate: float):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the changed learning rate's warning, tested in test_checkpointing.py
+        return make_resumable_trainer(
+            tmp_path, tiny_sd_path, num_epochs=3, resume_from=resume_from, train_learning_rate=learning_rate
+        )
+
+
+def test_a_huge_learning_rate_is_stopped_at_the_first_checkpoint_and_resumes_from_the_last_healthy_one(
+    tmp_path, tiny_sd_path
+):
+    # Issue 20: at lr 1e12 the first step leaves finite LoRA weights of about 1e12, which used to be checkpointed.
+    from dag_trl.trainer.divergence import MAX_LORA_UPDATE_RATIO, lora_update_ratios
+
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=3)
+    trainer.train(epochs=1)
+    healthy = trainer.last_checkpoint()
+    assert healthy.endswith("checkpoint_0")
+    trainer = resumed_trainer(tmp_path, tiny_sd_path, healthy, 1e12)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e12, 1e12]  # the new rate, not the saved
+    with pytest.raises(TrainingDivergedError) as error:
         trainer.train()
+    ratios = lora_update_ratios(trainer.unet)
+    layer = max(ratios, key=ratios.get)
+    assert (
+        ratios[layer] > 1e9
+        and torch.isfinite(torch.stack([p.abs().max() for p in trainer.trainable_parameters()])).all()
+    )
+    final = f"{tmp_path}/logs/checkpoints/checkpoint_1"
+    assert str(error.value) == (
+        f"Refusing to write {final!r}: the LoRA update of layer {layer!r} is {ratios[layer]:.3g} times the frozen "
+        f"weight it adds to (||s B A||_F / ||W||_F; the health check allows at most {MAX_LORA_UPDATE_RATIO:g}); "
+        f"training diverged by the end of epoch 1. Nothing was pruned. The last checkpoint, {healthy!r}, passed the "
+        "weights health check: resume from it with a lower train_learning_rate, a smaller train_reward_exp or "
+        "rescaled rewards, or a larger sample_eta."
+    )
     assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [0]
-    for _, folder in list_checkpoints(trainer.checkpoint_dir):
-        for name in files_under(folder):
-            if name.endswith(".safetensors"):
-                assert all(torch.isfinite(t).all() for t in load_file(f"{folder}/{name}").values()), name
+    with pytest.raises(TrainingDivergedError, match=r"^Refusing to write '.*model': the LoRA update of layer"):
+        trainer.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+    # The advice works: from the named checkpoint at a sane learning rate, training goes on and checkpoints.
+    trainer = resumed_trainer(tmp_path, tiny_sd_path, healthy, 3e-4)
+    trainer.train()
+    assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [0, 1, 2]
+    assert trainer.weights_health_problem() is None
+    assert max(lora_update_ratios(trainer.unet).values()) < 1e-2
+
+
+def test_a_huge_learning_rate_from_the_start_says_that_no_checkpoint_was_written(tmp_path, tiny_sd_path):
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=2, train_learning_rate=1e12)
+    with pytest.raises(TrainingDivergedError) as error:
+        trainer.train()
+    assert " times the frozen weight it adds to " in str(error.value)
+    assert str(error.value).endswith(
+        "training diverged by the end of epoch 0. Nothing was pruned. No checkpoint was written yet: restart with a "
+        "lower train_learning_rate, a smaller train_reward_exp or rescaled rewards, or a larger sample_eta."
+    )
+    assert list_checkpoints(trainer.checkpoint_dir) == []
 
 
 def test_non_finite_weights_are_never_written(tmp_path, tiny_sd_path):
@@ -96,3 +142,39 @@ def test_fp16_skipped_steps_are_counted_and_stop_training_only_when_they_persist
         assert len(calls) == expected_calls, step
     assert metrics["optimizer_steps_skipped"] == 2 + MAX_CONSECUTIVE_SKIPPED_STEPS + 1
     assert calls[0].startswith(f"the fp16 gradient scaler skipped {MAX_CONSECUTIVE_SKIPPED_STEPS + 1} optimiser steps")
+
+
+def test_lora_update_ratio_is_the_frobenius_norm_of_the_scaled_update_over_the_frozen_weight():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 4, 3))
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=["0", "1"]), model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    from dag_trl.trainer.divergence import lora_update_ratios
+
+    ratios = lora_update_ratios(model)
+    linear, conv = model[0], model[1]
+    update = 1.5 * linear.lora_B["default"].weight @ linear.lora_A["default"].weight  # scaling = alpha / r = 1.5
+    assert ratios["0"] == pytest.approx((update.norm() / linear.base_layer.weight.norm()).item(), rel=1e-6)
+    a = conv.lora_A["default"].weight.flatten(1)  # (2, 3 * 3 * 3)
+    update = 1.5 * conv.lora_B["default"].weight.flatten(1) @ a
+    assert ratios["1"] == pytest.approx((update.norm() / conv.base_layer.weight.norm()).item(), rel=1e-6)
+    with torch.no_grad():
+        linear.lora_B["default"].weight.zero_()  # B starts at zero: no update
+    assert lora_update_ratios(model)["0"] == 0.0
+
+
+def test_finite_weights_whose_probe_overflows_are_not_written(tmp_path, tiny_sd_path):
+    trainer = make_resumable_trainer(tmp_path, tiny_sd_path, num_epochs=2)
+    assert trainer.weights_health_problem() is None
+    with torch.no_grad():
+        for parameter in trainer.unwrapped_objective_model.parameters():
+            parameter.mul_(1e30)  # finite flow-network weights whose products overflow float32
+    assert first_non_finite(trainer.trainable_parameters()) is None
+    assert trainer.weights_health_problem() == "the fixed probe's flow outputs hold NaN or infinite values"
+    with pytest.raises(TrainingDivergedError, match=r"^Refusing to write '.*checkpoint_0': the fixed probe's flow"):
+        trainer.save_checkpoint(0)
+    assert list_checkpoints(trainer.checkpoint_dir) == []

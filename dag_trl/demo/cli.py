@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import GFlowNetConfig
+from ..config import EVAL_SIZE_NOTE, GFlowNetConfig
 from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
 from ..io.hub import HubPushError
 from ..io.tracking import check_tracker_installed, tracker_install_command, tracker_installed
@@ -131,7 +132,7 @@ class ScriptArguments:
         overwrite (`bool`, defaults to `False`):
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
-            Images in the before / after grids (the same prompts and noise before and after training).
+            Images in the before / after grids (the same prompts and noise before and after training), at least 2.
         cache_dir (`str`, *optional*):
             Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
     """
@@ -155,8 +156,10 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         for name in ("reward_kwargs", "prompt_kwargs", "pipeline_kwargs"):
             setattr(self, name, json_object(name, getattr(self, name)))
-        if self.eval_num_images < 1:
-            raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
+        if self.eval_num_images < 2:
+            raise ValueError(
+                f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 2{EVAL_SIZE_NOTE}."
+            )
 
 
 def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -308,8 +311,37 @@ def resolve_model(script_args: ScriptArguments) -> str:
     return str(get_shapes_model(cache_dir=script_args.cache_dir))
 
 
-def evaluate(trainer, prompts: list[str], metadata: list[dict], seed: int, is_shapes: bool) -> dict[str, Any]:
-    """Rewards (and, for the shapes model, colour distribution and prompt adherence) of a fixed evaluation set."""
+def report_part(name: str, compute: Callable[[], Any], failures: dict[str, str]) -> Any:
+    """``compute()``, or ``None`` when it raises: a figure of the report that fails must not lose the rest of the
+    report (or, after training, the run). The failure is recorded under ``name`` in ``failures`` (the summary's
+    ``failed_parts``) and warned about."""
+    try:
+        return compute()
+    except Exception as error:  # whatever breaks an optional figure, the report is written without it
+        failures[name] = f"{type(error).__name__}: {error}"
+        warnings.warn(f"The report leaves out {name}: it failed with {failures[name]}", UserWarning, stacklevel=2)
+        return None
+
+
+def save_evaluation_grid(result: dict[str, Any], prompts: list[str], path: str) -> None:
+    """The evaluation's images captioned with their prompts and rewards, as one PNG."""
+    from ..io.reporting import captioned_image_grid
+
+    captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist(), strict=True)]
+    captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(path)
+
+
+def evaluate(
+    trainer,
+    prompts: list[str],
+    metadata: list[dict],
+    seed: int,
+    is_shapes: bool,
+    failures: Optional[dict[str, str]] = None,
+    name: str = "",
+) -> dict[str, Any]:
+    """Rewards (and, for the shapes model, colour distribution and prompt adherence) of a fixed evaluation set. With
+    ``failures``, the shapes figures are optional parts of the report (:func:`report_part`, named ``<name>.<key>``)."""
     images = trainer.sample_images(prompts, seed)
     rewards, _ = trainer.reward_fn(images, tuple(prompts), tuple(metadata))
     rewards = torch.as_tensor(rewards, dtype=torch.float32).cpu()
@@ -322,10 +354,16 @@ def evaluate(trainer, prompts: list[str], metadata: list[dict], seed: int, is_sh
         "diversity": diversity(pixel_features(images), prompts),
     }
     if is_shapes:
-        result["colour_distribution"] = colour_distribution(images)
         every_full_prompt = all_full_prompts()
         full = every_full_prompt[:: max(1, len(every_full_prompt) // 42)]
-        result["adherence_full_prompts"] = prompt_adherence(trainer.sample_images(full, seed + 1), full)
+        parts = {
+            "colour_distribution": lambda: colour_distribution(images),
+            "adherence_full_prompts": lambda: prompt_adherence(trainer.sample_images(full, seed + 1), full),
+        }
+        for key, compute in parts.items():
+            value = compute() if failures is None else report_part(f"{name}.{key}", compute, failures)
+            if value is not None:
+                result[key] = value
     return result
 
 
@@ -384,8 +422,8 @@ def pipeline_keyword_arguments(pipeline_kwargs: dict[str, Any], family: Optional
                     f"{sorted(accepted - set(SCRIPT_PIPELINE_ARGUMENTS))}."
                 )
     name = result.get("torch_dtype")
-    if isinstance(name, str):
-        dtype = getattr(torch, name, None)
+    if name is not None and not isinstance(name, torch.dtype):
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(
                 f"pipeline_kwargs.torch_dtype={name!r} is invalid: expected a torch dtype name such as 'bfloat16', "
@@ -420,7 +458,7 @@ def build_trainer(script_args: ScriptArguments, config: GFlowNetConfig, reward_f
 
 def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     """Build, evaluate, train, evaluate again, and write the report. Returns the summary."""
-    from ..io.reporting import captioned_image_grid, plot_reward_curve
+    from ..io.reporting import plot_reward_curve
     from ..prompts import get_prompt_fn
     from ..rewards import get_reward_fn
     from ..trainer import resolve_resume_from
@@ -448,16 +486,29 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     pairs = [evaluation_prompt_fn() for _ in range(script_args.eval_num_images)]
     prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]
 
-    before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
+    # Parts of the report that fail are named in the summary and warned about; the rest is written.
+    failures: dict[str, str] = {}
+    before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes, failures, "before")
     start, earlier_evaluations = time.perf_counter(), len(trainer.evaluation_history)
     trainer.train()
     # Training time alone: the evaluations during training (eval_freq) are reported on their own.
     evaluation_seconds = sum(entry["seconds"] for entry in trainer.evaluation_history[earlier_evaluations:])
     train_seconds = time.perf_counter() - start - evaluation_seconds
-    after = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
+    if main:
+        # The trained model first: nothing the report computes after training can lose it.
+        trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
+    after = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes, failures, "after")
     # How far the fine-tuned samples moved from the pretrained model's, on the same prompts and noise.
-    after["prior_kernel_distance"] = kernel_distance(pixel_features(before["images"]), pixel_features(after["images"]))
-    target = tilted_target_summary(config, prompts, before, after) if is_shapes else None
+    distance = report_part(
+        "after.prior_kernel_distance",
+        lambda: kernel_distance(pixel_features(before["images"]), pixel_features(after["images"])),
+        failures,
+    )
+    if distance is not None:
+        after["prior_kernel_distance"] = distance
+    target = None
+    if is_shapes:
+        target = report_part("target", lambda: tilted_target_summary(config, prompts, before, after), failures)
 
     summary = {
         "pretrained_model": script_args.pretrained_model,
@@ -476,16 +527,16 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     if main:
         os.makedirs(script_args.output_dir, exist_ok=True)
         for name, result in (("before", before), ("after", after)):
-            captions = [f"{p} | {r:.3f}" for p, r in zip(prompts, result["rewards"].tolist(), strict=True)]
-            captioned_image_grid(result["images"], captions, columns=min(8, len(captions))).save(
-                os.path.join(script_args.output_dir, f"{name}.png")
-            )
-        plot_reward_curve(
-            trainer.reward_history,
-            os.path.join(script_args.output_dir, "reward_curve.png"),
-            evaluations=trainer.evaluation_history,
+            grid = os.path.join(script_args.output_dir, f"{name}.png")
+            report_part(f"{name}.png", lambda: save_evaluation_grid(result, prompts, grid), failures)  # noqa: B023 (called at once)
+        curve = os.path.join(script_args.output_dir, "reward_curve.png")
+        report_part(
+            "reward_curve.png",
+            lambda: plot_reward_curve(trainer.reward_history, curve, evaluations=trainer.evaluation_history),
+            failures,
         )
-        trainer.save_pretrained(os.path.join(script_args.output_dir, "model"))
+        if failures:
+            summary["failed_parts"] = failures
         with open(os.path.join(script_args.output_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         print(format_summary(summary))
@@ -507,8 +558,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['reward']}, prompts {summary['prompts']}",
         f"mean reward before: {summary['before']['reward_mean']:.4f} (std {summary['before']['reward_std']:.4f})",
         f"mean reward after:  {summary['after']['reward_mean']:.4f} (std {summary['after']['reward_std']:.4f})",
-        f"kernel distance of the samples after vs before: {summary['after']['prior_kernel_distance']:.4f}",
     ]
+    if "prior_kernel_distance" in summary["after"]:
+        lines.append(
+            f"kernel distance of the samples after vs before: {summary['after']['prior_kernel_distance']:.4f}"
+        )
     if summary["before"]["diversity"] is not None:
         lines.append(
             f"diversity (mean pairwise pixel distance per prompt): {summary['before']['diversity']:.3f} -> "
@@ -521,7 +575,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"TV from the tilted target (beta {summary['target']['beta']:g}) {name}: "
                 + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
             )
-    if "colour_distribution" in summary["before"]:
+    if all("colour_distribution" in summary[name] for name in ("before", "after")):
         colours = summary["before"]["colour_distribution"]
         lines.append(
             "colour distribution (before -> after): "
@@ -530,12 +584,15 @@ def format_summary(summary: dict[str, Any]) -> str:
                 for c in colours
             )
         )
-        for name in ("before", "after"):
-            adherence = summary[name]["adherence_full_prompts"]
+    for name in ("before", "after"):
+        adherence = summary[name].get("adherence_full_prompts")
+        if adherence is not None:
             lines.append(
                 f"prompt adherence {name} (full prompts): "
                 + ", ".join(f"{k} {v:.2f}" for k, v in adherence.items() if isinstance(v, float))
             )
+    for name, error in summary.get("failed_parts", {}).items():
+        lines.append(f"left out of the report: {name} ({error})")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import math
 import os
 from collections.abc import Iterator
 from typing import Any, ClassVar, Optional, Union
@@ -68,6 +69,18 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     ):
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1:
             raise ValueError(f"lora_rank={lora_rank!r} is invalid: expected an integer >= 1.")
+        if lora_alpha is not None and not (
+            isinstance(lora_alpha, (int, float)) and not isinstance(lora_alpha, bool) and 0 < lora_alpha < math.inf
+        ):
+            raise ValueError(
+                f"lora_alpha={lora_alpha!r} is invalid: expected a finite number > 0 (the adapter's update is scaled "
+                "by lora_alpha / lora_rank), or None for lora_rank."
+            )
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(
+                f"torch_dtype={torch_dtype!r} is invalid: expected a torch.dtype such as torch.bfloat16, or None to "
+                "load the weights as saved."
+            )
         self.pretrained_model_revision = pretrained_model_revision
         if isinstance(pretrained_model_name, self.pipeline_class()):
             self.sd_pipeline = pretrained_model_name

@@ -3,6 +3,7 @@ names, so that a model path or Hub id alone picks its family."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..registry import register_unique
@@ -41,7 +42,23 @@ def pipeline_family(pretrained_model_name: str, revision: str = "main") -> type[
     with diffusers' ``DiffusionPipeline.load_config``: from the folder, or the Hub and its cache)."""
     from diffusers import DiffusionPipeline
 
-    config = DiffusionPipeline.load_config(pretrained_model_name, revision=revision)
+    name = str(pretrained_model_name)
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1):
+        # Not a Hub id ('name' or 'owner/name'): diffusers would answer about the Hub and the internet connection.
+        raise ValueError(
+            f"pretrained model {name!r} is not a folder that exists (looked for {os.path.abspath(name)!r}); pass a "
+            "model folder written by save_pretrained, or a Hub id ('name' or 'owner/name')."
+        )
+    try:
+        config = DiffusionPipeline.load_config(pretrained_model_name, revision=revision)
+    except OSError as error:
+        if os.path.isdir(name):
+            raise
+        raise OSError(
+            f"pretrained model {name!r} is not a local folder, and its model_index.json could not be read from the "
+            f"Hub or its cache ({error}). With no network (or HF_HUB_OFFLINE=1), download it beforehand where the Hub "
+            f"can be reached (`hf download {name}`), or pass a local folder."
+        ) from error
     class_name = config.get("_class_name")
     if class_name not in PIPELINE_FAMILIES:
         raise ValueError(

@@ -128,6 +128,8 @@ class Objective(ABC):
             policy's step to it, ``"prior_kls"`` ``(B, N)`` in nats; the loop fills
             :attr:`TransitionBatch.prior_mean`.
         main_metric: the metric of :meth:`loss` that the trainer's per-epoch console line shows (its epoch mean).
+        target_settings: the config fields that define what the objective trains towards; a checkpoint records
+            them, and a resume that changes one is refused (a resume may change others, such as learning rates).
     """
 
     name: ClassVar[str]
@@ -143,6 +145,12 @@ class Objective(ABC):
     uses_detailed_balance: ClassVar[bool] = False
     required_settings: ClassVar[dict[str, tuple[Any, str]]] = {}
     main_metric: ClassVar[str] = "loss_total"
+    target_settings: ClassVar[tuple[str, ...]] = (
+        "train_reward_exp",
+        "train_reward_exp_anneal",
+        "train_log_prob_reduction",
+        "lora_min_timestep",
+    )
 
     def __init__(self, config: GFlowNetConfig):
         self.config = config
@@ -196,6 +204,14 @@ class Objective(ABC):
     def learning_rate(self) -> float:
         """The learning rate of the objective's own model."""
         return self.config.train_learning_rate
+
+    def probe_model(
+        self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: PromptEmbeddings
+    ) -> Optional[torch.Tensor]:
+        """The objective's model's outputs on the states ``latents`` ``(B, C, h, w)`` at ``timesteps`` ``(B,)`` of a
+        trajectory for ``prompt_embeds``, for the weights health check before a save (they must be finite); ``None``
+        when the objective has no model to probe."""
+        return None
 
     @abstractmethod
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:

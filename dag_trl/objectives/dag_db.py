@@ -59,6 +59,9 @@ class DAGDetailedBalance(Objective):
     def learning_rate(self) -> float:
         return self.config.flow_learning_rate
 
+    def probe_model(self, model, latents, timesteps, prompt_embeds) -> torch.Tensor:
+        return model(latents, timesteps, prompt_embeds.hidden_states, prompt_embeds.pooled)
+
     @staticmethod
     def log_flows(batch: TransitionBatch, flow: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log F(x_t), log F(x_s), F_phi(x_t))``: one flow-network call on ``x_t`` and the non-terminal ``x_s``."""

@@ -68,6 +68,19 @@ class DDPO(Objective):
         "per_prompt_stat_tracking_min_count",
     )
     trajectory_fields = ("advantages",)
+    # DDPO maximises the reward itself: the reward exponent and its anneal are not read.
+    target_settings = ("train_log_prob_reduction", "lora_min_timestep")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        buffer, minimum = config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
+        if config.per_prompt_stat_tracking and minimum > buffer:
+            raise ValueError(
+                f"GFlowNetConfig.per_prompt_stat_tracking_min_count={minimum} is invalid with "
+                f"per_prompt_stat_tracking_buffer_size={buffer}: a prompt's buffer never holds more than {buffer} "
+                f"rewards, so per-prompt statistics would never start; expected an integer in [1, {buffer}]."
+            )
 
     def __init__(self, config):
         super().__init__(config)

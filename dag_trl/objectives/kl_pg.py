@@ -44,7 +44,6 @@ class KLRegularisedPolicyGradient(Objective):
     display_name = "KL-regularised PG"
     description = "policy gradient on the reward with the closed-form per-step KL to the pretrained model"
     paper = ("Fan et al., 2023 (DPOK); Uehara et al., 2024", "https://arxiv.org/abs/2305.16381")
-    hyperparameters = ("train_reward_exp",)
     trajectory_fields = ("kl_pg_advantages",)
     main_metric = "kl_step"
     uses_prior_log_probs = True

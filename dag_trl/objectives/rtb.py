@@ -63,6 +63,7 @@ class RelativeTrajectoryBalance(Objective):
     display_name = "RTB"
     description = "relative trajectory balance towards the reward-tilted pretrained model"
     hyperparameters = ("train_log_z_learning_rate", "train_log_z_estimate")
+    target_settings = Objective.target_settings + ("train_log_z_estimate",)
     model_folder = "log_partition"
     trajectory_fields = ("rtb_delta", "rtb_log_z_delta")
     uses_prior_log_probs = True
@@ -88,6 +89,9 @@ class RelativeTrajectoryBalance(Objective):
 
     def learning_rate(self) -> float:
         return self.config.train_log_z_learning_rate
+
+    def probe_model(self, model, latents, timesteps, prompt_embeds) -> torch.Tensor:
+        return model(prompt_embeds.hidden_states)
 
     @torch.no_grad()
     def prepare_window(

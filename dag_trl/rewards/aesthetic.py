@@ -56,6 +56,9 @@ class AestheticReward(ClipReward):
         self.mlp_path = mlp_path
         self.mlp_filename = mlp_filename
 
+    def weight_sources(self) -> list[str]:
+        return [*super().weight_sources(), self.mlp_path]
+
     def _load_models(self, device: torch.device) -> None:
         super()._load_models(device)
         state_dict = load_weights(resolve_file(self.mlp_path, self.mlp_filename))

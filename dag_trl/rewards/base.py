@@ -178,9 +178,30 @@ class ModelReward(RewardFunction):
                 self.device = torch.device(device)
             if self.device is None:
                 self.device = torch.device("cpu")
-            self._load_models(self.device)
+            try:
+                self._load_models(self.device)
+            except OSError as error:
+                raise OSError(self._loading_failure(error)) from error
             self._loaded = True
         return self
+
+    def weight_sources(self) -> list[str]:
+        """The Hub repositories or local paths the reward's weights come from (for error messages)."""
+        return []
+
+    def _loading_failure(self, error: OSError) -> str:
+        """What a failed load says: the reward, its error, and for weights from the Hub, how to fetch them ahead of
+        an offline run (the Hub client's own message only asks to check the internet connection)."""
+        hub = [source for source in dict.fromkeys(self.weight_sources()) if not os.path.exists(source)]
+        message = f"reward {self.name!r} could not load its weights ({type(error).__name__}: {error})."
+        if hub:
+            commands = "; ".join(f"`hf download {repo}`" for repo in hub)
+            message += (
+                f" They come from the Hub repositories {hub}, which must be in the Hub cache when the Hub cannot be "
+                f"reached (HF_HUB_OFFLINE=1, or no network): download them beforehand where it can ({commands}), "
+                "or pass local folders instead."
+            )
+        return message
 
     def _load_models(self, device: torch.device) -> None:
         raise NotImplementedError

@@ -47,6 +47,9 @@ class ClipReward(ModelReward):
         self.model_name_or_path = model_name_or_path
         self.processor_name_or_path = processor_name_or_path or model_name_or_path
 
+    def weight_sources(self) -> list[str]:
+        return [self.model_name_or_path, self.processor_name_or_path]
+
     def _load_models(self, device: torch.device) -> None:
         self.model, processor = load_clip(self.model_name_or_path, self.processor_name_or_path, self.dtype, device)
         self.tokenizer = processor.tokenizer

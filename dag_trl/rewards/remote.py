@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -49,6 +49,11 @@ class _Deadline:
             self._sockets.append(sock)
             if self.expired:
                 self._shut(sock)
+
+    def expire(self) -> None:
+        """End the exchange now, as if the deadline had passed (:meth:`RemoteReward.cancel`)."""
+        self._timer.cancel()
+        self._expire()
 
     def _expire(self) -> None:
         with self._lock:
@@ -143,6 +148,20 @@ class RemoteReward(RewardFunction):
         self.backoff = float(backoff)
         self.image_format = image_format
         self.headers = {"Content-Type": "application/json", **(headers or {})}
+        # The exchanges in flight (calls may run in the trainer's reward threads) and a count of cancel() calls.
+        self._in_flight: set[_Deadline] = set()
+        self._in_flight_lock = threading.Lock()
+        self._cancellations = 0
+
+    def cancel(self) -> None:
+        """End every request in flight now and retry none of them: each such call raises ``RuntimeError`` saying it
+        was cancelled. The trainer calls it when training is interrupted, so that the process does not wait for a
+        slow server; later calls work as before."""
+        with self._in_flight_lock:
+            self._cancellations += 1
+            in_flight = list(self._in_flight)
+        for deadline in in_flight:
+            deadline.expire()
 
     def encode_request(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> bytes:
         """The JSON request body for a batch."""
@@ -166,11 +185,14 @@ class RemoteReward(RewardFunction):
 
     def _post(self, body: bytes) -> bytes:
         errors = []
+        cancellations = self._cancellations
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            with _Deadline(self.timeout) as deadline:
+            with _Deadline(self.timeout) as deadline, self._tracked(deadline):
+                if self._cancellations != cancellations:
+                    raise RuntimeError(f"remote reward at {self.url} was cancelled (training was interrupted).")
                 opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
                 try:
                     with opener.open(request, timeout=self.timeout) as response:
@@ -188,10 +210,23 @@ class RemoteReward(RewardFunction):
                 except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut answers
                     reason = getattr(error, "reason", error)
                     errors.append(self._timed_out() if deadline.expired else f"{type(reason).__name__}: {reason}")
+                if self._cancellations != cancellations:
+                    raise RuntimeError(f"remote reward at {self.url} was cancelled (training was interrupted).")
         raise RuntimeError(
             f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (deadline {self.timeout}s "
             "each): " + "; ".join(errors)
         )
+
+    @contextlib.contextmanager
+    def _tracked(self, deadline: _Deadline) -> Iterator[None]:
+        """Within the context, :meth:`cancel` can end ``deadline``'s exchange."""
+        with self._in_flight_lock:
+            self._in_flight.add(deadline)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(deadline)
 
     def _timed_out(self) -> str:
         return f"TimeoutError: timed out, no complete answer within the {self.timeout}s deadline"

@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from ..config import GFlowNetConfig
 from ..objectives import get_objective_class
-from .divergence import refuse_non_finite_weights
+from .divergence import TrainingDivergedError, how_to_go_on
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +50,9 @@ RUN_OWNER_NAME = "run.lock.owner.json"
 # The run locks this process holds, by path: its own lock is no conflict (a trainer built twice in one script, or
 # train() taking the lock again after the constructor did).
 _HELD_RUN_LOCKS: dict[str, FileLock] = {}
+# Settings a resume may change, with a warning (with the learning rates the objective reads): how the run goes on,
+# not what it trains towards.
+RESUME_WARNED_SETTINGS = ("seed", "train_learning_rate")
 # The counters of progress a resume restores; a trainer_state.json without one of them cannot be resumed from.
 REQUIRED_STATE_KEYS = ("epoch", "global_step", "weights_version")
 # Of those, the ones the trainer implements itself: it always names checkpoints (checkpoint_<epoch>) and prunes them,
@@ -110,12 +113,49 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def refuse_incomplete_newest(config: GFlowNetConfig, folder: str) -> None:
+    """Raise ``ValueError`` when the highest-numbered ``checkpoint_<N>`` folder in ``folder`` has no
+    ``trainer_state.json``: saves are atomic, so such a folder was damaged afterwards, and resuming from the one
+    before it would silently repeat epochs."""
+    numbered = [
+        (int(name[len("checkpoint_") :]), os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit()
+    ]
+    if not numbered:
+        return
+    newest = max(numbered)[1]
+    if not os.path.exists(os.path.join(newest, TRAINER_STATE_NAME)):
+        complete = list_checkpoints(folder)
+        instead = (
+            f"resume from the newest complete one, resume_from={complete[-1][1]!r}, or delete {newest!r}"
+            if complete
+            else "no complete checkpoint is left: start a new run (resume_from='')"
+        )
+        raise ValueError(
+            f"GFlowNetConfig.resume_from={config.resume_from!r}: the newest checkpoint, {newest!r}, has no "
+            f"{TRAINER_STATE_NAME} (it was damaged or is not one this library wrote); {instead}."
+        )
+
+
+def saved_objective(path: str) -> Optional[str]:
+    """The objective recorded in the checkpoint ``path``'s ``trainer_state.json``, or ``None`` if unreadable."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+            objective = json.load(handle).get("objective")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return objective if isinstance(objective, str) else None
+
+
 def resolve_resume_from(config: GFlowNetConfig) -> str:
-    """The checkpoint folder ``config.resume_from`` names, checked to be one this library wrote: ``"latest"`` is the
-    newest under :func:`checkpoint_dir`, and a folder that holds ``checkpoint_<N>`` folders (TRL's DDPO convention)
-    its newest one. Cheap: call it before loading any model."""
+    """The checkpoint folder ``config.resume_from`` names, checked to be one this library wrote, by this run's
+    objective: ``"latest"`` is the newest under :func:`checkpoint_dir`, and a folder that holds ``checkpoint_<N>``
+    folders (TRL's DDPO convention) its newest one. Cheap: call it before loading any model."""
     resume_from = os.path.normpath(os.path.expanduser(config.resume_from))
     if config.resume_from == "latest":
+        if os.path.isdir(checkpoint_dir(config)):
+            refuse_incomplete_newest(config, checkpoint_dir(config))
         checkpoints = list_checkpoints(checkpoint_dir(config))
         if not checkpoints:
             raise ValueError(
@@ -125,9 +165,18 @@ def resolve_resume_from(config: GFlowNetConfig) -> str:
     if not os.path.isdir(resume_from):
         raise ValueError(f"GFlowNetConfig.resume_from={config.resume_from!r}: no such folder.")
     if not os.path.exists(os.path.join(resume_from, TRAINER_STATE_NAME)):
+        refuse_incomplete_newest(config, resume_from)
         checkpoints = list_checkpoints(resume_from)
         if checkpoints:
             resume_from = checkpoints[-1][1]
+    objective = saved_objective(resume_from)
+    if objective is not None and objective != config.objective_name:
+        raise ValueError(
+            f"GFlowNetConfig.resume_from={config.resume_from!r} ({resume_from!r}) is a checkpoint of "
+            f"train_objective={objective!r}, but this run trains train_objective={config.objective_name!r}: a "
+            f"checkpoint resumes only the objective that wrote it. Set train_objective={objective!r} to continue that "
+            "run, or start a new one (resume_from='')."
+        )
     model_folder = get_objective_class(config.objective_name).model_folder
     required = [TRAINER_STATE_NAME] + ([model_folder] if model_folder else [])
     missing = [name for name in required if not os.path.exists(os.path.join(resume_from, name))]
@@ -306,6 +355,11 @@ class CheckpointingMixin:
     def checkpoint_dir(self) -> str:
         return checkpoint_dir(self.config)
 
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint of this run's folder, or ``None``."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        return checkpoints[-1][1] if checkpoints else None
+
     def _run_settings(self) -> dict[str, Any]:
         """What a resumed run must match (:meth:`_check_resumable`): the launch (DeepSpeed, process count), the
         objective, and the pipeline settings that shape the saved weights (``None`` where the family has none)."""
@@ -363,6 +417,7 @@ class CheckpointingMixin:
                 f"GFlowNetConfig.resume_from={self.config.resume_from!r} ({path!r}) was written with {saved}, but "
                 f"this run has {here}: resume with the launch settings, config and pipeline of that run."
             )
+        self._compare_config(path, state.get("config", {}))
         # accelerate's files: the optimiser state, or DeepSpeed's engine folder.
         needed = "pytorch_model" if self.uses_deepspeed else "optimizer.bin"
         if not os.path.exists(os.path.join(path, needed)):
@@ -373,6 +428,42 @@ class CheckpointingMixin:
         damaged = damaged_files(path, state)
         if damaged:
             raise ValueError(f"Checkpoint {path!r} is damaged: {'; '.join(damaged)}. {resume_advice(path)}")
+
+    def _compared_settings(self) -> tuple[str, ...]:
+        """The config fields a checkpoint records for :meth:`_compare_config`: the objective's target settings,
+        then the seed and the learning rates it reads."""
+        rates = tuple(name for name in self.objective.hyperparameters if name.endswith("learning_rate"))
+        return (*self.objective.target_settings, *RESUME_WARNED_SETTINGS, *rates)
+
+    def _compare_config(self, path: str, saved: dict[str, Any]) -> None:
+        """Refuse a resume that changes a setting defining the objective's target (``target_settings``: the run
+        would continue towards another distribution than its checkpoint was trained for); warn when it changes the
+        seed or a learning rate (allowed: the advice after a divergence is to resume at a lower learning rate)."""
+        changed = {
+            name: (saved[name], getattr(self.config, name))
+            for name in self._compared_settings()
+            if name in saved and saved[name] != getattr(self.config, name)
+        }
+        target = {name: values for name, values in changed.items() if name in self.objective.target_settings}
+        if target:
+            raise ValueError(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r} ({path!r}) was trained with "
+                + ", ".join(f"{name}={old!r}" for name, (old, _) in target.items())
+                + ", but this run has "
+                + ", ".join(f"{name}={new!r}" for name, (_, new) in target.items())
+                + f": these settings define what {self.objective.display_name} trains towards, so a resume must keep "
+                "them. Resume with the saved values, or start a new run (resume_from='')."
+            )
+        if changed and self.accelerator.is_main_process:
+            warnings.warn(
+                f"GFlowNetConfig.resume_from={self.config.resume_from!r}: {path!r} was trained with "
+                + ", ".join(f"{name}={old!r}" for name, (old, _) in changed.items())
+                + "; this run goes on with "
+                + ", ".join(f"{name}={new!r}" for name, (_, new) in changed.items())
+                + ", so it no longer repeats the uninterrupted run.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _acquire_run_lock(self) -> None:
         """Take ``run.lock`` on the main process; every process raises if another run holds it."""
@@ -466,9 +557,15 @@ class CheckpointingMixin:
 
     def save_checkpoint(self, epoch: int) -> str:
         """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones;
-        non-finite weights are refused before anything is written or pruned."""
+        weights that fail the health check (:meth:`weights_health_problem`) raise ``TrainingDivergedError`` before
+        anything is written or pruned, naming the last checkpoint (which passed it)."""
         final = os.path.join(self.checkpoint_dir, f"checkpoint_{epoch}")
-        refuse_non_finite_weights(self.trainable_parameters(), final)
+        problem = self.weights_health_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                f"Refusing to write {final!r}: {problem}; training diverged by the end of epoch {epoch}. Nothing was "
+                f"pruned. {how_to_go_on(self.last_checkpoint())}"
+            )
         temporary = final + ".tmp"
         if self.accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -487,6 +584,8 @@ class CheckpointingMixin:
                 "evaluation_history": self.evaluation_history,
                 "objective_state": self.objective.state_dict(),
                 **self._run_settings(),
+                # What a resume compares: the settings that define the target, and those it may change with a warning.
+                "config": {name: getattr(self.config, name) for name in self._compared_settings()},
                 # Every file with its size: a resume names the one that is missing or truncated.
                 "files": file_sizes(temporary),
             }
@@ -510,6 +609,10 @@ class CheckpointingMixin:
 
     def _load_checkpoint(self, path: str) -> None:
         state = read_trainer_state(path)
+        # The optimisers' saved state carries the saved run's learning rates; this run's config sets them (a resume
+        # after a divergence lowers them).
+        optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
+        learning_rates = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
         try:
             self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
         except (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as error:
@@ -518,6 +621,9 @@ class CheckpointingMixin:
                 f"Checkpoint {path!r} could not be loaded ({type(error).__name__}: {error}). If one of its files is "
                 f"damaged: {resume_advice(path)}"
             ) from error
+        for optimizer, rates in zip(optimizers, learning_rates, strict=True):
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
         self.first_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.weights_version = state["weights_version"]

@@ -60,6 +60,12 @@ def validate_rewards(
     """
     count = len(prompts)
     if torch.is_tensor(rewards):
+        if rewards.device.type == "meta":
+            raise ValueError(
+                f"{name} returned rewards on the 'meta' device at epoch {epoch}: a meta tensor has a shape but no "
+                "values (typically from a reward model whose weights were never loaded, e.g. built under "
+                "init_empty_weights or with a device_map that offloaded it); return rewards on the CPU or a GPU."
+            )
         if rewards.dtype == torch.bool or not (
             rewards.is_floating_point() or rewards.dtype in (torch.int32, torch.int64)
         ):

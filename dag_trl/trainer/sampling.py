@@ -11,8 +11,11 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..models.pipeline import PromptEmbeddings
-from .divergence import TrainingDivergedError, first_non_finite
+from .divergence import TrainingDivergedError, first_non_finite, how_to_go_on
 from .inputs import check_prompts, validate_prompt
+
+# The seed of the health probe's noise (any fixed value: the probe must be the same at every save).
+HEALTH_PROBE_SEED = 0
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,6 +69,37 @@ class SamplingMixin:
         chunks = gather_object(mine) if accelerator.num_processes > 1 else mine
         return torch.cat([images for _, images in sorted(chunks, key=lambda chunk: chunk[0])])
 
+    @torch.no_grad()
+    def health_probe(self) -> dict[str, torch.Tensor]:
+        """The trained modules' outputs on a fixed probe, for the weights health check: one trajectory of the
+        training sampler for the negative prompt from the noise of seed :data:`HEALTH_PROBE_SEED` (its latents and
+        log-probabilities), and the objective's model on that trajectory's states (:meth:`Objective.probe_model`)."""
+        config = self.config
+        was_training = self.unet.training
+        self.unet.eval()
+        prompt_embeds = self.negative_prompt_embeds
+        output = self._sample(
+            prompt_embeds,
+            torch.Generator().manual_seed(HEALTH_PROBE_SEED),
+            log_prob_reduction=config.train_log_prob_reduction,
+        )
+        if was_training:
+            self.unet.train()
+        probe = {"sampled latents": output.latents, "log-probabilities": output.log_probs}
+        model = self.unwrapped_objective_model
+        if model is not None:
+            num_steps = output.log_probs.shape[1]
+            with self.autocast():
+                outputs = self.objective.probe_model(
+                    model,
+                    output.latents[0, :num_steps],
+                    output.timesteps.to(output.latents.device),
+                    prompt_embeds.expand(num_steps),
+                )
+            if outputs is not None:
+                probe[f"{self.objective.model_folder} outputs"] = outputs
+        return probe
+
     def _generate_samples(self, epoch: int) -> tuple[dict[str, Any], list]:
         config = self.config
         generator = torch.Generator().manual_seed(self._seed_for(epoch, 0))
@@ -98,8 +132,7 @@ class SamplingMixin:
                 raise TrainingDivergedError(
                     f"Training diverged before epoch {epoch}: the policy's sampled "
                     f"{('latents', 'log-probabilities')[bad]} hold NaN or infinite values (largest trained weight "
-                    f"{largest:.3g}). Resume from the last checkpoint with a lower train_learning_rate, or check "
-                    "sample_eta and the scheduler."
+                    f"{largest:.3g}). {how_to_go_on(self.last_checkpoint())}"
                 )
             batch_size = len(prompts)
             self.counters.vae_decodes += batch_size

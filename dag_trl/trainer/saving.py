@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from ..io.hub import create_model_card, push_folder_to_hub
 from ..utils import callable_name
-from .divergence import refuse_non_finite_weights
+from .divergence import TrainingDivergedError, how_to_go_on, lora_update_ratios, weights_problem
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -82,14 +82,28 @@ class SavingMixin:
         if not self.accelerator.is_main_process:
             return
         output_dir = os.fspath(output_dir)
+        problem = self.weights_health_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                f"Refusing to write {output_dir!r}: {problem}. The earlier checkpoints are kept. "
+                f"{how_to_go_on(self.last_checkpoint())}"
+            )
         os.makedirs(output_dir, exist_ok=True)
         self._save_trained_weights(output_dir)
         card = self.create_model_card(repo_id or output_dir, license=license)
         card.save(os.path.join(output_dir, MODEL_CARD_NAME))
 
+    def weights_health_problem(self) -> Optional[str]:
+        """What fails the weights health check (:func:`~dag_trl.trainer.divergence.weights_problem`: finite
+        trainable parameters, LoRA updates within ``MAX_LORA_UPDATE_RATIO`` of their frozen weights, finite outputs of
+        the fixed probe, :meth:`health_probe`), or ``None``. Checked before any checkpoint or model is written."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        ratios = lora_update_ratios(unet) if self.sd_pipeline.use_lora else {}
+        return weights_problem(self.trainable_parameters(), ratios, self.health_probe)
+
     def _save_trained_weights(self, output_dir: str) -> None:
-        """The denoiser's trained weights (diffusers LoRA or ``unet/``) and the objective's model (``flow/``)."""
-        refuse_non_finite_weights(self.trainable_parameters(), output_dir)
+        """The denoiser's trained weights (diffusers LoRA or ``unet/``) and the objective's model (``flow/``); the
+        callers have checked their health."""
         self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
         if self.unwrapped_objective_model is not None:
             self.unwrapped_objective_model.save_pretrained(os.path.join(output_dir, self.objective.model_folder))

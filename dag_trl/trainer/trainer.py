@@ -29,6 +29,7 @@ import datetime
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -103,24 +104,42 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped training; the message names the checkpoint to resume from."""
 
 
+class StopRequest:
+    """Whether Ctrl-C or SIGTERM asked training to stop: ``signal_name`` is ``"SIGINT"`` or ``"SIGTERM"`` once one
+    arrived (inside :func:`stop_at_epoch_end`), else ``None``."""
+
+    signal_name: Optional[str] = None
+
+
 @contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the context, SIGTERM raises ``KeyboardInterrupt("SIGTERM")`` as Ctrl-C does (``"SIGINT"``), so that
-    both end training the same way; outside the main thread, where handlers cannot be set, nothing changes."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
+def stop_at_epoch_end() -> Iterator[StopRequest]:
+    """Within the context, the first SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) only records a stop request
+    (the training loop finishes the epoch, checkpoints it and stops); a second one raises ``KeyboardInterrupt`` with
+    the signal's name at once. The previous handlers are restored on exit. Outside the main thread, where handlers
+    cannot be set, the signals keep their handlers and nothing is recorded."""
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield request
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def handle(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if request.signal_name is not None:
+            raise KeyboardInterrupt(name)
+        request.signal_name = name
+        print(
+            f"{name} received: finishing this epoch and writing its checkpoint, then stopping. {name} or Ctrl-C again "
+            "stops at once (losing the epoch).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
-    except KeyboardInterrupt as error:
-        raise KeyboardInterrupt(str(error) or "SIGINT") from None
+        yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def default_objective_message(config: GFlowNetConfig) -> str:
@@ -237,6 +256,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 "steps below it use the pretrained model, the LoRA switched off."
             )
         check_tracker_installed(config.log_with)
+        if config.lora_min_timestep:
+            largest = float(sd_pipeline.set_timesteps(config.sample_num_steps).max())
+            if config.lora_min_timestep > largest:
+                raise ValueError(
+                    f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} is invalid for this scheduler and "
+                    f"sample_num_steps={config.sample_num_steps}: its largest timestep is {largest:g}, so no step would "
+                    f"use the LoRA and nothing would be trained; expected an integer in [0, {math.floor(largest)}] "
+                    "(0: the LoRA acts at every step)."
+                )
         if config.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -422,7 +450,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         start = time.perf_counter()
         try:
             # Log lines (the per-epoch one) are printed above the progress bars instead of through them.
-            with terminate_as_interrupt(), logging_redirect_tqdm(loggers=[logging.getLogger("dag_trl")]):
+            with stop_at_epoch_end() as stop, logging_redirect_tqdm(loggers=[logging.getLogger("dag_trl")]):
                 if self.config.eval_freq and self.first_epoch == 0 and not self.evaluation_history:
                     self.evaluate(0)
                 for epoch in range(self.first_epoch, last_epoch):
@@ -436,9 +464,25 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                                 epoch, last_epoch, self.reward_history[-1], self._epoch_metric(), elapsed, remaining
                             )
                         )
+                    signal_name = self._agreed_stop(stop.signal_name)
+                    if signal_name is not None and epoch + 1 < last_epoch:
+                        # The finished epoch is kept whatever save_freq says (step saved it if it was due).
+                        checkpoint = self.last_checkpoint()
+                        if (epoch + 1) % self.config.save_freq:
+                            checkpoint = self.save_checkpoint(epoch)
+                        raise TrainingInterrupted(
+                            f"Training was stopped by {signal_name} after epoch {epoch}, which it finished and "
+                            f"checkpointed in {checkpoint!r}: resume from it with resume_from='latest'."
+                        )
+        except TrainingInterrupted:
+            raise
         except KeyboardInterrupt as interrupt:
-            # Rewards still being computed for the abandoned epoch are not waited for.
+            # Rewards still being computed for the abandoned epoch are not waited for: queued calls are dropped, and
+            # a reward function that can end its calls in flight (RemoteReward.cancel) is asked to.
             self.executor.shutdown(wait=False, cancel_futures=True)
+            cancel = getattr(self.reward_fn, "cancel", None)
+            if callable(cancel):
+                cancel()
             self.executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers)
             # Ctrl-C or SIGTERM (a cluster's pre-emption): resume needs a whole epoch, so say which one it is.
             checkpoints = list_checkpoints(self.checkpoint_dir)
@@ -449,7 +493,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 else "no checkpoint was written yet"
             )
             raise TrainingInterrupted(
-                f"Training was interrupted ({interrupt}) during epoch {epoch}; {last}."
+                f"Training was interrupted ({str(interrupt) or 'SIGINT'}) during epoch {epoch}; {last}."
             ) from None
         finally:
             progress.close()
@@ -457,6 +501,16 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
             self.push_to_hub()
+
+    def _agreed_stop(self, signal_name: Optional[str]) -> Optional[str]:
+        """The stop request every process acts on at an epoch's end: with several processes, any one's (a signal may
+        reach only some of them, and the checkpoint needs all)."""
+        if self.accelerator.num_processes == 1:
+            return signal_name
+        flag = torch.tensor([float(signal_name is not None)], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, "sum").item() == 0:
+            return None
+        return signal_name or "a signal to another process"
 
     def step(self, epoch: int, global_step: int) -> int:
         """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
@@ -633,10 +687,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.optimizer.zero_grad(set_to_none=True)
         if self.objective_optimizer is not None:
             self.objective_optimizer.zero_grad(set_to_none=True)
-        checkpoints = list_checkpoints(self.checkpoint_dir)
-        last = checkpoints[-1][1] if checkpoints else None
         raise TrainingDivergedError(
-            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, last)
+            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, self.last_checkpoint())
         )
 
     def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:

@@ -32,6 +32,11 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape_kind": (*SHAPES, "none"),
 }
 TABLE_DIR = Path(__file__).resolve().parents[1] / "assets"
+# What to do with a damaged base-sample table (a run builds its trainer, and so reads the table, before rebuilding one).
+TABLE_ADVICE = (
+    "Delete it (runs then report no distance from the tilted target), then rebuild it if needed with "
+    "`python -m dag_trl.demo.shapes base-samples`."
+)
 # The "shape" prompt set's prompts: colours and backgrounds are left to the model.
 TARGET_PROMPTS = tuple(f"a {shape}" for shape in SHAPES)
 
@@ -75,16 +80,51 @@ def base_sample_table(trainer: Any, prompts: Sequence[str], seed: int) -> dict[s
     }
 
 
-def load_table(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> dict | None:
-    """The shipped base-sample table for these sampler settings, or ``None`` if none was computed. Read once per
-    process (the CLI's evaluation hook and its before/after report share it); treat it as read-only."""
-    path = table_path(num_steps, eta, guidance_scale, directory)
+def load_table(num_steps: int, eta: float, guidance_scale: float, directory: Path | None = None) -> dict | None:
+    """The shipped base-sample table for these sampler settings (``directory``: default :data:`TABLE_DIR`), or
+    ``None`` if none was computed. Read once per process (the CLI's evaluation hook and its before/after report share
+    it) and checked when read (:func:`check_table`), so that a damaged table fails before training rather than in
+    the report after it; treat it as read-only."""
+    path = table_path(num_steps, eta, guidance_scale, TABLE_DIR if directory is None else directory)
     return _read_table(path) if path.exists() else None
 
 
 @functools.lru_cache(maxsize=8)
 def _read_table(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    try:
+        table = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"The shapes base-sample table {str(path)!r} cannot be read ({error}). {TABLE_ADVICE}"
+        ) from error
+    check_table(table, str(path))
+    return table
+
+
+def check_table(table: Any, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` (the file) unless ``table`` is a base-sample table that
+    :func:`target_distance` can use: a dict with the lists ``prompts``, ``reward`` (finite numbers) and every
+    attribute of :data:`ATTRIBUTES` (values among its categories), all of one length."""
+    keys = ("prompts", "reward", *ATTRIBUTES)
+    problem = ""
+    if not isinstance(table, dict):
+        problem = f"it holds a {type(table).__name__}, not a JSON object"
+    elif any(not isinstance(table.get(key), list) for key in keys):
+        problem = f"it has no list under {[key for key in keys if not isinstance(table.get(key), list)]}"
+    elif len({len(table[key]) for key in keys}) != 1:
+        problem = "its lists differ in length (" + ", ".join(f"{key}: {len(table[key])}" for key in keys) + ")"
+    elif not table["prompts"]:
+        problem = "its lists are empty"
+    elif not all(isinstance(r, (int, float)) and not isinstance(r, bool) and np.isfinite(r) for r in table["reward"]):
+        problem = "its rewards are not all finite numbers"
+    else:
+        for attribute, categories in ATTRIBUTES.items():
+            unknown = sorted(set(table[attribute]) - set(categories), key=str)
+            if unknown:
+                problem = f"its {attribute} values {unknown[:5]} are not among {list(categories)}"
+                break
+    if problem:
+        raise ValueError(f"The shapes base-sample table {name!r} is damaged: {problem}. {TABLE_ADVICE}")
 
 
 def target_distance(
