@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...evaluation import target_total_variation, tilted_weights
+from ...evaluation import sample_repeated_starts, target_total_variation, tilted_weights
 from .analysis import analyse_images
 from .data import COLOUR_NAMES, SHAPES
 
@@ -73,6 +73,85 @@ def base_sample_table(trainer: Any, prompts: Sequence[str], seed: int) -> dict[s
         "reward": torch.as_tensor(rewards, dtype=torch.float64).tolist(),
         **image_attributes(images),
     }
+
+
+def repeated_start_table_path(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> Path:
+    return directory / f"shapes-seed0-repeated-starts-{sampler_key(num_steps, eta, guidance_scale)}.json"
+
+
+# Starts per block of the repeated-start table: each block is sampled, and saved, on its own (resumable).
+REPEATED_START_BLOCK = 16
+
+
+def repeated_start_prompts(first_start: int, num_starts: int) -> list[str]:
+    """The prompts of starts ``first_start`` to ``first_start + num_starts - 1``: the ``"shape"`` prompts in turn."""
+    return [TARGET_PROMPTS[m % len(TARGET_PROMPTS)] for m in range(first_start, first_start + num_starts)]
+
+
+def repeated_start_block(trainer: Any, block: int, num_continuations: int, seed: int) -> dict[str, Any]:
+    """Block ``block`` of the repeated-start table: starts ``block * REPEATED_START_BLOCK`` onwards, ``K =
+    num_continuations`` continuations of each (:func:`dag_trl.evaluation.sample_repeated_starts` with the trainer's
+    sampler, seeded by ``seed`` and ``block``), as rewards and attributes in start-major order."""
+    prompts = repeated_start_prompts(block * REPEATED_START_BLOCK, REPEATED_START_BLOCK)
+    block_seed = int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+    samples = sample_repeated_starts(trainer, prompts, num_continuations, block_seed)
+    return {"block": block, "reward": samples.rewards.reshape(-1).tolist(), **image_attributes(samples.images)}
+
+
+def encode_repeated_start_table(settings: dict[str, Any], blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The stored table of :func:`repeated_start_block` results (in block order): per start its prompt, per sample
+    its start, reward (6 decimals) and each attribute as one character, the index of its value in
+    ``categories[name]``."""
+    num_continuations = settings["num_continuations"]
+    num_starts = len(blocks) * REPEATED_START_BLOCK
+    rewards = [round(value, 6) for block in blocks for value in block["reward"]]
+    table: dict[str, Any] = {
+        "settings": {**settings, "num_starts": num_starts, "block_starts": REPEATED_START_BLOCK},
+        "prompts": repeated_start_prompts(0, num_starts),
+        "start": [m for m in range(num_starts) for _ in range(num_continuations)],
+        "reward": rewards,
+        "categories": {name: list(values) for name, values in ATTRIBUTES.items()},
+    }
+    for name, values in ATTRIBUTES.items():
+        index = {value: str(i) for i, value in enumerate(values)}
+        table[name] = "".join(index[label] for block in blocks for label in block[name])
+    return table
+
+
+def decode_repeated_start_table(table: dict[str, Any]) -> dict[str, Any]:
+    """The stored repeated-start table as arrays: ``reward`` and each attribute ``(M, K)`` (start ``m``'s samples in
+    row ``m``), ``prompts`` one per start, ``settings`` as stored. Inconsistent lengths are a ``ValueError`` naming
+    the field."""
+    num_starts, num_continuations = len(table["prompts"]), table["settings"]["num_continuations"]
+    size = num_starts * num_continuations
+    expected_start = [m for m in range(num_starts) for _ in range(num_continuations)]
+    if table["start"] != expected_start:
+        raise ValueError(
+            f"the repeated-start table's 'start' is not {num_continuations} consecutive samples per start for its "
+            f"{num_starts} prompts."
+        )
+    decoded: dict[str, Any] = {"settings": table["settings"], "prompts": list(table["prompts"])}
+    for name in ("reward", *ATTRIBUTES):
+        if len(table[name]) != size:
+            raise ValueError(
+                f"the repeated-start table's {name!r} has {len(table[name])} entries: expected {num_starts} starts x "
+                f"{num_continuations} continuations = {size}."
+            )
+    decoded["reward"] = np.asarray(table["reward"], dtype=np.float64).reshape(num_starts, num_continuations)
+    for name in ATTRIBUTES:
+        values = np.asarray(table["categories"][name], dtype=object)
+        codes = np.frombuffer(table[name].encode("ascii"), dtype=np.uint8) - ord("0")
+        decoded[name] = values[codes].reshape(num_starts, num_continuations)
+    return decoded
+
+
+def load_repeated_start_table(
+    num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR
+) -> dict[str, Any] | None:
+    """The shipped repeated-start table for these sampler settings, decoded (:func:`decode_repeated_start_table`),
+    or ``None`` if none was computed. Read once per process; treat it as read-only."""
+    path = repeated_start_table_path(num_steps, eta, guidance_scale, directory)
+    return decode_repeated_start_table(_read_table(path)) if path.exists() else None
 
 
 def load_table(num_steps: int, eta: float, guidance_scale: float, directory: Path = TABLE_DIR) -> dict | None:
