@@ -3,13 +3,16 @@ mix: ``--overwrite`` removes the earlier run's report, checkpoints and logs, a f
 refused, and a resume with no epoch left says so before loading the model."""
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import files_under
 from PIL import Image
@@ -328,3 +331,43 @@ def test_a_failed_push_keeps_the_report_and_model_and_says_how_to_push(tmp_path,
         "model/pytorch_lora_weights.safetensors",
     ):
         assert (output_dir / name).is_file(), name
+
+
+def test_summary_carries_both_tilted_targets_and_the_memory_figure(monkeypatch):
+    from test_demo_shapes_target import hand_repeated_table, hand_table
+
+    from dag_trl.demo import cli
+    from dag_trl.demo.shapes import ShapeSpec, render
+    from dag_trl.demo.shapes import target as shapes_target
+
+    for module in (cli, shapes_target):
+        monkeypatch.setattr(module, "load_table", lambda *settings: hand_table())
+        monkeypatch.setattr(module, "load_repeated_start_table", lambda *settings: hand_repeated_table())
+    _, config = parse_arguments(["--train_objective", "rtb", "--train_reward_exp", str(math.log(3))])
+    prompts = ["a circle"] * 3 + ["a square"]
+    specs = [ShapeSpec("circle", "red", "white", 16.0, 16.0, 8.0)] * 3 + [
+        ShapeSpec("square", "yellow", "white", 16.0, 16.0, 8.0)
+    ]
+    images = torch.from_numpy(np.stack([render(spec) for spec in specs])).permute(0, 3, 1, 2).float() / 255
+    before, after = {"images": images, "rewards": torch.ones(4)}, {"images": images, "rewards": torch.ones(4)}
+    target = cli.tilted_target_summary(config, prompts, before, after)
+    # The hand tables' figures (tests/test_demo_shapes_target.py): marginal 0.6875, conditional 0.5, memory 2/3;
+    # the samples are 1/2 from the conditional tilt's colours.
+    assert target["marginal"]["reward"] == pytest.approx(0.6875) and target["conditional"]["reward"] == pytest.approx(
+        0.5
+    )
+    assert target["memory"]["base"] == pytest.approx(2 / 3) and "what this objective converges to" in target["note"]
+    assert after["conditional_target_tv"]["shape_colour"] == pytest.approx(0.5) and "target_tv" in after
+    summary = {
+        "algorithm": "RTB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
+        "target": target, "before": {**before, "reward_mean": 0.25, "reward_std": 0.1, "diversity": None},
+        "after": {**after, "reward_mean": 0.75, "reward_std": 0.2, "diversity": None, "prior_kernel_distance": 0.0},
+    }  # fmt: skip
+    text = format_summary(summary)
+    assert "reward of the tilted targets (beta 1.09861): marginal tilt 0.688 (+-" in text
+    assert ", conditional tilt 0.500 (+-" in text
+    assert (
+        "memory (share of the reward's variance within a prompt that the start x_T explains), base sampler: 0.667"
+        in text
+    )
+    assert "TV from the conditional tilt after: shape_colour 0.500 (noise " in text

@@ -41,7 +41,7 @@ from ..trainer.checkpointing import (
 )
 from ..trainer.objectives import get_objective_class
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
-from .shapes.target import load_table, tilted_target_hook
+from .shapes.target import load_repeated_start_table, load_table, target_figures, tilted_target_hook
 
 BUILTIN_MODEL = "builtin:shapes"
 BUILTIN_RECIPE = "shapes_recipe.yaml"
@@ -279,24 +279,37 @@ def tilted_target_summary(
     """The total-variation distance of the before and after samples' attributes from the shapes model's tilted target
     at ``beta = train_reward_exp`` (true units), with its bootstrap noise; ``None`` when no base-sample table was
     computed for this sampler or the evaluation prompts are not the table's. The distances are stored in
-    ``before["target_tv"]`` and ``after["target_tv"]``."""
-    table = load_table(config.sample_num_steps, config.sample_eta, config.sample_guidance_scale)
+    ``before["target_tv"]`` and ``after["target_tv"]``, and, where the repeated-start table exists, those from the
+    conditional tilt in ``conditional_target_tv``. The returned entry carries both targets' expected rewards and
+    the base sampler's memory figure (:func:`~dag_trl.demo.shapes.target.target_figures`)."""
+    settings = (config.sample_num_steps, config.sample_eta, config.sample_guidance_scale)
+    table = load_table(*settings)
     if table is None or not set(prompts) <= set(table["prompts"]):
         return None
     beta = config.train_reward_exp
-    hook = tilted_target_hook(config.sample_num_steps, config.sample_eta, config.sample_guidance_scale, beta)
+    hook = tilted_target_hook(*settings, beta)
     for result in (before, after):
         distances = hook(result["images"], prompts, [], result["rewards"])
-        result["target_tv"], result["target_tv_noise"] = distances["target_tv"], distances["target_tv_noise"]
+        for key in ("target_tv", "target_tv_noise", "conditional_target_tv", "conditional_target_tv_noise"):
+            if key in distances:
+                result[key] = distances[key]
     objective = get_objective_class(config.objective_name)
     if objective.uses_prior_log_probs:
-        note = "the prior tilted by exp(beta R), beta in true units: this objective's own target"
+        note = (
+            "beta in true units; conditional: the prior tilted within each start x_T, what this objective converges "
+            "to with its start fixed; marginal: the prior tilted by exp(beta R), which it reaches only where the "
+            "start does not decide the reward (memory 0)"
+        )
     else:
         note = (
-            f"the prior tilted by exp(beta R), beta in true units: a reference, not {objective.display_name}'s own "
-            "target (see docs/algorithm.md)"
+            "beta in true units; the prior tilted by exp(beta R) (marginal) and within each start x_T "
+            f"(conditional): references, not {objective.display_name}'s own target (see docs/algorithm.md)"
         )
-    return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
+    repeated = load_repeated_start_table(*settings)
+    if repeated is not None and not set(prompts) <= set(repeated["prompts"]):
+        repeated = None
+    figures = target_figures(table, repeated, prompts, beta)
+    return {"beta": beta, "base_samples": len(table["prompts"]), "note": note, **figures}
 
 
 # Constructor arguments that the script's own options set.
@@ -463,6 +476,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"TV from the tilted target (beta {summary['target']['beta']:g}) {name}: "
                 + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
             )
+        lines.extend(conditional_target_lines(summary))
     if "colour_distribution" in summary["before"]:
         colours = summary["before"]["colour_distribution"]
         lines.append(
@@ -479,6 +493,32 @@ def format_summary(summary: dict[str, Any]) -> str:
                 + ", ".join(f"{k} {v:.2f}" for k, v in adherence.items() if isinstance(v, float))
             )
     return "\n".join(lines)
+
+
+def conditional_target_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's lines on the two tilted targets' rewards, the memory figure and the distances from the
+    conditional tilt (none where the summary lacks them)."""
+    target, lines = summary["target"], []
+    rewards = [
+        f"{name} tilt {target[name]['reward']:.3f} (+-{target[name]['reward_se']:.3f})"
+        for name in ("marginal", "conditional")
+        if name in target
+    ]
+    if rewards:
+        lines.append(f"reward of the tilted targets (beta {target['beta']:g}): " + ", ".join(rewards))
+    if "memory" in target:
+        lines.append(
+            f"memory (share of the reward's variance within a prompt that the start x_T explains), base sampler: "
+            f"{target['memory']['base']:.3f} (+-{target['memory']['base_se']:.3f})"
+        )
+    for name in ("before", "after"):
+        if "conditional_target_tv" in summary[name]:
+            distances, noise = summary[name]["conditional_target_tv"], summary[name]["conditional_target_tv_noise"]
+            lines.append(
+                f"TV from the conditional tilt {name}: "
+                + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
+            )
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
