@@ -482,3 +482,42 @@ def test_real_model_follows_prompts(shapes_model_path: Path) -> None:
     distribution = shapes.colour_distribution(circles)
     assert sum(share > 0 for name, share in distribution.items() if name != "none") >= 5, distribution
     assert max(distribution.values()) <= 0.4, distribution
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:DAG-DB trains detailed balance")
+def test_the_repeated_start_table_resumes_to_the_same_table(
+    tiny_sd_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import PROMPTS, brightness, tiny_config
+
+    from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+    from dag_trl.demo.shapes import cli as shapes_cli
+    from dag_trl.demo.shapes import target as shapes_target
+    from dag_trl.prompts import PromptList
+
+    def tiny_trainer(folder: str) -> GFlowNetDiffusionTrainer:
+        pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
+        return GFlowNetDiffusionTrainer(tiny_config(tmp_path), brightness, PromptList(PROMPTS, seed=0), pipeline)
+
+    monkeypatch.setattr(shapes_cli, "_recipe_trainer", tiny_trainer)
+    whole = shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "whole.json")
+    sample_block = shapes_target.repeated_start_block
+
+    def interrupted(trainer, block, *arguments):
+        if block == 1:
+            raise KeyboardInterrupt
+        return sample_block(trainer, block, *arguments)
+
+    monkeypatch.setattr(shapes_target, "repeated_start_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "resumed.json")
+    assert len((tmp_path / "resumed.json.partial.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(shapes_target, "repeated_start_block", sample_block)
+    resumed = shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "resumed.json")
+    assert json.loads(resumed.read_text()) == json.loads(whole.read_text())
+    assert not (tmp_path / "resumed.json.partial.jsonl").exists()
+    table = shapes_target.decode_repeated_start_table(json.loads(whole.read_text()))
+    assert table["reward"].shape == (32, 2) and table["settings"]["num_steps"] == 4
+    with pytest.raises(ValueError, match=r"--num-starts 24 is invalid: expected a positive multiple of 16"):
+        shapes_cli.write_repeated_start_table(24, 2, seed=0)
