@@ -124,6 +124,53 @@ def write_repeated_start_table(num_starts: int, num_continuations: int, seed: in
     return path
 
 
+def describe_targets(betas: Sequence[float]) -> list[str]:
+    """Lines describing, from the shipped tables of the packaged recipe's sampler, the base sampler's memory figure
+    and, at each ``beta``, the marginal and conditional tilts' rewards and rewarded colours (the ``"shape"`` prompts
+    equally often)."""
+    from ...evaluation import start_tilt_estimate
+    from ..cli import parse_arguments
+    from .target import ATTRIBUTES, TARGET_PROMPTS, load_repeated_start_table, load_table, target_figures
+
+    _, config = parse_arguments([])
+    settings = (config.sample_num_steps, config.sample_eta, config.sample_guidance_scale)
+    table, repeated = load_table(*settings), load_repeated_start_table(*settings)
+    if table is None or repeated is None:
+        raise SystemExit(
+            f"no base-sample tables for the recipe's sampler {settings}: run base-samples and repeated-starts."
+        )
+    num_starts, num_continuations = repeated["reward"].shape
+    memory = target_figures(None, repeated, TARGET_PROMPTS, 0.0)["memory"]
+    lines = [
+        f"tables: {len(table['prompts'])} independent base samples; {num_starts} starts x {num_continuations} "
+        f"continuations (steps {settings[0]}, eta {settings[1]:g}, guidance {settings[2]:g})",
+        f"memory (share of the within-prompt reward variance that x_T explains): {memory['base']:.3f} "
+        f"(+-{memory['base_se']:.3f})",
+    ]
+    colours = {"shape_colour": repeated["shape_colour"]}
+    for beta in betas:
+        figures = target_figures(table, repeated, TARGET_PROMPTS, beta)
+        estimates = {
+            name: start_tilt_estimate(
+                repeated["reward"], repeated["prompts"], beta, target, colours, ATTRIBUTES, jackknife=jackknife
+            )
+            for name, target, jackknife in (
+                ("conditional", "conditional", True),
+                ("conditional, plain", "conditional", False),
+                ("marginal, same table", "marginal", True),
+            )
+        }
+        parts = [f"marginal {figures['marginal']['reward']:.3f} (+-{figures['marginal']['reward_se']:.3f})"]
+        for name, estimate in estimates.items():
+            shares = estimate["distribution"]["shape_colour"]
+            parts.append(
+                f"{name} {estimate['reward']:.3f} (+-{estimate['reward_se']:.3f}; red {shares['red']:.3f}, "
+                f"yellow {shares['yellow']:.3f})"
+            )
+        lines.append(f"beta {beta:g}: tilted reward " + "; ".join(parts))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``build --output DIR [--seed S] [--overwrite]`` or ``get [--cache-dir DIR] [--rebuild]``."""
     parser = argparse.ArgumentParser(
@@ -149,10 +196,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     repeated.add_argument("--num-continuations", type=int, default=16, help="K")
     repeated.add_argument("--seed", type=int, default=0)
     repeated.add_argument("--output", type=Path, default=None, help="default: the package's assets folder")
+    targets = commands.add_parser("targets", help="the tilted targets' rewards and the memory figure from the tables")
+    targets.add_argument("--beta", type=float, nargs="+", default=[3.0, 100.0])
     for command in (table, repeated):
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "targets":
+        print("\n".join(describe_targets(args.beta)))
+        return
     if args.command in ("base-samples", "repeated-starts"):
         if args.threads is not None:
             import torch
