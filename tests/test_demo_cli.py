@@ -169,10 +169,11 @@ def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_p
     output_dir = tmp_path / "main-job"
     script_args, config = parse_arguments(
         ["--output_dir", str(output_dir), "--num_epochs", "2", "--sample_num_steps", "6", "--eval_num_images", "8",
-         "--log_with", "tensorboard"]
+         "--log_with", "tensorboard", "--eval_memory_starts", "6", "--eval_memory_continuations", "2"]
     )  # fmt: skip
     summary = run(script_args, config)
     assert script_args.pretrained_model == BUILTIN_MODEL and len(summary["reward_history"]) == 2
+    assert summary["before"]["memory"]["starts"] == 6 and -1 < summary["after"]["memory"]["memory"] <= 1
     for name in ("before", "after"):
         result = summary[name]
         assert sum(result["colour_distribution"].values()) == pytest.approx(1.0)
@@ -371,3 +372,32 @@ def test_summary_carries_both_tilted_targets_and_the_memory_figure(monkeypatch):
         in text
     )
     assert "TV from the conditional tilt after: shape_colour 0.500 (noise " in text
+    summary["before"]["memory"] = {"memory": 0.16, "memory_se": 0.02, "starts": 48, "continuations": 8}
+    summary["after"]["memory"] = {"memory": 0.25, "memory_se": 0.03, "starts": 48, "continuations": 8}
+    assert "the start x_T explains): 0.160 -> 0.250 (48 starts x 8)" in format_summary(summary)
+
+
+def test_memory_figure_of_a_sampler_whose_reward_only_its_start_decides():
+    from types import SimpleNamespace
+
+    from dag_trl.demo.cli import memory_figure
+
+    def images_of_starts(prompts, seed, prior=False, initial_latents=None):
+        return initial_latents.expand(-1, 3, 2, 2)  # the image is the start: the later noise changes nothing
+
+    trainer = SimpleNamespace(
+        sd_pipeline=SimpleNamespace(initial_latents=lambda n, generator, device: torch.randn(n, 1, 1, 1, generator=generator)),
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        sample_images=images_of_starts,
+        reward_fn=lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)), {}),
+    )  # fmt: skip
+    script_args = ScriptArguments(eval_memory_starts=4, eval_memory_continuations=3)
+    figure = memory_figure(trainer, ["a", "b", "a"], script_args, seed=0)
+    assert figure["memory"] == pytest.approx(1.0) and (figure["starts"], figure["continuations"]) == (4, 3)
+    script_args.eval_memory_starts = 3
+    with pytest.raises(
+        ValueError, match=r"eval_memory_starts=3 is invalid for 2 distinct evaluation prompts: .* at least 4"
+    ):
+        memory_figure(trainer, ["a", "b", "a"], script_args, seed=0)
+    with pytest.raises(ValueError, match=r"eval_memory_continuations=1 is invalid: expected an integer >= 2"):
+        ScriptArguments(eval_memory_continuations=1)

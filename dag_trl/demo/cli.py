@@ -28,7 +28,14 @@ from typing import Any, Optional
 import torch
 
 from ..config import GFlowNetConfig
-from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
+from ..evaluation import (
+    diversity,
+    kernel_distance,
+    pixel_features,
+    reward_statistics,
+    sample_repeated_starts,
+    start_memory,
+)
 from ..io.hub import HubPushError
 
 # Importing the shapes demo registers its reward and prompt set, which the defaults name.
@@ -82,6 +89,12 @@ class ScriptArguments:
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
             Images in the before / after grids (the same prompts and noise before and after training).
+        eval_memory_starts (`int`, defaults to `0`):
+            Starting noises for the memory figure of the pretrained and the trained sampler (the share of the
+            reward's variance within a prompt that the start `x_T` explains, `dag_trl.evaluation.start_memory`),
+            the evaluation prompts' distinct values in turn, at least 2 per prompt; 0 leaves it out.
+        eval_memory_continuations (`int`, defaults to `8`):
+            Continuations of each start for the memory figure (the same `x_T`, fresh noise in every later step).
         cache_dir (`str`, *optional*):
             Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
     """
@@ -100,6 +113,8 @@ class ScriptArguments:
     output_dir: str = field(default="runs/dag", metadata={"help": "Output folder."})
     overwrite: bool = field(default=False, metadata={"help": "Write into an existing output folder."})
     eval_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids."})
+    eval_memory_starts: int = field(default=0, metadata={"help": "Starts for the memory figure (0: none)."})
+    eval_memory_continuations: int = field(default=8, metadata={"help": "Continuations per start (memory)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder of the built-in model."})
 
     def __post_init__(self) -> None:
@@ -115,6 +130,12 @@ class ScriptArguments:
             setattr(self, name, value)
         if self.eval_num_images < 1:
             raise ValueError(f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 1.")
+        if self.eval_memory_starts < 0:
+            raise ValueError(f"eval_memory_starts={self.eval_memory_starts} is invalid: expected an integer >= 0.")
+        if self.eval_memory_continuations < 2:
+            raise ValueError(
+                f"eval_memory_continuations={self.eval_memory_continuations} is invalid: expected an integer >= 2."
+            )
 
 
 def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -312,6 +333,24 @@ def tilted_target_summary(
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note, **figures}
 
 
+def memory_figure(trainer: Any, prompts: list[str], script_args: ScriptArguments, seed: int) -> dict[str, Any]:
+    """The memory figure (:func:`~dag_trl.evaluation.start_memory`) of the trainer's current sampler from
+    ``eval_memory_starts`` starts, the distinct ``prompts`` in turn, with ``eval_memory_continuations``
+    continuations each."""
+    distinct = list(dict.fromkeys(prompts))
+    starts = script_args.eval_memory_starts
+    if starts < 2 * len(distinct):
+        raise ValueError(
+            f"eval_memory_starts={starts} is invalid for {len(distinct)} distinct evaluation prompts: the memory "
+            f"figure needs at least 2 starts per prompt, so at least {2 * len(distinct)}."
+        )
+    start_prompts = [distinct[i % len(distinct)] for i in range(starts)]
+    samples = sample_repeated_starts(trainer, start_prompts, script_args.eval_memory_continuations, seed)
+    memory = start_memory(samples.rewards, samples.prompts)
+    return {"memory": memory["memory"], "memory_se": memory["memory_se"], "starts": starts,
+            "continuations": script_args.eval_memory_continuations}  # fmt: skip
+
+
 # Constructor arguments that the script's own options set.
 SCRIPT_PIPELINE_ARGUMENTS = {
     "pretrained_model_name": "pretrained_model",
@@ -404,6 +443,8 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     prompts, metadata = [p for p, _ in pairs], [m for _, m in pairs]
 
     before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
+    if script_args.eval_memory_starts:
+        before["memory"] = memory_figure(trainer, prompts, script_args, config.eval_seed)
     start, earlier_evaluations = time.perf_counter(), len(trainer.evaluation_history)
     trainer.train()
     # Training time alone: the evaluations during training (eval_freq) are reported on their own.
@@ -412,6 +453,8 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     after = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes)
     # How far the fine-tuned samples moved from the pretrained model's, on the same prompts and noise.
     after["prior_kernel_distance"] = kernel_distance(pixel_features(before["images"]), pixel_features(after["images"]))
+    if script_args.eval_memory_starts:
+        after["memory"] = memory_figure(trainer, prompts, script_args, config.eval_seed)
     target = tilted_target_summary(config, prompts, before, after) if is_shapes else None
 
     summary = {
@@ -477,6 +520,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                 + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
             )
         lines.extend(conditional_target_lines(summary))
+    if "memory" in summary["before"]:
+        lines.append(
+            "memory (share of the reward's variance within a prompt that the start x_T explains): "
+            + " -> ".join(f"{summary[name]['memory']['memory']:.3f}" for name in ("before", "after"))
+            + f" ({summary['after']['memory']['starts']} starts x {summary['after']['memory']['continuations']})"
+        )
     if "colour_distribution" in summary["before"]:
         colours = summary["before"]["colour_distribution"]
         lines.append(
