@@ -282,11 +282,15 @@ def _ratio(between: float, within: float) -> float:
 def bootstrap_starts(groups: Sequence[Any], num_bootstrap: int, seed: int = 0) -> Iterator[np.ndarray]:
     """``num_bootstrap`` resamplings of the starts (row indices), each drawing as many starts of each prompt as
     ``groups`` has, with replacement, so that every resampled table keeps the prompts' counts."""
-    groups = np.asarray(groups, dtype=object)
-    rows = list(_rows_by_group(groups).values())
+    for rows in _resampled_rows(_rows_by_group(np.asarray(groups, dtype=object)), num_bootstrap, seed):
+        yield np.concatenate(list(rows.values()))
+
+
+def _resampled_rows(rows: Mapping[Any, np.ndarray], num_bootstrap: int, seed: int) -> Iterator[dict[Any, np.ndarray]]:
+    """Per prompt, ``num_bootstrap`` draws with replacement of as many of its ``rows`` as it has."""
     rng = np.random.default_rng(seed)
     for _ in range(num_bootstrap):
-        yield np.concatenate([members[rng.integers(0, len(members), size=len(members))] for members in rows])
+        yield {group: members[rng.integers(0, len(members), size=len(members))] for group, members in rows.items()}
 
 
 def conditional_tilt_weights(rewards: Any, beta: float, jackknife: bool = True) -> np.ndarray:
@@ -333,6 +337,59 @@ def _logsumexp(values: np.ndarray, axis: int, keepdims: bool = False) -> np.ndar
 TILT_TARGETS = ("conditional", "marginal")
 
 
+@dataclass(frozen=True)
+class _StartTilt:
+    r"""A tilted target on a repeated-start table, per start: ``masses[m, k]`` (unnormalised weights) and
+    ``totals[m]``; for the rows ``rows[c]`` of each prompt ``c`` kept at share ``shares[c]``, the target's
+    expectation of ``f`` is :math:`\sum_c s_c \sum_{m \in c, k} \text{masses}_{mk} f_{mk} / \sum_{m \in c}
+    \text{totals}_m`. Bootstrap rounds only re-index the per-start sums."""
+
+    masses: np.ndarray
+    totals: np.ndarray
+    shares: dict[Any, float]
+    rows: dict[Any, np.ndarray]
+
+    def mean(self, sums: np.ndarray, rows: Optional[Mapping[Any, np.ndarray]] = None) -> np.ndarray:
+        """The target's expectation from per-start sums ``sums[m] = sum_k masses[m, k] f[m, k]`` over ``rows``
+        (default all) of each prompt."""
+        rows = self.rows if rows is None else rows
+        parts = [
+            self.shares[group] * sums[members].sum(axis=0) / self.totals[members].sum()
+            for group, members in rows.items()
+        ]
+        return np.sum(parts, axis=0)
+
+
+def _start_tilt(
+    rewards: np.ndarray,
+    groups: np.ndarray,
+    beta: float,
+    target: str,
+    jackknife: bool,
+    group_shares: Optional[Mapping[str, float]],
+) -> _StartTilt:
+    if target not in TILT_TARGETS:
+        raise ValueError(f"target={target!r} is invalid: expected one of {TILT_TARGETS}.")
+    rows = _rows_by_group(groups)
+    shares = {group: len(members) / len(groups) for group, members in rows.items()}
+    if group_shares is not None:
+        missing = sorted(set(group_shares) - set(rows))
+        if missing:
+            raise ValueError(f"group_shares names prompts {missing} that have no starts (it has {sorted(rows)}).")
+        shares = {group: float(group_shares.get(group, 0.0)) for group in rows}
+    total = sum(shares.values())
+    shares = {group: share / total for group, share in shares.items()}
+    if target == "conditional":
+        masses = conditional_tilt_weights(rewards, beta, jackknife)
+    else:
+        # exp(beta R) shifted by each prompt's largest logit, which cancels within the prompt.
+        masses = np.empty_like(rewards)
+        for members in rows.values():
+            logits = beta * rewards[members]
+            masses[members] = np.exp(logits - logits.max())
+    return _StartTilt(masses=masses, totals=masses.sum(axis=1), shares=shares, rows=rows)
+
+
 def start_tilt_weights(
     rewards: Any,
     groups: Sequence[str],
@@ -351,26 +408,21 @@ def start_tilt_weights(
     bias is :math:`O(1 / (M_c K))`, negligible at the table's sizes).
     """
     rewards, groups = _start_table(rewards, groups)
-    if target not in TILT_TARGETS:
-        raise ValueError(f"target={target!r} is invalid: expected one of {TILT_TARGETS}.")
-    rows = _rows_by_group(groups)
-    shares = {group: len(members) / len(groups) for group, members in rows.items()}
-    if group_shares is not None:
-        missing = sorted(set(group_shares) - set(rows))
-        if missing:
-            raise ValueError(f"group_shares names prompts {missing} that have no starts (it has {sorted(rows)}).")
-        shares = {group: float(group_shares.get(group, 0.0)) for group in rows}
-    total = sum(shares.values())
+    tilt = _start_tilt(rewards, groups, beta, target, jackknife, group_shares)
     weights = np.empty_like(rewards)
-    per_start = conditional_tilt_weights(rewards, beta, jackknife) if target == "conditional" else None
-    for group, members in rows.items():
-        share = shares[group] / total
-        if per_start is not None:
-            weights[members] = share * per_start[members] / len(members)
-        else:
-            logits = beta * rewards[members]
-            weights[members] = share * np.exp(logits - _logsumexp(logits.reshape(-1), axis=0))
+    for group, members in tilt.rows.items():
+        weights[members] = tilt.shares[group] * tilt.masses[members] / tilt.totals[members].sum()
     return weights
+
+
+def _category_sums(masses: np.ndarray, labels: np.ndarray, categories: Sequence[str]) -> np.ndarray:
+    """Per start, the masses of its samples in each category: ``(M, len(categories))``."""
+    index = {category: i for i, category in enumerate(categories)}
+    unknown = sorted(set(labels.reshape(-1).tolist()) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the categories {list(categories)}.")
+    codes = np.vectorize(index.__getitem__, otypes=[np.int64])(labels)
+    return (masses[:, :, None] * (codes[:, :, None] == np.arange(len(categories)))).sum(axis=1)
 
 
 def start_tilt_estimate(
@@ -386,7 +438,7 @@ def start_tilt_estimate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """A tilted target's expected reward and attribute distributions from a repeated-start table, with bootstrap
-    standard errors over the starts (:func:`bootstrap_starts`; the weights are recomputed on each resampled table).
+    standard errors over the starts (resampled within each prompt as :func:`bootstrap_starts` does).
 
     ``labels[name]`` is an ``(M, K)`` array of the samples' values of attribute ``name``, ``categories[name]`` the
     values it can take. Returns ``reward`` and ``reward_se``, and per attribute ``distribution[name]`` and
@@ -400,30 +452,28 @@ def start_tilt_estimate(
             raise ValueError(f"labels[{name!r}] has shape {values.shape}: expected the rewards' {rewards.shape}.")
         if name not in categories:
             raise ValueError(f"labels[{name!r}] has no categories: pass categories[{name!r}].")
-
-    def statistics(rows: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        weights = start_tilt_weights(rewards[rows], groups[rows], beta, target, jackknife, group_shares)
-        shares = {
-            name: distribution(values[rows].reshape(-1), categories[name], weights.reshape(-1))
-            for name, values in labels.items()
-        }
-        return float((weights * rewards[rows]).sum()), shares
-
-    reward, shares = statistics(np.arange(len(rewards)))
-    draws = [statistics(rows) for rows in bootstrap_starts(groups, num_bootstrap, seed)]
-
-    def spread(values: list) -> np.ndarray:
-        return np.std(np.asarray(values), axis=0, ddof=1) if len(values) > 1 else np.zeros_like(values[0])
-
+    tilt = _start_tilt(rewards, groups, beta, target, jackknife, group_shares)
+    # One column block per statistic: the reward, then each attribute's categories.
+    sums = np.concatenate(
+        [(tilt.masses * rewards).sum(axis=1, keepdims=True)]
+        + [_category_sums(tilt.masses, values, categories[name]) for name, values in labels.items()],
+        axis=1,
+    )
+    estimate = tilt.mean(sums)
+    draws = np.array([tilt.mean(sums, rows) for rows in _resampled_rows(tilt.rows, num_bootstrap, seed)])
+    errors = draws.std(axis=0, ddof=1) if len(draws) > 1 else np.zeros_like(estimate)
     result: dict[str, Any] = {
-        "reward": reward,
-        "reward_se": float(spread([draw[0] for draw in draws])) if draws else 0.0,
-        "distribution": {name: dict(zip(categories[name], value.tolist())) for name, value in shares.items()},
+        "reward": float(estimate[0]),
+        "reward_se": float(errors[0]),
+        "distribution": {},
         "distribution_se": {},
     }
-    for name in shares:
-        errors = spread([draw[1][name] for draw in draws]) if draws else np.zeros(len(categories[name]))
-        result["distribution_se"][name] = dict(zip(categories[name], errors.tolist()))
+    column = 1
+    for name in labels:
+        names, width = list(categories[name]), len(categories[name])
+        result["distribution"][name] = dict(zip(names, estimate[column : column + width].tolist()))
+        result["distribution_se"][name] = dict(zip(names, errors[column : column + width].tolist()))
+        column += width
     return result
 
 
@@ -445,24 +495,21 @@ def start_target_total_variation(
     sampling noise beside it, as :func:`target_total_variation` has it for independent base samples.
 
     ``noise`` is the TV a perfect model would show: the mean, over ``num_bootstrap`` resamplings of the starts
-    (:func:`bootstrap_starts`), of the TV between ``len(labels)`` draws from the target (its negative jackknife
-    shares, if any, set to 0) and the target re-estimated from the resampled starts. Returns ``{"tv", "noise"}``.
+    within each prompt, of the TV between ``len(labels)`` draws from the target (its negative jackknife shares, if
+    any, set to 0) and the target re-estimated from the resampled starts. Returns ``{"tv", "noise"}``.
     """
     rewards, groups = _start_table(rewards, groups)
     base_labels = np.asarray(base_labels, dtype=object)
     if base_labels.shape != rewards.shape:
         raise ValueError(f"base_labels has shape {base_labels.shape}: expected the rewards' {rewards.shape}.")
-
-    def target_distribution(rows: np.ndarray) -> np.ndarray:
-        weights = start_tilt_weights(rewards[rows], groups[rows], beta, target, jackknife, group_shares)
-        return distribution(base_labels[rows].reshape(-1), categories, weights.reshape(-1))
-
-    exact = target_distribution(np.arange(len(rewards)))
+    tilt = _start_tilt(rewards, groups, beta, target, jackknife, group_shares)
+    sums = _category_sums(tilt.masses, base_labels, categories)
+    exact = tilt.mean(sums)
     drawable = np.clip(exact, 0.0, None) / np.clip(exact, 0.0, None).sum()
     rng = np.random.default_rng(seed)
     noise = [
-        total_variation(rng.multinomial(len(labels), drawable) / len(labels), target_distribution(rows))
-        for rows in bootstrap_starts(groups, num_bootstrap, seed + 1)
+        total_variation(rng.multinomial(len(labels), drawable) / len(labels), tilt.mean(sums, rows))
+        for rows in _resampled_rows(tilt.rows, num_bootstrap, seed + 1)
     ]
     return {
         "tv": total_variation(distribution(labels, categories), exact),
