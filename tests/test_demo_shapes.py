@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -521,3 +522,27 @@ def test_the_repeated_start_table_resumes_to_the_same_table(
     assert table["reward"].shape == (32, 2) and table["settings"]["num_steps"] == 4
     with pytest.raises(ValueError, match=r"--num-starts 24 is invalid: expected a positive multiple of 16"):
         shapes_cli.write_repeated_start_table(24, 2, seed=0)
+
+
+def test_describe_targets_reads_the_figures_off_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dag_trl.demo.shapes import cli as shapes_cli
+    from dag_trl.demo.shapes import target as shapes_target
+
+    prompts = list(shapes_target.TARGET_PROMPTS)
+    # Independent samples: one of reward 1 (red) and one of reward 0 (blue) per prompt. Repeated starts: per prompt
+    # one start with rewards (1, 0) and one with (0, 0).
+    table = {"prompts": prompts * 2, "reward": [1.0] * 3 + [0.0] * 3, "shape_colour": ["red"] * 3 + ["blue"] * 3}
+    rewards = np.array([[1.0, 0.0]] * 3 + [[0.0, 0.0]] * 3)
+    repeated = {"prompts": prompts * 2, "reward": rewards, "shape_colour": np.where(rewards == 1, "red", "blue")}
+    monkeypatch.setattr(shapes_target, "load_table", lambda *settings: table)
+    monkeypatch.setattr(shapes_target, "load_repeated_start_table", lambda *settings: repeated)
+    lines = shapes_cli.describe_targets([math.log(3)])
+    assert lines[0].startswith("tables: 6 independent base samples; 6 starts x 2 continuations (steps 20, eta 1,")
+    # Per prompt: within-start variance (1/2 + 0) / 2, start means 1/2 and 0 vary by 1/8 = (1/4) / K: memory 0.
+    assert lines[1].startswith("memory (share of the within-prompt reward variance that x_T explains): 0.000")
+    assert lines[2] == "starts with no continuation of reward >= 0.5: 0.500"
+    # beta = log 3: marginal 3 / (3 + 1); conditional, jackknife (1 + 0) / 2 (see tests/test_evaluation.py);
+    # plain (3/4 + 0) / 2; marginal from the repeated starts 3 / (3 + 3).
+    assert lines[3].startswith("beta 1.09861: tilted reward marginal 0.750 (+-")
+    assert "; conditional 0.500 (+-" in lines[3] and "red 0.500, yellow 0.000)" in lines[3]
+    assert "; conditional, plain 0.375 (+-" in lines[3] and "; marginal, same table 0.500 (+-" in lines[3]

@@ -146,6 +146,8 @@ def describe_targets(betas: Sequence[float]) -> list[str]:
         f"continuations (steps {settings[0]}, eta {settings[1]:g}, guidance {settings[2]:g})",
         f"memory (share of the within-prompt reward variance that x_T explains): {memory['base']:.3f} "
         f"(+-{memory['base_se']:.3f})",
+        # Such starts count as reward 0 in the conditional tilt at any beta: its estimate's floor for large beta.
+        f"starts with no continuation of reward >= 0.5: {(repeated['reward'].max(axis=1) < 0.5).mean():.3f}",
     ]
     colours = {"shape_colour": repeated["shape_colour"]}
     for beta in betas:
