@@ -3,13 +3,16 @@ mix: ``--overwrite`` removes the earlier run's report, checkpoints and logs, a f
 refused, and a resume with no epoch left says so before loading the model."""
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import another_run_holding, files_under, run_lock_is_free
 from PIL import Image
@@ -244,10 +247,11 @@ def test_main_job_on_the_builtin_shapes_model_shortened(tmp_path, shapes_model_p
     output_dir = tmp_path / "main-job"
     script_args, config = parse_arguments(
         ["--output_dir", str(output_dir), "--num_epochs", "2", "--sample_num_steps", "6", "--eval_num_images", "8",
-         "--log_with", "tensorboard"]
+         "--log_with", "tensorboard", "--eval_memory_starts", "6", "--eval_memory_continuations", "2"]
     )  # fmt: skip
     summary = run(script_args, config)
     assert script_args.pretrained_model == BUILTIN_MODEL and len(summary["reward_history"]) == 2
+    assert summary["before"]["memory"]["starts"] == 6 and -1 < summary["after"]["memory"]["memory"] <= 1
     for name in ("before", "after"):
         result = summary[name]
         assert sum(result["colour_distribution"].values()) == pytest.approx(1.0)
@@ -430,3 +434,72 @@ def test_a_part_of_the_report_that_fails_is_named_and_the_rest_is_written(tmp_pa
     assert f"left out of the report: after.prior_kernel_distance ({failure})" in format_summary(written)
     for name in ("before.png", "after.png", "reward_curve.png", "model/pytorch_lora_weights.safetensors"):
         assert (output_dir / name).is_file(), name
+
+
+def test_summary_carries_both_tilted_targets_and_the_memory_figure(monkeypatch):
+    from test_demo_shapes_target import hand_repeated_table, hand_table
+
+    from dag_trl.demo import cli
+    from dag_trl.demo.shapes import ShapeSpec, render
+    from dag_trl.demo.shapes import target as shapes_target
+
+    for module in (cli, shapes_target):
+        monkeypatch.setattr(module, "load_table", lambda *settings: hand_table())
+        monkeypatch.setattr(module, "load_repeated_start_table", lambda *settings: hand_repeated_table())
+    _, config = parse_arguments(["--train_objective", "rtb", "--train_reward_exp", str(math.log(3))])
+    prompts = ["a circle"] * 3 + ["a square"]
+    specs = [ShapeSpec("circle", "red", "white", 16.0, 16.0, 8.0)] * 3 + [
+        ShapeSpec("square", "yellow", "white", 16.0, 16.0, 8.0)
+    ]
+    images = torch.from_numpy(np.stack([render(spec) for spec in specs])).permute(0, 3, 1, 2).float() / 255
+    before, after = {"images": images, "rewards": torch.ones(4)}, {"images": images, "rewards": torch.ones(4)}
+    target = cli.tilted_target_summary(config, prompts, before, after)
+    # The hand tables' figures (tests/test_demo_shapes_target.py): marginal 0.6875, conditional 0.5, memory 2/3;
+    # the samples are 1/2 from the conditional tilt's colours.
+    assert target["marginal"]["reward"] == pytest.approx(0.6875) and target["conditional"]["reward"] == pytest.approx(
+        0.5
+    )
+    assert target["memory"]["base"] == pytest.approx(2 / 3) and "what this objective converges to" in target["note"]
+    assert after["conditional_target_tv"]["shape_colour"] == pytest.approx(0.5) and "target_tv" in after
+    summary = {
+        "algorithm": "RTB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
+        "target": target, "before": {**before, "reward_mean": 0.25, "reward_std": 0.1, "diversity": None},
+        "after": {**after, "reward_mean": 0.75, "reward_std": 0.2, "diversity": None, "prior_kernel_distance": 0.0},
+    }  # fmt: skip
+    text = format_summary(summary)
+    assert "reward of the tilted targets (beta 1.09861): marginal tilt 0.688 (+-" in text
+    assert ", conditional tilt 0.500 (+-" in text
+    assert (
+        "memory (share of the reward's variance within a prompt that the start x_T explains), base sampler: 0.667"
+        in text
+    )
+    assert "TV from the conditional tilt after: shape_colour 0.500 (noise " in text
+    summary["before"]["memory"] = {"memory": 0.16, "memory_se": 0.02, "starts": 48, "continuations": 8}
+    summary["after"]["memory"] = {"memory": 0.25, "memory_se": 0.03, "starts": 48, "continuations": 8}
+    assert "the start x_T explains): 0.160 -> 0.250 (48 starts x 8)" in format_summary(summary)
+
+
+def test_memory_figure_of_a_sampler_whose_reward_only_its_start_decides():
+    from types import SimpleNamespace
+
+    from dag_trl.demo.cli import memory_figure
+
+    def images_of_starts(prompts, seed, prior=False, initial_latents=None):
+        return initial_latents.expand(-1, 3, 2, 2)  # the image is the start: the later noise changes nothing
+
+    trainer = SimpleNamespace(
+        sd_pipeline=SimpleNamespace(initial_latents=lambda n, generator, device: torch.randn(n, 1, 1, 1, generator=generator)),
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        sample_images=images_of_starts,
+        reward_fn=lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)), {}),
+    )  # fmt: skip
+    script_args = ScriptArguments(eval_memory_starts=4, eval_memory_continuations=3)
+    figure = memory_figure(trainer, ["a", "b", "a"], script_args, seed=0)
+    assert figure["memory"] == pytest.approx(1.0) and (figure["starts"], figure["continuations"]) == (4, 3)
+    script_args.eval_memory_starts = 3
+    with pytest.raises(
+        ValueError, match=r"eval_memory_starts=3 is invalid for 2 distinct evaluation prompts: .* at least 4"
+    ):
+        memory_figure(trainer, ["a", "b", "a"], script_args, seed=0)
+    with pytest.raises(ValueError, match=r"eval_memory_continuations=1 is invalid: expected an integer >= 2"):
+        ScriptArguments(eval_memory_continuations=1)

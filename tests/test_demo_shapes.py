@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -482,3 +483,66 @@ def test_real_model_follows_prompts(shapes_model_path: Path) -> None:
     distribution = shapes.colour_distribution(circles)
     assert sum(share > 0 for name, share in distribution.items() if name != "none") >= 5, distribution
     assert max(distribution.values()) <= 0.4, distribution
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:DAG-DB trains detailed balance")
+def test_the_repeated_start_table_resumes_to_the_same_table(
+    tiny_sd_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import PROMPTS, brightness, tiny_config
+
+    from dag_trl import DefaultGFlowNetStableDiffusionPipeline, GFlowNetDiffusionTrainer
+    from dag_trl.demo.shapes import cli as shapes_cli
+    from dag_trl.demo.shapes import target as shapes_target
+    from dag_trl.prompts import PromptList
+
+    def tiny_trainer(folder: str) -> GFlowNetDiffusionTrainer:
+        pipeline = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
+        return GFlowNetDiffusionTrainer(tiny_config(tmp_path), brightness, PromptList(PROMPTS, seed=0), pipeline)
+
+    monkeypatch.setattr(shapes_cli, "_recipe_trainer", tiny_trainer)
+    whole = shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "whole.json")
+    sample_block = shapes_target.repeated_start_block
+
+    def interrupted(trainer, block, *arguments):
+        if block == 1:
+            raise KeyboardInterrupt
+        return sample_block(trainer, block, *arguments)
+
+    monkeypatch.setattr(shapes_target, "repeated_start_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "resumed.json")
+    assert len((tmp_path / "resumed.json.partial.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(shapes_target, "repeated_start_block", sample_block)
+    resumed = shapes_cli.write_repeated_start_table(32, 2, seed=0, output=tmp_path / "resumed.json")
+    assert json.loads(resumed.read_text()) == json.loads(whole.read_text())
+    assert not (tmp_path / "resumed.json.partial.jsonl").exists()
+    table = shapes_target.decode_repeated_start_table(json.loads(whole.read_text()))
+    assert table["reward"].shape == (32, 2) and table["settings"]["num_steps"] == 4
+    with pytest.raises(ValueError, match=r"--num-starts 24 is invalid: expected a positive multiple of 16"):
+        shapes_cli.write_repeated_start_table(24, 2, seed=0)
+
+
+def test_describe_targets_reads_the_figures_off_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dag_trl.demo.shapes import cli as shapes_cli
+    from dag_trl.demo.shapes import target as shapes_target
+
+    prompts = list(shapes_target.TARGET_PROMPTS)
+    # Independent samples: one of reward 1 (red) and one of reward 0 (blue) per prompt. Repeated starts: per prompt
+    # one start with rewards (1, 0) and one with (0, 0).
+    table = {"prompts": prompts * 2, "reward": [1.0] * 3 + [0.0] * 3, "shape_colour": ["red"] * 3 + ["blue"] * 3}
+    rewards = np.array([[1.0, 0.0]] * 3 + [[0.0, 0.0]] * 3)
+    repeated = {"prompts": prompts * 2, "reward": rewards, "shape_colour": np.where(rewards == 1, "red", "blue")}
+    monkeypatch.setattr(shapes_target, "load_table", lambda *settings: table)
+    monkeypatch.setattr(shapes_target, "load_repeated_start_table", lambda *settings: repeated)
+    lines = shapes_cli.describe_targets([math.log(3)])
+    assert lines[0].startswith("tables: 6 independent base samples; 6 starts x 2 continuations (steps 20, eta 1,")
+    # Per prompt: within-start variance (1/2 + 0) / 2, start means 1/2 and 0 vary by 1/8 = (1/4) / K: memory 0.
+    assert lines[1].startswith("memory (share of the within-prompt reward variance that x_T explains): 0.000")
+    assert lines[2] == "starts with no continuation of reward >= 0.5: 0.500"
+    # beta = log 3: marginal 3 / (3 + 1); conditional, jackknife (1 + 0) / 2 (see tests/test_evaluation.py);
+    # plain (3/4 + 0) / 2; marginal from the repeated starts 3 / (3 + 3).
+    assert lines[3].startswith("beta 1.09861: tilted reward marginal 0.750 (+-")
+    assert "; conditional 0.500 (+-" in lines[3] and "red 0.500, yellow 0.000)" in lines[3]
+    assert "; conditional, plain 0.375 (+-" in lines[3] and "; marginal, same table 0.500 (+-" in lines[3]

@@ -1,5 +1,6 @@
 """The shapes model's tilted target: weights, prompt mix and distances on a table built by hand."""
 
+import json
 import math
 
 import numpy as np
@@ -7,7 +8,17 @@ import pytest
 import torch
 
 from dag_trl.demo.shapes import ShapeSpec, render
-from dag_trl.demo.shapes.target import ATTRIBUTES, image_attributes, target_distance
+from dag_trl.demo.shapes.target import (
+    ATTRIBUTES,
+    REPEATED_START_BLOCK,
+    conditional_target_distance,
+    decode_repeated_start_table,
+    encode_repeated_start_table,
+    image_attributes,
+    repeated_start_prompts,
+    target_distance,
+    target_figures,
+)
 
 
 def hand_table() -> dict:
@@ -120,3 +131,57 @@ def test_the_trainers_evaluation_hook_reads_and_checks_the_table_when_it_is_buil
         target.tilted_target_hook(20, 1.0, 5.0, 1.0)
     good = write_table(tmp_path, json.dumps(hand_table()))
     assert target.load_table(20, 1.0, 5.0) == json.loads(good.read_text())
+
+
+def hand_repeated_table() -> dict:
+    # Two starts per prompt, K = 2 continuations each; reward 1: red circle / yellow square, reward 0: blue / green.
+    rewards = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    colours = np.array([["red", "blue"], ["blue", "blue"], ["yellow", "yellow"], ["green", "green"]], dtype=object)
+    return {
+        "settings": {"num_continuations": 2},
+        "prompts": ["a circle", "a circle", "a square", "a square"],
+        "reward": rewards,
+        "shape_colour": colours,
+        "background": np.full((4, 2), "white", dtype=object),
+        "shape_kind": np.array([["circle"] * 2] * 2 + [["square"] * 2] * 2, dtype=object),
+    }
+
+
+def test_conditional_target_distance_and_the_target_figures_of_hand_tables():
+    beta = math.log(3)
+    # Jackknife per start at K = 2: (1, 0) rewards weigh (1, 0) (see tests/test_evaluation.py), equal rewards
+    # (1/2, 1/2). Circle: red 1/2, blue 1/2; square: yellow 1/2, green 1/2; with 3 circles to 1 square the target is
+    # red 3/8, blue 3/8, yellow 1/8, green 1/8, and the samples (red 3/4, yellow 1/4) are 1/2 away in TV.
+    prompts = ["a circle"] * 3 + ["a square"]
+    samples = {"shape_colour": ["red", "red", "red", "yellow"], "background": ["white"] * 4,
+               "shape_kind": ["circle", "circle", "circle", "square"]}  # fmt: skip
+    result = conditional_target_distance(samples, prompts, hand_repeated_table(), beta)
+    assert result["shape_colour"]["tv"] == pytest.approx(0.5) and result["background"]["tv"] == pytest.approx(0.0)
+    assert result["shape_kind"]["tv"] == pytest.approx(0.0) and result["shape_colour"]["noise"] > 0
+    figures = target_figures(hand_table(), hand_repeated_table(), prompts, beta)
+    # Marginal (hand_table): circle 2 x 3 / (2 x 3 + 2) = 3/4, square 3 / (3 + 3) = 1/2, mixed 3 : 1.
+    assert figures["marginal"]["reward"] == pytest.approx(0.75 * 0.75 + 0.25 * 0.5)
+    assert figures["conditional"]["reward"] == pytest.approx(0.5) and figures["conditional"]["continuations"] == 2
+    # Memory: circle between 1/8 - (1/4) / 2 = 0, within 1/4; square between 1/2, within 0: (0 + 1/2) / (1/4 + 1/2).
+    assert figures["memory"]["base"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"prompts \['a triangle'\] have no base samples"):
+        conditional_target_distance(samples, ["a triangle"] * 4, hand_repeated_table(), beta)
+
+
+def test_the_repeated_start_table_round_trips_through_its_compact_form():
+    rng = np.random.default_rng(0)
+    count = REPEATED_START_BLOCK * 2
+    block = {"block": 0, "reward": rng.random(count).tolist()}
+    block.update({name: list(rng.choice(values, size=count)) for name, values in ATTRIBUTES.items()})
+    stored = json.loads(json.dumps(encode_repeated_start_table({"num_continuations": 2, "seed": 0}, [block])))
+    table = decode_repeated_start_table(stored)
+    assert table["prompts"] == repeated_start_prompts(0, REPEATED_START_BLOCK) and table["reward"].shape == (16, 2)
+    np.testing.assert_allclose(table["reward"].reshape(-1), block["reward"], atol=5e-7)
+    for name in ATTRIBUTES:
+        assert table[name].reshape(-1).tolist() == block[name]
+    stored["reward"] = stored["reward"][:-1]
+    with pytest.raises(ValueError, match=r"'reward' has 31 entries: expected 16 starts x 2 continuations = 32"):
+        decode_repeated_start_table(stored)
+    stored["start"][1] = 1
+    with pytest.raises(ValueError, match=r"'start' is not 2 consecutive samples per start for its 16 prompts"):
+        decode_repeated_start_table(stored)

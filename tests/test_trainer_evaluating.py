@@ -77,3 +77,20 @@ def test_evaluations_run_before_training_every_eval_freq_epochs_and_after_the_la
 def test_eval_freq_must_be_a_non_negative_integer(tmp_path):
     with pytest.raises(ValueError, match=r"eval_freq=-1 .*an integer >= 0"):
         tiny_config(tmp_path, eval_freq=-1)
+
+
+def test_initial_latents_fix_the_starts_and_need_one_row_per_prompt(tmp_path, tiny_sd_path):
+    trainer = make_trainer(tmp_path, tiny_sd_path)
+    prompts = PROMPTS[:2]
+    starts = trainer.sd_pipeline.initial_latents(2, torch.Generator().manual_seed(0), trainer.accelerator.device)
+    # Given starts and seed fix the images; the starts replace the ones the seed would have drawn.
+    torch.testing.assert_close(
+        trainer.sample_images(prompts, seed=3, initial_latents=starts),
+        trainer.sample_images(prompts, seed=3, initial_latents=starts.clone()),
+        rtol=0,
+        atol=0,
+    )
+    drawn = trainer.sample_images(prompts, seed=3)
+    assert (trainer.sample_images(prompts, seed=3, initial_latents=starts) - drawn).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"initial_latents has 1 rows for 2 prompts: expected one per prompt"):
+        trainer.sample_images(prompts, seed=3, initial_latents=starts[:1])

@@ -31,7 +31,14 @@ from typing import Any, Optional
 import torch
 
 from ..config import EVAL_SIZE_NOTE, GFlowNetConfig
-from ..evaluation import diversity, kernel_distance, pixel_features, reward_statistics
+from ..evaluation import (
+    diversity,
+    kernel_distance,
+    pixel_features,
+    reward_statistics,
+    sample_repeated_starts,
+    start_memory,
+)
 from ..io.hub import HubPushError
 from ..io.tracking import check_tracker_installed, tracker_install_command, tracker_installed
 from ..objectives import get_objective_class
@@ -45,7 +52,7 @@ from ..trainer.checkpointing import (
     tracker_logging_dir,
 )
 from .shapes import all_full_prompts, colour_distribution, get_shapes_model, prompt_adherence
-from .shapes.target import load_table, tilted_target_hook
+from .shapes.target import load_repeated_start_table, load_table, target_figures, tilted_target_hook
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +140,12 @@ class ScriptArguments:
             Allow writing into an existing, non-empty `output_dir`.
         eval_num_images (`int`, defaults to `16`):
             Images in the before / after grids (the same prompts and noise before and after training), at least 2.
+        eval_memory_starts (`int`, defaults to `0`):
+            Starting noises for the memory figure of the pretrained and the trained sampler (the share of the
+            reward's variance within a prompt that the start `x_T` explains, `dag_trl.evaluation.start_memory`),
+            the evaluation prompts' distinct values in turn, at least 2 per prompt; 0 leaves it out.
+        eval_memory_continuations (`int`, defaults to `8`):
+            Continuations of each start for the memory figure (the same `x_T`, fresh noise in every later step).
         cache_dir (`str`, *optional*):
             Where the built-in model is cached (default `~/.cache/dag_trl` or `$DAG_TRL_CACHE`).
     """
@@ -151,6 +164,8 @@ class ScriptArguments:
     output_dir: str = field(default="runs/dag", metadata={"help": "Output folder."})
     overwrite: bool = field(default=False, metadata={"help": "Write into an existing output folder."})
     eval_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids."})
+    eval_memory_starts: int = field(default=0, metadata={"help": "Starts for the memory figure (0: none)."})
+    eval_memory_continuations: int = field(default=8, metadata={"help": "Continuations per start (memory)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder of the built-in model."})
 
     def __post_init__(self) -> None:
@@ -159,6 +174,12 @@ class ScriptArguments:
         if self.eval_num_images < 2:
             raise ValueError(
                 f"eval_num_images={self.eval_num_images} is invalid: expected an integer >= 2{EVAL_SIZE_NOTE}."
+            )
+        if self.eval_memory_starts < 0:
+            raise ValueError(f"eval_memory_starts={self.eval_memory_starts} is invalid: expected an integer >= 0.")
+        if self.eval_memory_continuations < 2:
+            raise ValueError(
+                f"eval_memory_continuations={self.eval_memory_continuations} is invalid: expected an integer >= 2."
             )
 
 
@@ -373,24 +394,55 @@ def tilted_target_summary(
     """The total-variation distance of the before and after samples' attributes from the shapes model's tilted target
     at ``beta = train_reward_exp`` (true units), with its bootstrap noise; ``None`` when no base-sample table was
     computed for this sampler or the evaluation prompts are not the table's. The distances are stored in
-    ``before["target_tv"]`` and ``after["target_tv"]``."""
-    table = load_table(config.sample_num_steps, config.sample_eta, config.sample_guidance_scale)
+    ``before["target_tv"]`` and ``after["target_tv"]``, and, where the repeated-start table exists, those from the
+    conditional tilt in ``conditional_target_tv``. The returned entry carries both targets' expected rewards and
+    the base sampler's memory figure (:func:`~dag_trl.demo.shapes.target.target_figures`)."""
+    settings = (config.sample_num_steps, config.sample_eta, config.sample_guidance_scale)
+    table = load_table(*settings)
     if table is None or not set(prompts) <= set(table["prompts"]):
         return None
     beta = config.train_reward_exp
-    hook = tilted_target_hook(config.sample_num_steps, config.sample_eta, config.sample_guidance_scale, beta)
+    hook = tilted_target_hook(*settings, beta)
     for result in (before, after):
         distances = hook(result["images"], prompts, [], result["rewards"])
-        result["target_tv"], result["target_tv_noise"] = distances["target_tv"], distances["target_tv_noise"]
+        for key in ("target_tv", "target_tv_noise", "conditional_target_tv", "conditional_target_tv_noise"):
+            if key in distances:
+                result[key] = distances[key]
     objective = get_objective_class(config.objective_name)
     if objective.uses_prior_log_probs:
-        note = "the prior tilted by exp(beta R), beta in true units: this objective's own target"
+        note = (
+            "beta in true units; conditional: the prior tilted within each start x_T, what this objective converges "
+            "to with its start fixed; marginal: the prior tilted by exp(beta R), which it reaches only where the "
+            "start does not decide the reward (memory 0)"
+        )
     else:
         note = (
-            f"the prior tilted by exp(beta R), beta in true units: a reference, not {objective.display_name}'s own "
-            "target (see docs/algorithm.md)"
+            "beta in true units; the prior tilted by exp(beta R) (marginal) and within each start x_T "
+            f"(conditional): references, not {objective.display_name}'s own target (see docs/algorithm.md)"
         )
-    return {"beta": beta, "base_samples": len(table["prompts"]), "note": note}
+    repeated = load_repeated_start_table(*settings)
+    if repeated is not None and not set(prompts) <= set(repeated["prompts"]):
+        repeated = None
+    figures = target_figures(table, repeated, prompts, beta)
+    return {"beta": beta, "base_samples": len(table["prompts"]), "note": note, **figures}
+
+
+def memory_figure(trainer: Any, prompts: list[str], script_args: ScriptArguments, seed: int) -> dict[str, Any]:
+    """The memory figure (:func:`~dag_trl.evaluation.start_memory`) of the trainer's current sampler from
+    ``eval_memory_starts`` starts, the distinct ``prompts`` in turn, with ``eval_memory_continuations``
+    continuations each."""
+    distinct = list(dict.fromkeys(prompts))
+    starts = script_args.eval_memory_starts
+    if starts < 2 * len(distinct):
+        raise ValueError(
+            f"eval_memory_starts={starts} is invalid for {len(distinct)} distinct evaluation prompts: the memory "
+            f"figure needs at least 2 starts per prompt, so at least {2 * len(distinct)}."
+        )
+    start_prompts = [distinct[i % len(distinct)] for i in range(starts)]
+    samples = sample_repeated_starts(trainer, start_prompts, script_args.eval_memory_continuations, seed)
+    memory = start_memory(samples.rewards, samples.prompts)
+    return {"memory": memory["memory"], "memory_se": memory["memory_se"], "starts": starts,
+            "continuations": script_args.eval_memory_continuations}  # fmt: skip
 
 
 # Constructor arguments that the script's own options set.
@@ -489,6 +541,10 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     # Parts of the report that fail are named in the summary and warned about; the rest is written.
     failures: dict[str, str] = {}
     before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes, failures, "before")
+    if script_args.eval_memory_starts:
+        before["memory"] = report_part(
+            "before.memory", lambda: memory_figure(trainer, prompts, script_args, config.eval_seed), failures
+        )
     start, earlier_evaluations = time.perf_counter(), len(trainer.evaluation_history)
     trainer.train()
     # Training time alone: the evaluations during training (eval_freq) are reported on their own.
@@ -506,6 +562,10 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     )
     if distance is not None:
         after["prior_kernel_distance"] = distance
+    if script_args.eval_memory_starts:
+        after["memory"] = report_part(
+            "after.memory", lambda: memory_figure(trainer, prompts, script_args, config.eval_seed), failures
+        )
     target = None
     if is_shapes:
         target = report_part("target", lambda: tilted_target_summary(config, prompts, before, after), failures)
@@ -575,6 +635,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"TV from the tilted target (beta {summary['target']['beta']:g}) {name}: "
                 + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
             )
+        lines.extend(conditional_target_lines(summary))
+    if summary["before"].get("memory") and summary["after"].get("memory"):
+        lines.append(
+            "memory (share of the reward's variance within a prompt that the start x_T explains): "
+            + " -> ".join(f"{summary[name]['memory']['memory']:.3f}" for name in ("before", "after"))
+            + f" ({summary['after']['memory']['starts']} starts x {summary['after']['memory']['continuations']})"
+        )
     if all("colour_distribution" in summary[name] for name in ("before", "after")):
         colours = summary["before"]["colour_distribution"]
         lines.append(
@@ -606,6 +673,32 @@ def show_progress_on_the_console() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
+
+
+def conditional_target_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's lines on the two tilted targets' rewards, the memory figure and the distances from the
+    conditional tilt (none where the summary lacks them)."""
+    target, lines = summary["target"], []
+    rewards = [
+        f"{name} tilt {target[name]['reward']:.3f} (+-{target[name]['reward_se']:.3f})"
+        for name in ("marginal", "conditional")
+        if name in target
+    ]
+    if rewards:
+        lines.append(f"reward of the tilted targets (beta {target['beta']:g}): " + ", ".join(rewards))
+    if "memory" in target:
+        lines.append(
+            f"memory (share of the reward's variance within a prompt that the start x_T explains), base sampler: "
+            f"{target['memory']['base']:.3f} (+-{target['memory']['base_se']:.3f})"
+        )
+    for name in ("before", "after"):
+        if "conditional_target_tv" in summary[name]:
+            distances, noise = summary[name]["conditional_target_tv"], summary[name]["conditional_target_tv_noise"]
+            lines.append(
+                f"TV from the conditional tilt {name}: "
+                + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
+            )
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

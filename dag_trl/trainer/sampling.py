@@ -52,20 +52,30 @@ class SamplingMixin:
             )
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int, prior: bool = False) -> torch.Tensor:
+    def sample_images(
+        self, prompts: list[str], seed: int, prior: bool = False, initial_latents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Images for ``prompts`` from the current policy (``prior=True``: the pretrained model, the adapter switched
         off), with the training sampler (steps, eta, guidance, negative prompt), as float32 ``(B, 3, H, W)`` on the
         CPU, on every process: for evaluations that compare models on the same noise. The processes share the
         chunks of ``sample_batch_size`` prompts, and each chunk's noise is seeded by ``seed`` plus its position, so
-        the images depend neither on the number of processes nor on the batch composition elsewhere."""
+        the images depend neither on the number of processes nor on the batch composition elsewhere.
+
+        ``initial_latents`` (one row per prompt) fixes the starting states ``x_T``; the later steps' noise is still
+        drawn from the chunks' generators (see :func:`dag_trl.evaluation.sample_repeated_starts`)."""
         config, accelerator = self.config, self.accelerator
+        if initial_latents is not None and len(initial_latents) != len(prompts):
+            raise ValueError(
+                f"initial_latents has {len(initial_latents)} rows for {len(prompts)} prompts: expected one per prompt."
+            )
         size = config.sample_batch_size
         mine = []
         for start in list(range(0, len(prompts), size))[accelerator.process_index :: accelerator.num_processes]:
             embeds = self.sd_pipeline.encode_prompt(prompts[start : start + size])
             generator = torch.Generator().manual_seed(seed + start)
+            latents = None if initial_latents is None else initial_latents[start : start + size].to(embeds.device)
             with self.sd_pipeline.adapter_disabled() if prior else contextlib.nullcontext():
-                mine.append((start, self._sample(embeds, generator).images.float().cpu()))
+                mine.append((start, self._sample(embeds, generator, latents=latents).images.float().cpu()))
         chunks = gather_object(mine) if accelerator.num_processes > 1 else mine
         return torch.cat([images for _, images in sorted(chunks, key=lambda chunk: chunk[0])])
 
