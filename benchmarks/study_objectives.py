@@ -1,4 +1,5 @@
-"""The side-by-side study of the objectives on the shapes model (CPU): DAG-DB, DAG-KL, RTB and DDPO, several seeds,
+"""The side-by-side study of the objectives on the shapes model (CPU): DAG-DB, DAG-KL, RTB, DDPO, relative DB and the
+KL-regularised policy gradient, several seeds,
 the same number of sampled trajectories (the packaged recipe's), each run evaluated on a large fixed sample.
 
 Resumable: each run trains in ``<output>/<objective>-seed<seed>/`` and its summary is kept, in the repository, as
@@ -23,6 +24,9 @@ OBJECTIVE_ARGUMENTS: dict[str, list[str]] = {
     "dag_kl": ["--train_klpf", "1.0"],
     "rtb": ["--train_objective", "rtb", "--train_reward_exp", "3"],
     "ddpo": ["--train_objective", "ddpo", "--train_clip_range", "0.2"],
+    # The per-step prior-relative objectives, at beta = 3 like RTB (their shapes recipes set it).
+    "rdb": ["--train_objective", "rdb"],
+    "kl_pg": ["--train_objective", "kl_pg"],
 }
 # The DAG-KL batch-grouping A/B, at train_timestep_fraction=1 (every transition trained): batches of one timestep
 # (the trainer's default) against the reference implementation's mixed batches. Not in the default run.
@@ -61,11 +65,12 @@ def run_one(objective: str, seed: int, output: Path, results: Path, eval_num_ima
     return summary
 
 
-def tv_cell(after: dict, name: str) -> str:
-    """``"0.123 (+-0.045)"``: the TV from the tilted target and its bootstrap noise, or ``-`` without a table."""
-    if name not in after.get("target_tv", {}):
+def tv_cell(after: dict, name: str, target: str = "target_tv") -> str:
+    """``"0.123 (+-0.045)"``: the TV from the tilted target (``target="conditional_target_tv"``: from the conditional
+    tilt) and its bootstrap noise, or ``-`` where the summary has none (runs older than that evaluation)."""
+    if name not in after.get(target, {}):
         return "-"
-    return f"{after['target_tv'][name]:.3f} (+-{after['target_tv_noise'][name]:.3f})"
+    return f"{after[target][name]:.3f} (+-{after[f'{target}_noise'][name]:.3f})"
 
 
 def run_name(path: Path) -> str:
@@ -83,9 +88,10 @@ def run_label(run: str, summary: dict) -> str:
 def table(results: Path) -> str:
     """One Markdown row per finished run."""
     header = (
-        "| objective | seed | epochs | reward before -> after | red / yellow after | TV shape colour | TV background | "
-        "TV shape kind | diversity before -> after | kernel distance | adherence (colour / bg / shape) | training |\n"
-        "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
+        "| objective | seed | epochs | reward before -> after | red / yellow after | TV shape colour | "
+        "TV shape colour, conditional tilt | TV background | TV shape kind | diversity before -> after | "
+        "kernel distance | adherence (colour / bg / shape) | training |\n"
+        "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | ---: | --- | ---: |"
     )
     rows = []
     for path in sorted(results.glob("*-seed*.json")):
@@ -97,7 +103,8 @@ def table(results: Path) -> str:
         rows.append(
             f"| {run_label(run_name(path), summary)} | {path.stem.rsplit('seed', 1)[1]} | {summary['epochs']} | "
             f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f} | "
-            f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | {tv_cell(after, 'background')} | "
+            f"{colours['red']:.2f} / {colours['yellow']:.2f} | {tv_cell(after, 'shape_colour')} | "
+            f"{tv_cell(after, 'shape_colour', 'conditional_target_tv')} | {tv_cell(after, 'background')} | "
             f"{tv_cell(after, 'shape_kind')} | {before['diversity']:.2f} -> {after['diversity']:.2f} | "
             f"{after['prior_kernel_distance']:.3f} | {adherence['colour']:.2f} / {adherence['background']:.2f} / "
             f"{adherence['shape']:.2f} | {summary.get('train_seconds', 0) / 60:.1f} min |"
