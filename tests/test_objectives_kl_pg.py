@@ -46,7 +46,8 @@ def diffusers_mean_and_std(scheduler, model_output, timestep: int, sample, eta: 
 def oracle_gradients(trainer, samples, window, tiny_sd_path) -> list[torch.Tensor]:
     r"""The gradient of :math:`\frac{1}{B}\sum_i \sum_n [k_n^i(\theta) - A_n^i \log\pi_\theta(z^i_{n+1} | z^i_n)]`
     over the window's trajectories, with :math:`A_n^i = \beta R_i - \sum_{m>n} k_m^i - b_n^i` from the epoch's
-    trajectories (no gradient), on a copy of the trainer's LoRA."""
+    trajectories (no gradient; :math:`b_n^i` the mean over the other trajectories of the prompt, or of the epoch for
+    a prompt drawn once), on a copy of the trainer's LoRA."""
     config = trainer.config
     oracle = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path))
     oracle.set_timesteps(config.sample_num_steps)
@@ -79,8 +80,9 @@ def oracle_gradients(trainer, samples, window, tiny_sd_path) -> list[torch.Tenso
     advantages = returns.clone()
     for row in range(total):
         others = [o for o in range(total) if o != row and samples["prompts"][o] == samples["prompts"][row]]
-        if others:
-            advantages[row] -= returns[others].mean(dim=0)
+        # A prompt drawn once is compared with every other trajectory of the epoch.
+        others = others or [o for o in range(total) if o != row]
+        advantages[row] -= returns[others].mean(dim=0)
 
     loss = 0.0
     for window_row in range(len(window["prompts"])):
@@ -101,7 +103,8 @@ def test_kl_pg_gradient_equals_the_whole_objective_oracle(tmp_path, tiny_sd_path
     samples, _ = trainer._generate_samples(epoch=0)
     trainer.objective.prepare_samples(samples, trainer.accelerator)
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
-    # The baseline is exercised on prompts drawn more than once and on a prompt drawn once (its baseline is 0).
+    # The baseline is exercised on prompts drawn more than once and on a prompt drawn once (the epoch's other
+    # trajectories are its baseline).
     counts = [samples["prompts"].count(prompt) for prompt in samples["prompts"]]
     assert max(counts) > 1 and min(counts) == 1
     expected = oracle_gradients(trainer, samples, window, tiny_sd_path)
@@ -159,3 +162,32 @@ def test_kl_pg_refuses_a_full_fine_tune(tmp_path, tiny_sd_path):
     config = GFlowNetConfig(**{**KL_PG_SETTINGS, "logdir": str(tmp_path / "logs")})
     with pytest.raises(ValueError, match=r"train_objective='kl_pg' needs a pipeline with use_lora=True"):
         GFlowNetDiffusionTrainer(config, brightness, PromptList(PROMPTS, name="letters", seed=0), pipeline)
+
+
+@pytest.mark.integration
+def test_kl_pg_trains_through_windows_of_frozen_steps_only(tmp_path, tiny_sd_path):
+    # By timestep, a batch of frozen steps (below lora_min_timestep) has no gradient at all: its backward still runs
+    # (zero gradients), and the other steps train the LoRA.
+    trainer = make_kl_pg_trainer(
+        tmp_path, tiny_sd_path, train_reward_exp=3.0, lora_min_timestep=500, train_timestep_fraction=1.0
+    )
+    samples, _ = trainer._generate_samples(epoch=0)
+    trainer.objective.prepare_samples(samples, trainer.accelerator)
+    window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
+    frozen = samples["timesteps"][0] < 500
+    assert frozen.any() and not frozen.all()
+    before = [p.detach().clone() for p in trainer.sd_pipeline.get_trainable_layers()]
+    trainer.unet.train()
+    trainer.train_window(window, kept, beta=3.0, epoch=0)
+    changed = [not torch.equal(a, p) for a, p in zip(before, trainer.sd_pipeline.get_trainable_layers(), strict=True)]
+    assert any(changed)
+
+
+def test_kl_pg_warns_when_an_epoch_makes_more_than_one_optimiser_step(tmp_path):
+    with pytest.warns(UserWarning, match=r"with 2 optimiser step\(s\) per epoch and train_num_inner_epochs=1"):
+        tiny_config(tmp_path, **KL_PG_SETTINGS)  # 8 trajectories, windows of 2 x 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_config(tmp_path, **KL_PG_SETTINGS, train_gradient_accumulation_steps=4)

@@ -114,7 +114,9 @@ def test_trl_ddpo_example_setup_runs_with_only_the_class_names_changed(tmp_path,
 
     # DDPO's meaning of project_kwargs: checkpoints under project_dir, tracker files under logging_dir.
     assert trainer.global_step == 8  # 24 trajectories in windows of 3
-    assert sorted(os.listdir("save")) == ["checkpoints"]
+    # run.lock stays as an empty file (a lock file deleted on release could be locked twice); its owner record goes.
+    assert sorted(os.listdir("save")) == ["checkpoints", "run.lock"]
+    assert os.path.getsize("save/run.lock") == 0
     assert sorted(os.listdir("save/checkpoints")) == ["checkpoint_0"]
     assert os.listdir("logs") == ["stable_diffusion_training"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir("logs/stable_diffusion_training"))

@@ -427,17 +427,23 @@ def tilted_target_summary(
     return {"beta": beta, "base_samples": len(table["prompts"]), "note": note, **figures}
 
 
+def check_memory_starts(starts: int, prompts: list[str]) -> None:
+    """Refuse fewer than 2 memory-figure starts per distinct evaluation prompt (checked before training)."""
+    distinct = len(set(prompts))
+    if starts < 2 * distinct:
+        raise ValueError(
+            f"eval_memory_starts={starts} is invalid for {distinct} distinct evaluation prompts: the memory "
+            f"figure needs at least 2 starts per prompt, so at least {2 * distinct}."
+        )
+
+
 def memory_figure(trainer: Any, prompts: list[str], script_args: ScriptArguments, seed: int) -> dict[str, Any]:
     """The memory figure (:func:`~dag_trl.evaluation.start_memory`) of the trainer's current sampler from
     ``eval_memory_starts`` starts, the distinct ``prompts`` in turn, with ``eval_memory_continuations``
     continuations each."""
     distinct = list(dict.fromkeys(prompts))
     starts = script_args.eval_memory_starts
-    if starts < 2 * len(distinct):
-        raise ValueError(
-            f"eval_memory_starts={starts} is invalid for {len(distinct)} distinct evaluation prompts: the memory "
-            f"figure needs at least 2 starts per prompt, so at least {2 * len(distinct)}."
-        )
+    check_memory_starts(starts, prompts)
     start_prompts = [distinct[i % len(distinct)] for i in range(starts)]
     samples = sample_repeated_starts(trainer, start_prompts, script_args.eval_memory_continuations, seed)
     memory = start_memory(samples.rewards, samples.prompts)
@@ -542,9 +548,12 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     failures: dict[str, str] = {}
     before = evaluate(trainer, prompts, metadata, config.eval_seed, is_shapes, failures, "before")
     if script_args.eval_memory_starts:
-        before["memory"] = report_part(
+        check_memory_starts(script_args.eval_memory_starts, prompts)  # a setting error, before training
+        memory = report_part(
             "before.memory", lambda: memory_figure(trainer, prompts, script_args, config.eval_seed), failures
         )
+        if memory is not None:
+            before["memory"] = memory
     start, earlier_evaluations = time.perf_counter(), len(trainer.evaluation_history)
     trainer.train()
     # Training time alone: the evaluations during training (eval_freq) are reported on their own.
@@ -563,9 +572,11 @@ def run(script_args: ScriptArguments, config: GFlowNetConfig) -> dict[str, Any]:
     if distance is not None:
         after["prior_kernel_distance"] = distance
     if script_args.eval_memory_starts:
-        after["memory"] = report_part(
+        memory = report_part(
             "after.memory", lambda: memory_figure(trainer, prompts, script_args, config.eval_seed), failures
         )
+        if memory is not None:
+            after["memory"] = memory
     target = None
     if is_shapes:
         target = report_part("target", lambda: tilted_target_summary(config, prompts, before, after), failures)
@@ -636,7 +647,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 + ", ".join(f"{k} {v:.3f} (noise {noise[k]:.3f})" for k, v in distances.items())
             )
         lines.extend(conditional_target_lines(summary))
-    if summary["before"].get("memory") and summary["after"].get("memory"):
+    if "memory" in summary["before"] and "memory" in summary["after"]:
         lines.append(
             "memory (share of the reward's variance within a prompt that the start x_T explains): "
             + " -> ".join(f"{summary[name]['memory']['memory']:.3f}" for name in ("before", "after"))

@@ -116,11 +116,12 @@ class GFlowNetPipelineOutput:
             one-step prediction ``x0_hat`` of every non-terminal state follows without another model call.
         prior_log_probs: with ``record_prior_log_probs``, ``log P_F`` of each transition under the pretrained model
             (the adapter disabled, the same guidance), float32 ``(B, N)``; else ``None``.
-        prior_means: with ``record_prior_log_probs``, the mean of the pretrained model's step at each visited state,
-            float32 ``(B, N, C, h, w)``, if the family's step reports its mean; else ``None``.
+        prior_means: with ``record_prior_log_probs`` and ``record_prior_means``, the mean of the pretrained model's
+            step at each visited state, float32 ``(B, N, C, h, w)``, if the family's step reports its mean; else
+            ``None``.
         prior_kls: with ``prior_means``, the closed-form KL in nats (summed over the latent's elements) from the
-            sampling policy's step to the pretrained model's at each visited state,
-            :math:`\\lVert\\mu_\theta - \\mu_p\rVert^2 / (2 s^2)` (both steps have the variance :math:`s^2`), ``(B, N)``.
+            sampling policy's step to the pretrained model's at each visited state, ``|mu_theta - mu_prior|^2 /
+            (2 s^2)`` (both steps have the variance ``s^2``), ``(B, N)``.
     """
 
     images: torch.Tensor
@@ -311,11 +312,13 @@ class GFlowNetStableDiffusionPipeline(ABC):
         show_progress: bool = False,
         record_prior_log_probs: bool = False,
         lora_min_timestep: int = 0,
+        record_prior_means: bool = False,
     ) -> GFlowNetPipelineOutput:
         """Sample trajectories from prompt embeddings and record what training needs.
 
         With ``record_prior_log_probs``, each sampled transition is also scored under the pretrained model (see
-        :meth:`adapter_disabled`): one more model call per step. Steps from timesteps below ``lora_min_timestep``
+        :meth:`adapter_disabled`): one more model call per step; with ``record_prior_means`` too, the pretrained
+        model's step means and the closed-form per-step KLs are kept. Steps from timesteps below ``lora_min_timestep``
         are the pretrained model's (the adapter switched off; their prior log-probability is their own).
 
         Guidance is applied when ``negative_prompt_embeds`` is given and ``guidance_scale != 1``. Latents and
@@ -359,7 +362,7 @@ class GFlowNetStableDiffusionPipeline(ABC):
                         log_prob_reduction=log_prob_reduction,
                     )  # fmt: skip
                 all_prior_log_probs.append(prior_step.log_probs)
-                if getattr(step, "mean", None) is not None:
+                if record_prior_means and getattr(step, "mean", None) is not None:
                     all_prior_means.append(prior_step.mean)
                     all_prior_kls.append(gaussian_step_kl(step.mean, prior_step.mean, step.std))
             latents = step.latents

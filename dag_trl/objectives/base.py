@@ -99,6 +99,11 @@ def check_guided_training(config: GFlowNetConfig, objective_name: str) -> None:
         )
 
 
+# The sampler settings that define the prior of the prior-relative objectives (RTB, kl_pg, rdb): the pretrained model
+# sampled with the same guidance, negative prompt, eta and timesteps; a resume that changes one changes the target.
+PRIOR_SAMPLER_SETTINGS = ("sample_guidance_scale", "negative_prompts", "sample_eta", "sample_num_steps")
+
+
 class Objective(ABC):
     """A training objective. Subclass it, set the class attributes, implement :meth:`loss`, and register the class
     with :func:`dag_trl.objectives.register_objective` under its ``name``; nothing in the trainer changes.

@@ -33,6 +33,11 @@ class DAGDetailedBalance(Objective):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
+        cls.check_klpf(config)
+
+    @classmethod
+    def check_klpf(cls, config) -> None:
+        """DAG-DB's rule for ``train_klpf``."""
         # train_klpf picks DAG-KL when train_objective is unset; an explicit choice must agree with it.
         if config.train_klpf > 0:
             raise ValueError(

@@ -4,12 +4,13 @@ control", arXiv 2402.15194)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
 
 from ..samplers.ddim import gaussian_step_kl
-from .base import Objective, TransitionBatch, check_prior_available
+from .base import PRIOR_SAMPLER_SETTINGS, Objective, TransitionBatch, check_prior_available
 from .losses import kl_regularised_returns, leave_one_out_baseline
 
 
@@ -30,14 +31,14 @@ class KLRegularisedPolicyGradient(Objective):
     changes later, and the pathwise gradient of the step's own KL (autograd through :math:`\mu_\theta` at the
     visited state), the deterministic pull back to the prior that a score-function estimate of the KL lacks.
     :math:`b_n` is the leave-one-out mean of the same return over the epoch's other trajectories of the prompt
-    (:func:`~.losses.leave_one_out_baseline`). The advantages are neither standardised nor clipped: that would
+    (:func:`~.losses.leave_one_out_baseline`; over all the epoch's other trajectories for a prompt drawn once). The advantages are neither standardised nor clipped: that would
     reweight the score term against the pathwise one and move the optimum. Each transition is backpropagated on its
     own with the surrogate :math:`N k_n - N A_n \log \pi_\theta(z_{n+1} \mid z_n)` (``A_n`` detached), whose mean
     over a trajectory's transitions is the gradient above.
 
     The advantages are computed once per epoch from the sampling policy's KLs (recorded while sampling): the
     gradient is exact for the first optimiser step of an epoch and, like DDPO's, slightly off-policy for later ones
-    (one optimiser step per epoch keeps it exact).
+    (one optimiser step per epoch keeps it exact; a config with more warns).
     """
 
     name = "kl_pg"
@@ -48,11 +49,30 @@ class KLRegularisedPolicyGradient(Objective):
     main_metric = "kl_step"
     uses_prior_log_probs = True
     uses_prior_means = True
+    target_settings = Objective.target_settings + PRIOR_SAMPLER_SETTINGS
     required_settings = {
         "train_log_prob_reduction": ("sum", "the KL and the score terms are in nats only with summed log-densities"),
         "train_cfg": (True, "the trajectories come from the guided sampler, whose steps the KL compares"),
         "train_reward_exp_anneal": ("none", "an annealed beta changes the objective during training"),
     }
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        windows = (
+            config.sample_batch_size
+            * config.sample_num_batches_per_epoch
+            // (config.train_batch_size * config.train_gradient_accumulation_steps)
+        )
+        if windows * config.train_num_inner_epochs > 1:
+            warnings.warn(
+                f"train_objective='kl_pg' computes its advantages once per epoch, from the sampling policy: with "
+                f"{windows} optimiser step(s) per epoch and train_num_inner_epochs={config.train_num_inner_epochs}, "
+                "every step after an epoch's first is slightly off-policy. For the exact gradient make one step per "
+                "epoch (train_batch_size * train_gradient_accumulation_steps = sample_batch_size * "
+                "sample_num_batches_per_epoch, train_num_inner_epochs=1), as the shapes recipe does.",
+                stacklevel=3,
+            )
 
     def create_model(self, pipeline) -> None:
         check_prior_available(pipeline, self.name)
@@ -66,7 +86,14 @@ class KLRegularisedPolicyGradient(Objective):
         step_kls = accelerator.gather(samples["prior_kls"].float())
         prompts = gather_object(list(samples["prompts"])) if accelerator.num_processes > 1 else samples["prompts"]
         returns = kl_regularised_returns(rewards, step_kls, self.config.train_reward_exp)
-        advantages = returns - leave_one_out_baseline(returns, prompts)
+        baseline = leave_one_out_baseline(returns, prompts)
+        # A prompt drawn once this epoch has no other trajectory of its own: the mean of every other trajectory's
+        # return, which is independent of it too, keeps the gradient unbiased with far less variance than none.
+        alone = torch.tensor([prompts.count(prompt) == 1 for prompt in prompts], device=returns.device)
+        if alone.any() and len(prompts) > 1:
+            epoch_baseline = leave_one_out_baseline(returns, [0] * len(prompts))
+            baseline = torch.where(alone.unsqueeze(1), epoch_baseline, baseline)
+        advantages = returns - baseline
         # This process's share: gather concatenates the processes' equal-sized batches in process order.
         count = len(samples["prompts"])
         samples["kl_pg_advantages"] = advantages[accelerator.process_index * count :][:count]

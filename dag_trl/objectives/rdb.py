@@ -7,7 +7,13 @@ from typing import Optional
 
 import torch
 
-from .base import TransitionBatch, check_guided_training, check_prior_available
+from .base import (
+    PRIOR_SAMPLER_SETTINGS,
+    Objective,
+    TransitionBatch,
+    check_guided_training,
+    check_prior_available,
+)
 from .dag_db import DAGDetailedBalance
 from .losses import proximal_regulariser, relative_detailed_balance_residual
 
@@ -33,6 +39,7 @@ class RelativeDetailedBalance(DAGDetailedBalance):
     description = "detailed balance against the pretrained model's step (towards the prior tilted by the reward)"
     hyperparameters = ("train_unet_reg", "train_flow_learning_rate")
     uses_prior_log_probs = True
+    target_settings = Objective.target_settings + PRIOR_SAMPLER_SETTINGS
     required_settings = {
         "train_log_prob_reduction": ("sum", "the target is a distribution only with true (summed) log-densities"),
         "train_reward_exp_anneal": ("none", "an annealed beta moves the target under the learned flow"),
@@ -40,8 +47,12 @@ class RelativeDetailedBalance(DAGDetailedBalance):
 
     @classmethod
     def validate_config(cls, config) -> None:
-        super().validate_config(config)  # the required settings and DAG-DB's train_klpf rule
+        super().validate_config(config)  # the required settings
         check_guided_training(config, cls.name)
+
+    @classmethod
+    def check_klpf(cls, config) -> None:
+        """None: relative DB does not read ``train_klpf`` (DAG-DB's rule is that a positive one means DAG-KL)."""
 
     def create_model(self, pipeline):
         check_prior_available(pipeline, self.name)

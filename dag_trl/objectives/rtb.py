@@ -9,7 +9,13 @@ from typing import Any, Optional
 import torch
 
 from ..models.log_partition import LogPartitionHead
-from .base import Objective, TransitionBatch, check_guided_training, check_prior_available
+from .base import (
+    PRIOR_SAMPLER_SETTINGS,
+    Objective,
+    TransitionBatch,
+    check_guided_training,
+    check_prior_available,
+)
 
 
 def relative_trajectory_balance_residual(
@@ -63,7 +69,7 @@ class RelativeTrajectoryBalance(Objective):
     display_name = "RTB"
     description = "relative trajectory balance towards the reward-tilted pretrained model"
     hyperparameters = ("train_log_z_learning_rate", "train_log_z_estimate")
-    target_settings = Objective.target_settings + ("train_log_z_estimate",)
+    target_settings = Objective.target_settings + PRIOR_SAMPLER_SETTINGS + ("train_log_z_estimate",)
     model_folder = "log_partition"
     trajectory_fields = ("rtb_delta", "rtb_log_z_delta")
     uses_prior_log_probs = True

@@ -134,6 +134,7 @@ class SamplingMixin:
                     generator,
                     log_prob_reduction=config.train_log_prob_reduction,
                     record_prior_log_probs=self.objective.uses_prior_log_probs,
+                    record_prior_means=self.objective.uses_prior_means,
                 )
             bad = first_non_finite([output.latents, output.log_probs])
             if bad is not None:

@@ -657,6 +657,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     loss, parts = self.objective.loss(batch, self.objective_model)
                     if not self.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
                         self._diverged(f"the loss is {loss.item()}", epoch, window_index, parts, window, beta)
+                    if not loss.requires_grad:
+                        # A batch of frozen steps (lora_min_timestep) gives an objective without a model of its own
+                        # (kl_pg, DDPO) nothing to differentiate; the backward still runs, with zero gradients, so
+                        # that accumulation and the processes' gradient synchronisation see every pass.
+                        loss = loss + sum(0.0 * p.sum() for p in self.trainable_parameters())
                     self.accelerator.backward(loss)
                 for name, value in parts.items():
                     sums[name] += value / num_backwards
