@@ -578,6 +578,12 @@ class GFlowNetConfig:
         """Trajectories sampled per epoch and process."""
         return self.sample_batch_size * self.sample_num_batches_per_epoch
 
+    @property
+    def trajectories_per_step(self) -> int:
+        """Trajectories per optimiser step (one window) and process: ``train_batch_size *
+        train_gradient_accumulation_steps``."""
+        return self.train_batch_size * self.train_gradient_accumulation_steps
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, its value and what is accepted for any invalid setting.
 
@@ -611,7 +617,7 @@ class GFlowNetConfig:
                 f"GFlowNetConfig.accelerator_kwargs sets {reserved}, which the trainer derives from other fields: "
                 "use log_with, mixed_precision, project_kwargs and train_gradient_accumulation_steps instead."
             )
-        window = self.train_batch_size * self.train_gradient_accumulation_steps
+        window = self.trajectories_per_step
         if self.samples_per_epoch % window:
             raise ValueError(
                 f"GFlowNetConfig: sample_batch_size * sample_num_batches_per_epoch = {self.sample_batch_size} * "

@@ -78,6 +78,13 @@ class TransitionBatch:
         return self.latents.shape[0]
 
 
+def process_share(gathered: Any, accelerator: Any, count: int) -> Any:
+    """This process's ``count`` rows of values gathered over all processes: ``accelerator.gather`` concatenates the
+    processes' equal-sized batches in process order."""
+    start = accelerator.process_index * count
+    return gathered[start : start + count]
+
+
 def check_prior_available(pipeline: GFlowNetStableDiffusionPipeline, objective_name: str) -> None:
     """Refuse a pipeline without a LoRA for an objective whose target involves the pretrained model: the prior is
     the pretrained model with the adapter switched off, and a full fine-tune leaves none to switch back to."""

@@ -91,10 +91,14 @@ class DAGDetailedBalance(Objective):
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         log_flow, next_log_flow, flow_now = self.log_flows(batch, model)
         regulariser = proximal_regulariser(batch.model_output, batch.sampled_model_output)
-        residual = detailed_balance_residual(log_flow, batch.log_prob_forward, batch.log_prob_backward, next_log_flow)
-        db_loss = residual**2
+        db_loss = self.residual(batch, log_flow, next_log_flow) ** 2
         loss = db_loss + self.config.train_unet_reg * regulariser
         return loss.mean(), self.metrics(batch, loss, db_loss, torch.zeros_like(db_loss), regulariser, flow_now)
+
+    @staticmethod
+    def residual(batch: TransitionBatch, log_flow: torch.Tensor, next_log_flow: torch.Tensor) -> torch.Tensor:
+        """The transition's balance residual: detailed balance against the noising kernel ``P_B``."""
+        return detailed_balance_residual(log_flow, batch.log_prob_forward, batch.log_prob_backward, next_log_flow)
 
     @staticmethod
     def metrics(

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .base import Objective, TransitionBatch
+from .base import Objective, TransitionBatch, process_share
 from .losses import ppo_clipped_loss
 
 ADVANTAGE_EPSILON = 1e-6
@@ -101,9 +101,7 @@ class DDPO(Objective):
             advantages = self.stat_tracker.advantages(gather_object(list(samples["prompts"])), rewards)
         else:
             advantages = standardised(rewards, rewards)
-        # This process's share: gather concatenates the processes' equal-sized batches in process order.
-        count = len(samples["prompts"])
-        mine = advantages[accelerator.process_index * count : (accelerator.process_index + 1) * count]
+        mine = process_share(advantages, accelerator, len(samples["prompts"]))
         samples["advantages"] = torch.as_tensor(mine, dtype=torch.float32, device=samples["rewards"].device)
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from ..samplers.ddim import gaussian_step_kl
-from .base import PRIOR_SAMPLER_SETTINGS, Objective, TransitionBatch, check_prior_available
+from .base import PRIOR_SAMPLER_SETTINGS, Objective, TransitionBatch, check_prior_available, process_share
 from .losses import kl_regularised_returns, leave_one_out_baseline
 
 
@@ -59,11 +59,7 @@ class KLRegularisedPolicyGradient(Objective):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        windows = (
-            config.sample_batch_size
-            * config.sample_num_batches_per_epoch
-            // (config.train_batch_size * config.train_gradient_accumulation_steps)
-        )
+        windows = config.samples_per_epoch // config.trajectories_per_step
         if windows * config.train_num_inner_epochs > 1:
             warnings.warn(
                 f"train_objective='kl_pg' computes its advantages once per epoch, from the sampling policy: with "
@@ -94,9 +90,7 @@ class KLRegularisedPolicyGradient(Objective):
             epoch_baseline = leave_one_out_baseline(returns, [0] * len(prompts))
             baseline = torch.where(alone.unsqueeze(1), epoch_baseline, baseline)
         advantages = returns - baseline
-        # This process's share: gather concatenates the processes' equal-sized batches in process order.
-        count = len(samples["prompts"])
-        samples["kl_pg_advantages"] = advantages[accelerator.process_index * count :][:count]
+        samples["kl_pg_advantages"] = process_share(advantages, accelerator, len(samples["prompts"]))
 
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         num_steps = self.config.sample_num_steps

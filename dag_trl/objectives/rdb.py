@@ -15,7 +15,7 @@ from .base import (
     check_prior_available,
 )
 from .dag_db import DAGDetailedBalance
-from .losses import proximal_regulariser, relative_detailed_balance_residual
+from .losses import relative_detailed_balance_residual
 
 
 class RelativeDetailedBalance(DAGDetailedBalance):
@@ -58,14 +58,14 @@ class RelativeDetailedBalance(DAGDetailedBalance):
         check_prior_available(pipeline, self.name)
         return super().create_model(pipeline)
 
-    def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
-        log_flow, next_log_flow, flow_now = self.log_flows(batch, model)
-        regulariser = proximal_regulariser(batch.model_output, batch.sampled_model_output)
-        residual = relative_detailed_balance_residual(
+    @staticmethod
+    def residual(batch: TransitionBatch, log_flow: torch.Tensor, next_log_flow: torch.Tensor) -> torch.Tensor:
+        """The transition's balance residual against the pretrained model's step (DAG-DB's loss uses it)."""
+        return relative_detailed_balance_residual(
             log_flow, batch.log_prob_forward, next_log_flow, batch.prior_log_prob
         )
-        db_loss = residual**2
-        loss = db_loss + self.config.train_unet_reg * regulariser
-        metrics = self.metrics(batch, loss, db_loss, torch.zeros_like(db_loss), regulariser, flow_now)
+
+    def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = super().loss(batch, model)
         metrics["log_prob_prior"] = batch.prior_log_prob.mean().item()
-        return loss.mean(), metrics
+        return loss, metrics

@@ -606,7 +606,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         order = torch.randperm(total, generator=generator)
         num_kept = config.num_train_timesteps
         kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
-        size = config.train_batch_size * config.train_gradient_accumulation_steps
+        size = config.trajectories_per_step
         return [
             (
                 {key: take_rows(value, order[start : start + size]) for key, value in samples.items()},
