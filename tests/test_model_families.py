@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -227,18 +228,19 @@ def test_one_epoch_of_every_objective_moves_the_lora(tmp_path, family, objective
         assert trainer.counters.vae_decodes == final_images
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_saved_lora_gives_the_same_denoiser_in_the_family_diffusers_pipeline(tmp_path, family, family_paths):
-    trained = make_pipeline(family, family_paths, lora_alpha=8)  # scale alpha / rank = 2, kept in the file
+def assert_saved_lora_round_trips(path, family: str, family_paths: dict, **overrides) -> None:
+    """A LoRA with random weights, saved, gives the same denoiser in the family's diffusers pipeline (its own
+    ``load_lora_weights``) and loads back bit-identical through ``load_trained_weights``."""
+    trained = make_pipeline(family, family_paths, lora_alpha=8, **overrides)  # scale alpha / rank = 2, in the file
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for parameter in trained.get_trainable_layers():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    trained.save_pretrained(tmp_path)
-    assert os.path.exists(tmp_path / "pytorch_lora_weights.safetensors")
+    trained.save_pretrained(path)
+    assert os.path.exists(path / "pytorch_lora_weights.safetensors")
 
     plain = make_pipeline(family, family_paths, use_lora=False)
-    plain.sd_pipeline.load_lora_weights(str(tmp_path))  # the family's own diffusers loader
+    plain.sd_pipeline.load_lora_weights(str(path))  # the family's own diffusers loader
     timesteps = trained.set_timesteps(4)
     plain.set_timesteps(4)
     embeds = trained.encode_prompt(["a red circle", "a cat"])
@@ -251,10 +253,32 @@ def test_saved_lora_gives_the_same_denoiser_in_the_family_diffusers_pipeline(tmp
     assert torch.equal(theirs, ours)  # the same peft layers with the same weights and scale
     assert not torch.allclose(prior, ours)  # the LoRA changes the output: the round trip is not vacuous
 
-    reloaded = make_pipeline(family, family_paths)
-    reloaded.load_trained_weights(reloaded.unet, str(tmp_path))
+    reloaded = make_pipeline(family, family_paths, **overrides)
+    reloaded.load_trained_weights(reloaded.unet, str(path))
     for name, value in lora_parameters(trained.unet).items():
         assert torch.equal(lora_parameters(reloaded.unet)[name], value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_lora_gives_the_same_denoiser_in_the_family_diffusers_pipeline(tmp_path, family, family_paths):
+    assert_saved_lora_round_trips(tmp_path, family, family_paths)
+
+
+def test_lora_on_the_unet_convolutions_trains_and_round_trips(tmp_path, family_paths):
+    family_default = FAMILIES["sdxl"][1].lora_target_modules
+    targets = [*family_default, "conv1", "conv2"]
+    pipeline = make_pipeline("sdxl", family_paths, lora_target_modules=targets)
+    adapted = {name.rsplit(".lora_", 1)[0] for name in lora_parameters(pipeline.unet)}
+    convolutions = {name for name, module in pipeline.unet.named_modules() if name.endswith(("conv1", "conv2"))}
+    assert convolutions and convolutions <= adapted  # every resnet convolution carries an adapter
+    assert FAMILIES["sdxl"][1].lora_target_modules == family_default  # the class keeps its own
+    assert_saved_lora_round_trips(tmp_path, "sdxl", family_paths, lora_target_modules=targets)
+
+
+@pytest.mark.parametrize("targets", ["conv1", [], ["to_q", ""]])
+def test_invalid_lora_target_modules_are_refused(family_paths, targets):
+    with pytest.raises(ValueError, match=rf"lora_target_modules={re.escape(repr(targets))} is invalid: expected a"):
+        make_pipeline("sdxl", family_paths, lora_target_modules=targets)
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ import importlib
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -39,6 +39,9 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
             state so that the same seed gives the same initial adapter in every run; the global one is untouched.
         torch_dtype: the dtype to load the weights in (``None``: as saved). Large families load in bfloat16 so that
             they fit in memory before :meth:`prepare_for_training` places them.
+        lora_target_modules: the module names (suffixes, peft's ``target_modules``) that get a LoRA; ``None``: the
+            family's attention projections. Adding the UNet's resnet convolutions (``"conv1"``, ``"conv2"``) gives
+            the adapter more capacity; the saved file records the targets, so ``load_lora_weights`` restores them.
     """
 
     # The diffusers pipeline class (its name in ``diffusers``), which loads the model and saves / reads its LoRA.
@@ -66,6 +69,7 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         lora_alpha: Optional[float] = None,
         lora_init_seed: int = 0,
         torch_dtype: Optional[torch.dtype] = None,
+        lora_target_modules: Optional[Sequence[str]] = None,
     ):
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1:
             raise ValueError(f"lora_rank={lora_rank!r} is invalid: expected an integer >= 1.")
@@ -75,6 +79,16 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
             raise ValueError(
                 f"lora_alpha={lora_alpha!r} is invalid: expected a finite number > 0 (the adapter's update is scaled "
                 "by lora_alpha / lora_rank), or None for lora_rank."
+            )
+        if lora_target_modules is not None and (
+            isinstance(lora_target_modules, str)
+            or not lora_target_modules
+            or not all(isinstance(name, str) and name for name in lora_target_modules)
+        ):
+            raise ValueError(
+                f"lora_target_modules={lora_target_modules!r} is invalid: expected a non-empty list of module names "
+                f"(peft's target_modules, e.g. {list(self.lora_target_modules)} + ['conv1', 'conv2'] for the UNet's "
+                "resnet convolutions), or None for the family's default."
             )
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(
@@ -100,6 +114,8 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         self._adapter_off = False  # inside adapter_disabled()
         self.lora_rank = lora_rank
         self.lora_alpha = lora_rank if lora_alpha is None else lora_alpha
+        if lora_target_modules is not None:  # this instance's choice; the class keeps the family's default
+            self.lora_target_modules = tuple(lora_target_modules)
 
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -208,7 +224,9 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(unet if unet is not None else self.unet)
-        if self.lora_keys_in_diffusers_format:
+        # diffusers' key conversion knows the attention projections only: a LoRA on other modules (e.g. the
+        # convolutions) stays in peft's key format throughout, which load_lora_weights also reads.
+        if self.lora_keys_in_diffusers_format and self.lora_target_modules == type(self).lora_target_modules:
             from diffusers.utils import convert_state_dict_to_diffusers
 
             state = convert_state_dict_to_diffusers(state)

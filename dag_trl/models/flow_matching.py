@@ -18,6 +18,7 @@ family (FLUX packs them only for its transformer), so that the flow network sees
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -64,6 +65,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         lora_alpha: Optional[float] = None,
         lora_init_seed: int = 0,
         torch_dtype: Optional[torch.dtype] = None,
+        lora_target_modules: Optional[Sequence[str]] = None,
         sampler: str = "ddim",
         noise_level: float = 0.7,
         resolution: Optional[int] = None,
@@ -83,6 +85,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
             lora_alpha=lora_alpha,
             lora_init_seed=lora_init_seed,
             torch_dtype=torch_dtype,
+            lora_target_modules=lora_target_modules,
         )
         self.sampler = sampler
         self.noise_level = float(noise_level)

@@ -6,6 +6,7 @@ an input of the transformer, one call per step). Sampled as a Gaussian policy (s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -60,6 +61,7 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
         lora_alpha: Optional[float] = None,
         lora_init_seed: int = 0,
         torch_dtype: Optional[torch.dtype] = None,
+        lora_target_modules: Optional[Sequence[str]] = None,
         sampler: str = "ddim",
         noise_level: float = 0.7,
         resolution: Optional[int] = None,
@@ -83,6 +85,7 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
             lora_alpha=lora_alpha,
             lora_init_seed=lora_init_seed,
             torch_dtype=torch_dtype,
+            lora_target_modules=lora_target_modules,
             sampler=sampler,
             noise_level=noise_level,
             resolution=resolution,
