@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -39,6 +40,9 @@ EVAL_FEATURES_ACCEPTED = (
     + ", ".join(repr(name) for name in EVAL_FEATURES)
     + ", or "
     + " or ".join(f"'{name}:<model id or folder>'" for name in EVAL_FEATURES_WITH_MODEL)
+)
+DREAMSIM_MISSING = (
+    "eval_features='dreamsim' needs the dreamsim package, which dag_trl does not install: `pip install dreamsim`."
 )
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
 
@@ -641,10 +645,9 @@ class GFlowNetConfig:
             if not check(getattr(self, name)):
                 reject(name, accepted)
         self._validate_objective()
-        if split_eval_features(self.eval_features)[0] == "dreamsim":
-            from .evaluation_features import import_dreamsim
-
-            import_dreamsim()  # an optional package: its absence is a setting error, before any model loads
+        # An optional package: its absence is a setting error, found before any model loads.
+        if split_eval_features(self.eval_features)[0] == "dreamsim" and importlib.util.find_spec("dreamsim") is None:
+            raise ImportError(DREAMSIM_MISSING)
         if self.push_to_hub:
             # Checked now, not when the push comes after training.
             from huggingface_hub.utils import HFValidationError, validate_repo_id

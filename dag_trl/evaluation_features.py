@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import split_eval_features
+from .config import DREAMSIM_MISSING, split_eval_features
 from .evaluation import pixel_features
 from .rewards.base import freeze, hub_download_advice
 from .rewards.clip import load_clip, projected_features
@@ -168,10 +168,7 @@ def import_dreamsim() -> Callable[..., Any]:
     try:
         from dreamsim import dreamsim
     except ImportError as error:
-        raise ImportError(
-            "eval_features='dreamsim' needs the dreamsim package, which dag_trl does not install: "
-            "`pip install dreamsim`."
-        ) from error
+        raise ImportError(DREAMSIM_MISSING) from error
     return dreamsim
 
 
