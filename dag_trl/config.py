@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -30,6 +31,19 @@ PROJECT_KWARGS = {
     "iteration": "an integer >= 0",
     "save_on_each_node": "True or False",
 }
+# The evaluation's image features (dag_trl.evaluation_features); those named in EVAL_FEATURES_WITH_MODEL also take a
+# model id or local folder after a colon, e.g. "clip:openai/clip-vit-base-patch32".
+EVAL_FEATURES = ("pixels", "clip", "dino", "dreamsim")
+EVAL_FEATURES_WITH_MODEL = ("clip", "dino")
+EVAL_FEATURES_ACCEPTED = (
+    "one of "
+    + ", ".join(repr(name) for name in EVAL_FEATURES)
+    + ", or "
+    + " or ".join(f"'{name}:<model id or folder>'" for name in EVAL_FEATURES_WITH_MODEL)
+)
+DREAMSIM_MISSING = (
+    "eval_features='dreamsim' needs the dreamsim package, which dag_trl does not install: `pip install dreamsim`."
+)
 TRACKERS = ("wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "all")
 
 
@@ -110,6 +124,23 @@ def _string(non_empty: bool = False, path: bool = False) -> FieldRule:
 _BOOL: FieldRule = (lambda v: isinstance(v, bool), "True or False")
 
 
+def split_eval_features(value: str) -> tuple[str, Optional[str]]:
+    """``"clip:<model>"`` -> ``("clip", "<model>")``, ``"dino"`` -> ``("dino", None)``; raises ``ValueError`` naming
+    what is accepted (:data:`EVAL_FEATURES_ACCEPTED`) for anything else."""
+    name, colon, model = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if name not in EVAL_FEATURES or (colon and (name not in EVAL_FEATURES_WITH_MODEL or not model)):
+        raise ValueError(f"eval_features={value!r} is invalid: expected {EVAL_FEATURES_ACCEPTED}.")
+    return name, model or None
+
+
+def _is_eval_features(value: Any) -> bool:
+    try:
+        split_eval_features(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _dict(of_what: str) -> FieldRule:
     return (lambda v: isinstance(v, dict)), f"a dict of {of_what}"
 
@@ -161,6 +192,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "eval_freq": _integer(0, note=" (0: never)"),
     "eval_num_samples": _integer(2, note=EVAL_SIZE_NOTE),
     "eval_seed": _integer(0, MAX_SEED),
+    "eval_features": (_is_eval_features, EVAL_FEATURES_ACCEPTED),
     "mixed_precision": _choice(MIXED_PRECISIONS),
     "allow_tf32": _BOOL,
     "resume_from": _string(path=True),
@@ -289,6 +321,13 @@ class GFlowNetConfig:
             Images per evaluation (split over the processes), at least 2.
         eval_seed (`int`, *optional*, defaults to `1234`):
             Seed of the evaluation's prompts and noise.
+        eval_features (`str`, *optional*, defaults to `"pixels"`):
+            Image features of the evaluation's diversity and kernel distance (:mod:`dag_trl.evaluation_features`):
+            `"pixels"` (8x8-pooled pixels, Euclidean distances: for the shapes model), `"clip"` (the reward's CLIP
+            image tower when it has one, else `openai/clip-vit-large-patch14`), `"dino"` (DINOv2's CLS token,
+            `facebook/dinov2-base`), `"dreamsim"` (needs `pip install dreamsim`); `"clip:<model>"` and
+            `"dino:<model>"` name a Hub id or local folder. On embeddings, diversity is the mean pairwise cosine
+            distance per prompt. The trainer's `image_features` argument replaces it (leave it `"pixels"` then).
         mixed_precision (`str`, *optional*, defaults to `"bf16"`):
             Precision of the frozen weights and the UNet forward: `"no"` (also `False`, which is how YAML reads an
             unquoted `no`), `"fp16"` or `"bf16"`. Trainable
@@ -460,6 +499,13 @@ class GFlowNetConfig:
     eval_freq: int = field(default=0, metadata={"help": "Evaluate every this many epochs; 0: never."})
     eval_num_samples: int = field(default=64, metadata={"help": "Images per evaluation."})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation prompts and noise."})
+    eval_features: str = field(
+        default="pixels",
+        metadata={
+            "help": "Image features of the evaluation's diversity and kernel distance: 'pixels', 'clip', 'dino', "
+            "'dreamsim', or 'clip:<model>' / 'dino:<model>'."
+        },
+    )
     mixed_precision: str = field(default="bf16", metadata={"help": "'no', 'fp16' or 'bf16'."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 on Ampere+ GPUs."})
     resume_from: str = field(default="", metadata={"help": "Checkpoint folder or 'latest'."})
@@ -599,6 +645,9 @@ class GFlowNetConfig:
             if not check(getattr(self, name)):
                 reject(name, accepted)
         self._validate_objective()
+        # An optional package: its absence is a setting error, found before any model loads.
+        if split_eval_features(self.eval_features)[0] == "dreamsim" and importlib.util.find_spec("dreamsim") is None:
+            raise ImportError(DREAMSIM_MISSING)
         if self.push_to_hub:
             # Checked now, not when the push comes after training.
             from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -9,8 +9,10 @@ start ``x_T ~ N(0, I)`` fixed converge to; it needs several continuations of eac
 when the start does not influence the reward; :func:`start_memory` measures how much it does.
 
 Every function is pure (tensors or arrays in, numbers out) so that the CLI, the study script and any user's evaluation
-compute the same figures. Image features are pluggable: :func:`pixel_features` (downsampled pixels) needs no model; a CLIP or
-DINO image tower gives features closer to perception (pass any ``images -> (B, F)`` callable).
+compute the same figures. Image features are pluggable: :func:`pixel_features` (downsampled pixels) needs no model; a CLIP,
+DINOv2 or DreamSim image tower gives features closer to perception (:func:`dag_trl.evaluation_features.feature_extractor`
+builds them by name; any ``images -> (B, F)`` callable works). Diversity compares pixels by Euclidean distance and
+embeddings by cosine distance (:data:`DIVERSITY_DISTANCES`).
 """
 
 from __future__ import annotations
@@ -48,13 +50,45 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return distances.mean().item()
 
 
-def diversity(features: torch.Tensor, prompts: Sequence[str]) -> Optional[float]:
+def mean_pairwise_cosine_distance(features: torch.Tensor) -> float:
+    r"""Mean cosine distance over all pairs ``i < j`` of the rows of ``features``,
+    :math:`\frac{2}{n(n-1)} \sum_{i<j} \left(1 - \frac{f_i^\top f_j}{\lVert f_i \rVert \lVert f_j \rVert}\right)`:
+    0 for identical directions, 1 for orthogonal ones, 2 for opposite ones."""
+    count = features.shape[0]
+    if count < 2:
+        raise ValueError(f"mean_pairwise_cosine_distance needs at least 2 samples, got {count}.")
+    features = features.double()
+    norms = features.norm(dim=1)
+    if (norms == 0).any():
+        raise ValueError(
+            f"mean_pairwise_cosine_distance got zero feature rows {torch.nonzero(norms == 0).flatten().tolist()}: "
+            "the cosine distance of a zero vector is undefined."
+        )
+    unit = features / norms[:, None]
+    upper = torch.triu_indices(count, count, offset=1)
+    return (1 - (unit @ unit.T)[upper[0], upper[1]]).mean().item()
+
+
+# How diversity compares two samples' features: pixels by Euclidean distance (the published shapes figures),
+# embeddings (CLIP, DINOv2, DreamSim) by cosine distance, the geometry they are trained in.
+DIVERSITY_DISTANCES: dict[str, Callable[[torch.Tensor], float]] = {
+    "euclidean": mean_pairwise_distance,
+    "cosine": mean_pairwise_cosine_distance,
+}
+
+
+def diversity(features: torch.Tensor, prompts: Sequence[str], distance: str = "euclidean") -> Optional[float]:
     """Per-prompt diversity: the mean pairwise feature distance among each prompt's samples, averaged over the prompts
-    that have at least two samples (weighted equally); ``None`` when no prompt has two samples."""
+    that have at least two samples (weighted equally); ``None`` when no prompt has two samples. ``distance`` is
+    ``"euclidean"`` (:func:`mean_pairwise_distance`, for pixels) or ``"cosine"`` (:func:`mean_pairwise_cosine_distance`,
+    for embeddings)."""
+    if distance not in DIVERSITY_DISTANCES:
+        raise ValueError(f"distance={distance!r} is invalid: expected one of {sorted(DIVERSITY_DISTANCES)}.")
+    pairwise = DIVERSITY_DISTANCES[distance]
     by_prompt: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
         by_prompt.setdefault(prompt, []).append(index)
-    values = [mean_pairwise_distance(features[rows]) for rows in by_prompt.values() if len(rows) >= 2]
+    values = [pairwise(features[rows]) for rows in by_prompt.values() if len(rows) >= 2]
     return float(np.mean(values)) if values else None
 
 

@@ -164,6 +164,8 @@ ACCEPTED = {
     "eval_num_samples": "an integer >= 2 (the distance from the pretrained model's samples compares sets of at least 2 "
     "images)",
     "eval_seed": SEED,
+    "eval_features": "one of 'pixels', 'clip', 'dino', 'dreamsim', or 'clip:<model id or folder>' or "
+    "'dino:<model id or folder>'",
     "mixed_precision": "one of 'no', 'fp16', 'bf16'",
     "allow_tf32": BOOL,
     "resume_from": "a folder path (str or os.PathLike)",
@@ -288,6 +290,11 @@ def test_every_float_field_must_be_finite(name, value):
         ({"seed": 2**64}, "seed=18446744073709551616 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_seed": -1}, "eval_seed=-1 is invalid: expected an integer in [0, 18446744073709551615]."),
         ({"eval_freq": -1}, "eval_freq=-1 is invalid: expected an integer >= 0 (0: never)."),
+        *[
+            ({"eval_features": value}, f"eval_features={value!r} is invalid: expected one of 'pixels', 'clip', "
+             "'dino', 'dreamsim', or 'clip:<model id or folder>' or 'dino:<model id or folder>'.")
+            for value in ("CLIP", "pixels:8", "dreamsim:ensemble", "dino:", 1)
+        ],
         ({"eval_num_samples": 1}, "eval_num_samples=1 is invalid: expected an integer >= 2 (the distance from the "
          "pretrained model's samples compares sets of at least 2 images)."),
         ({"num_epochs": True}, "num_epochs=True is invalid: expected an integer >= 1."),
@@ -306,6 +313,16 @@ def test_values_that_led_to_nan_or_python_errors_are_refused_by_name(overrides, 
     with pytest.raises(ValueError) as caught:
         GFlowNetConfig(**overrides)
     assert str(caught.value) == "GFlowNetConfig." + message
+
+
+def test_eval_features_takes_a_name_and_for_towers_a_model_after_a_colon():
+    from dag_trl.config import split_eval_features
+
+    assert split_eval_features("pixels") == ("pixels", None)
+    assert split_eval_features("clip:openai/clip-vit-base-patch32") == ("clip", "openai/clip-vit-base-patch32")
+    assert split_eval_features("dino:C:/models/dinov2") == ("dino", "C:/models/dinov2")  # a colon in the path too
+    assert GFlowNetConfig().eval_features == "pixels"
+    assert GFlowNetConfig(eval_features="dino:facebook/dinov2-small").eval_features == "dino:facebook/dinov2-small"
 
 
 def test_integer_values_are_accepted_for_float_fields_and_paths_become_strings():

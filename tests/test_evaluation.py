@@ -13,6 +13,7 @@ from dag_trl.evaluation import (
     diversity,
     effective_sample_size,
     kernel_distance,
+    mean_pairwise_cosine_distance,
     mean_pairwise_distance,
     pixel_features,
     reward_statistics,
@@ -67,6 +68,51 @@ def test_kernel_distance_is_the_unbiased_mmd_of_the_cubic_kernel():
     same = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
     shifted = torch.randn(400, 4, generator=torch.Generator().manual_seed(1))
     assert abs(kernel_distance(same, shifted)) < 0.05 < kernel_distance(same, shifted + 1.0)
+
+
+def test_kernel_distance_of_hand_computed_sets():
+    # d = 1, k(x, y) = (x y + 1)^3. a = {0, 1}: k(0, 1) = 1. b = {0, 2}: k(0, 2) = 1. Across: k(0, 0) = k(0, 2) =
+    # k(1, 0) = 1 and k(1, 2) = 27, mean 7.5. MMD^2 = 1 + 1 - 2 * 7.5.
+    assert kernel_distance(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [2.0]])) == -13.0
+    # d = 2, k(x, y) = (x.y / 2 + 1)^3. a = {e1, e2}: k = 1. b = {2 e1, 0}: k = 1. Across: k(e1, 2 e1) = 8, the
+    # other three 1, mean 11 / 4. MMD^2 = 1 + 1 - 2 * 2.75.
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert kernel_distance(a, torch.tensor([[2.0, 0.0], [0.0, 0.0]])) == -3.5
+    # b = {e1, e1}: within b (3/2)^3 = 3.375, across (3.375 + 1 + 3.375 + 1) / 4 = 2.1875: MMD^2 = 0.
+    assert kernel_distance(a, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == 0.0
+
+
+def test_cosine_distance_of_orthogonal_identical_opposite_and_known_angles():
+    assert mean_pairwise_cosine_distance(torch.eye(3)) == pytest.approx(1.0, abs=1e-15)  # orthogonal unit vectors
+    same_direction = torch.tensor([[1.0, 2.0, 2.0], [2.0, 4.0, 4.0], [0.5, 1.0, 1.0]])
+    assert mean_pairwise_cosine_distance(same_direction) == pytest.approx(0.0, abs=1e-15)  # the norm does not count
+    assert mean_pairwise_cosine_distance(torch.tensor([[1.0, 0.0], [-3.0, 0.0]])) == pytest.approx(2.0, abs=1e-15)
+    # Unit vectors at 0, 60 and 120 degrees: pairs at 60 (1 - 1/2), 60 and 120 (1 + 1/2) degrees.
+    angles = torch.tensor([0.0, math.pi / 3, 2 * math.pi / 3], dtype=torch.float64)
+    at_angles = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert mean_pairwise_cosine_distance(at_angles) == pytest.approx((0.5 + 0.5 + 1.5) / 3, abs=1e-15)
+    with pytest.raises(ValueError, match=r"^mean_pairwise_cosine_distance got zero feature rows \[1\]: the cosine "):
+        mean_pairwise_cosine_distance(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"^mean_pairwise_cosine_distance needs at least 2 samples, got 1\.$"):
+        mean_pairwise_cosine_distance(torch.ones(1, 2))
+
+
+def test_cosine_diversity_averages_the_prompts_mean_cosine_distances():
+    features = torch.tensor([[1.0, 0.0], [0.0, 5.0], [1.0, 1.0], [2.0, 2.0], [3.0, 0.0]])
+    # "a": orthogonal, 1; "b": one direction, 0; "c" has one sample and is left out.
+    assert diversity(features, ["a", "a", "b", "b", "c"], distance="cosine") == pytest.approx(0.5, abs=1e-15)
+    # Euclidean on the same rows: |(1, -5)| = sqrt 26 and |(1, 1)| = sqrt 2.
+    assert diversity(features, ["a", "a", "b", "b", "c"]) == pytest.approx((math.sqrt(26) + math.sqrt(2)) / 2)
+    with pytest.raises(ValueError, match=r"^distance='l1' is invalid: expected one of \['cosine', 'euclidean'\]\.$"):
+        diversity(features, ["a"] * 5, distance="l1")
+
+
+def test_pixel_diversity_is_the_mean_euclidean_pdist_bit_for_bit():
+    # The published shapes figures: diversity on pixel features is the mean of torch.pdist in float64, unchanged.
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    features, prompts = pixel_features(images), ["a", "b", "a", "b", "a", "b"]
+    expected = [torch.pdist(features[rows].double()).mean().item() for rows in ([0, 2, 4], [1, 3, 5])]
+    assert diversity(features, prompts) == float(np.mean(expected))
 
 
 def test_distribution_and_total_variation():

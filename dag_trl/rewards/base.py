@@ -191,17 +191,9 @@ class ModelReward(RewardFunction):
 
     def _loading_failure(self, error: OSError) -> str:
         """What a failed load says: the reward, its error, and for weights from the Hub, how to fetch them ahead of
-        an offline run (the Hub client's own message only asks to check the internet connection)."""
-        hub = [source for source in dict.fromkeys(self.weight_sources()) if not os.path.exists(source)]
+        an offline run (:func:`hub_download_advice`)."""
         message = f"reward {self.name!r} could not load its weights ({type(error).__name__}: {error})."
-        if hub:
-            commands = "; ".join(f"`hf download {repo}`" for repo in hub)
-            message += (
-                f" They come from the Hub repositories {hub}, which must be in the Hub cache when the Hub cannot be "
-                f"reached (HF_HUB_OFFLINE=1, or no network): download them beforehand where it can ({commands}), "
-                "or pass local folders instead."
-            )
-        return message
+        return message + hub_download_advice(self.weight_sources())
 
     def _load_models(self, device: torch.device) -> None:
         raise NotImplementedError
@@ -213,6 +205,21 @@ class ModelReward(RewardFunction):
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         self.load(images.device if self.device is None else None)
         return self._forward(images.to(self.device), prompts, metadata)
+
+
+def hub_download_advice(sources: Sequence[str]) -> str:
+    """For weights that failed to load from ``sources`` (Hub ids or local paths): a sentence naming the Hub
+    repositories among them and the command that fetches each ahead of an offline run (the Hub client's own message
+    only asks to check the internet connection); empty when every source is a local path."""
+    hub = [source for source in dict.fromkeys(sources) if not os.path.exists(source)]
+    if not hub:
+        return ""
+    commands = "; ".join(f"`hf download {repo}`" for repo in hub)
+    return (
+        f" They come from the Hub repositories {hub}, which must be in the Hub cache when the Hub cannot be "
+        f"reached (HF_HUB_OFFLINE=1, or no network): download them beforehand where it can ({commands}), "
+        "or pass local folders instead."
+    )
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

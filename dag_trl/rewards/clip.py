@@ -58,11 +58,12 @@ class ClipReward(ModelReward):
         # truncated as in the PickScore and CLIP-score reference code.
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
 
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projected image features, float32."""
+    def image_embeddings(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Projected image features, float32, L2-normalised unless ``normalize=False`` (the evaluation's features,
+        :mod:`dag_trl.evaluation_features`, take them as they are)."""
         pixel_values = self.preprocess(images).to(self.dtype)
         features = projected_features(self.model.get_image_features(pixel_values=pixel_values)).float()
-        return features / features.norm(dim=-1, keepdim=True)
+        return features / features.norm(dim=-1, keepdim=True) if normalize else features
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised projected text features, float32."""

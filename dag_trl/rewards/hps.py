@@ -71,7 +71,11 @@ class HPSv2Reward(ModelReward):
             resample="bicubic",
         )
 
+    def image_embeddings(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The image tower's features, float32, L2-normalised unless ``normalize=False``."""
+        return self.model.encode_image(self.preprocess(images).to(self.dtype), normalize=normalize).float()
+
     def _forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
-        image_features = self.model.encode_image(self.preprocess(images).to(self.dtype), normalize=True).float()
+        image_features = self.image_embeddings(images)
         text_features = self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True).float()
         return (image_features * text_features).sum(-1), {}

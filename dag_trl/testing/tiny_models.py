@@ -4,8 +4,8 @@ For the tests, the benchmarks and the offline demo; nothing here is downloaded. 
 its sizes from an :class:`SDArchitecture`: :data:`TINY_SD` (the tests' pipeline, which loads in well under a
 second), the shapes demo's model before training (``dag_trl.demo.shapes.training.SHAPES_ARCHITECTURE``) and SD1.5's
 widths (``benchmarks/benchmark_training.py``). The reward towers (:func:`build_tiny_clip`,
-:func:`build_tiny_imagereward`) keep the real file layouts so that the reward loaders are exercised as with real
-checkpoints.
+:func:`build_tiny_imagereward`) and the evaluation's DINOv2 (:func:`build_tiny_dinov2`) keep the real file
+layouts so that their loaders are exercised as with real checkpoints.
 
 Every builder is seeded and bit-reproducible: initial weights come from torch's global generator in a fixed order,
 which is why :attr:`SDArchitecture.init_order` is part of the architecture.
@@ -266,6 +266,31 @@ def build_tiny_clip(path: Path, image_size: int = 32, shortest_edge: int = 40, p
     crop_size = {"height": image_size, "width": image_size}
     image_processor = CLIPImageProcessor(size={"shortest_edge": shortest_edge}, crop_size=crop_size)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def build_tiny_dinov2(path: Path, image_size: int = 32, shortest_edge: int = 40, patch_size: int = 8) -> Path:
+    """Save a random ``Dinov2Model`` (width 24) and its ``BitImageProcessor`` (resize the shortest edge, centre crop
+    ``image_size``, ImageNet statistics, as ``facebook/dinov2-base`` has them) as a Hub-style folder; returns
+    ``path``."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=24,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    Dinov2Model(config).save_pretrained(path)
+    BitImageProcessor(
+        size={"shortest_edge": shortest_edge},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
     return path
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..evaluation import diversity, kernel_distance, reward_statistics
+from ..evaluation_features import diversity_distance
 from ..io.tracking import log_image_grid
 
 if TYPE_CHECKING:
@@ -24,8 +25,9 @@ EvaluationHook = Callable[[torch.Tensor, list, list, torch.Tensor], dict[str, An
 class EvaluationMixin:
     """``evaluate()``: sample ``eval_num_samples`` images for fixed prompts and noise with the training sampler, and
     report the reward's mean, standard deviation and quantiles, the per-prompt diversity and the kernel distance from
-    the pretrained model's samples for the same prompts and noise (LoRA runs: the adapter switched off), plus what the
-    ``evaluation_hook`` adds; the images go to every tracker as ``eval/samples``."""
+    the pretrained model's samples for the same prompts and noise (LoRA runs: the adapter switched off), both on the
+    ``image_features`` (``eval_features``), plus what the ``evaluation_hook`` adds; the images go to every tracker as
+    ``eval/samples``."""
 
     config: GFlowNetConfig
     accelerator: Accelerator
@@ -62,7 +64,7 @@ class EvaluationMixin:
         features = self.image_features(images)
         result: dict[str, Any] = {"epoch": epoch}
         result.update({f"reward_{name}": value for name, value in reward_statistics(rewards).items()})
-        result["diversity"] = diversity(features, prompts)
+        result["diversity"] = diversity(features, prompts, distance=diversity_distance(self.image_features))
         if self.sd_pipeline.use_lora:
             if getattr(self, "_prior_evaluation_features", None) is None:
                 self._prior_evaluation_features = self.image_features(

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import GFlowNetConfig
-from ..evaluation import pixel_features, reward_statistics
+from ..evaluation import reward_statistics
+from ..evaluation_features import feature_extractor
 from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
 from ..objectives import TransitionBatch, get_objective_class
@@ -212,8 +213,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         evaluation_hook: ``(images, prompts, metadata, rewards) -> dict`` called at every evaluation (``eval_freq``)
             on every process; its entries join the evaluation's (e.g. the shapes model's distance from the tilted
             target, :func:`dag_trl.demo.shapes.target.target_distance`).
-        image_features: ``images -> (B, F) features`` for the evaluation's diversity and prior distance (a CLIP or
-            DINO image tower); defaults to downsampled pixels, :func:`dag_trl.evaluation.pixel_features`.
+        image_features: ``images -> (B, F) features`` for the evaluation's diversity and prior distance; defaults
+            to the features ``config.eval_features`` names (:func:`dag_trl.evaluation_features.feature_extractor`:
+            downsampled pixels, or a CLIP, DINOv2 or DreamSim tower on the accelerator's device). Give one or the
+            other.
 
     Prompt functions with a ``reseed(seed)`` method (all of :mod:`dag_trl.prompts`) are reseeded at every epoch
     from ``config.seed``, the process index and the epoch, so that processes draw different prompts and a resumed
@@ -287,7 +290,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.sd_pipeline = sd_pipeline
         self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
         self.evaluation_hook = evaluation_hook
-        self.image_features = image_features if image_features is not None else pixel_features
+        if image_features is not None and config.eval_features != "pixels":
+            raise ValueError(
+                f"GFlowNetConfig.eval_features={config.eval_features!r} and the image_features argument both choose "
+                "the evaluation's features: give one of them."
+            )
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
         if self.resume_path is not None and not callable(getattr(prompt_function, "reseed", None)):
             warnings.warn(
@@ -309,6 +316,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             **config.accelerator_kwargs,
         )
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.image_features = (
+            image_features
+            if image_features is not None
+            else feature_extractor(config.eval_features, reward_function, device=self.accelerator.device)
+        )
         if config.train_objective is None and self.accelerator.is_main_process:
             logger.warning(default_objective_message(config))
         if self.uses_deepspeed:
