@@ -169,3 +169,42 @@ def test_the_package_has_no_import_cycle():
         if module.startswith("dag_trl.demo"):
             graph[module] = {target for target in graph[module] if not target.startswith("dag_trl.demo")}
     assert find_cycle(graph) == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Layers below the objectives name none
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def code_strings(path: Path) -> set[str]:
+    """The string constants of a module's code (f-string parts included), its docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+
+
+def test_code_strings_leave_docstrings_out():
+    module = REPOSITORY / "tests" / "test_package.py"
+    strings = code_strings(module)
+    assert "dag_trl.config" in strings  # a constant in the code above
+    assert code_strings.__doc__ not in strings
+
+
+def test_the_config_trainer_models_and_samplers_name_no_objective():
+    # What they need from an objective is a declared attribute of its class, read through the registry.
+    from dag_trl.objectives import OBJECTIVES
+
+    paths = [PACKAGE / "config.py"]
+    for folder in ("trainer", "models", "samplers"):
+        paths += sorted((PACKAGE / folder).rglob("*.py"))
+    named = {str(path.relative_to(PACKAGE)): sorted(set(OBJECTIVES) & code_strings(path)) for path in paths}
+    assert {path: names for path, names in named.items() if names} == {}
