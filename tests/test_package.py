@@ -157,18 +157,31 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
 def test_the_import_graph_sees_imports_inside_functions_and_package_inits():
     graph = import_graph()
     assert "dag_trl.objectives" in graph["dag_trl.config"]  # inside GFlowNetConfig._validate_objective
-    assert "dag_trl.trainer" in graph["dag_trl.demo.cli"]  # importing dag_trl.trainer.x runs dag_trl.trainer
+    assert "dag_trl.trainer" in graph["dag_trl.cli"]  # importing dag_trl.trainer.x runs dag_trl.trainer
     assert "dag_trl.config" not in graph["dag_trl.objectives.base"]  # under TYPE_CHECKING only
 
 
 def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) == []
+
+
+def test_no_module_outside_the_demo_imports_it_and_only_the_preset_table_names_it():
+    # The command line finds the demo's preset through dag_trl.presets.PRESET_MODULES, imported by name at run time.
     graph = import_graph()
-    # The one exception: the demo importing itself (demo/cli.py imports demo/shapes, whose cli.py imports back into
-    # demo/cli.py inside a function), which goes when the product CLI leaves the demo (issue 19, item 4).
-    for module in graph:
-        if module.startswith("dag_trl.demo"):
-            graph[module] = {target for target in graph[module] if not target.startswith("dag_trl.demo")}
-    assert find_cycle(graph) == []
+    importers = {
+        module: sorted(t for t in targets if t.startswith("dag_trl.demo")) for module, targets in graph.items()
+    }
+    assert {m: t for m, t in importers.items() if t and not m.startswith("dag_trl.demo")} == {}
+    naming = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "demo" not in path.relative_to(PACKAGE).parts
+        and any(text.startswith("dag_trl.demo") for text in code_strings(path))
+    }
+    assert naming == {"presets.py"}
+    from dag_trl.presets import PRESET_MODULES
+
+    assert PRESET_MODULES == ("dag_trl.demo.shapes.preset",)
 
 
 # ------------------------------------------------------------------------------------------------------------------
