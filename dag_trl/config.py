@@ -594,7 +594,9 @@ class GFlowNetConfig:
         """The objective this config trains with: ``train_objective``, or by ``train_klpf`` when that is ``None``."""
         if self.train_objective is not None:
             return self.train_objective
-        return "dag_kl" if self.train_klpf > 0 else "dag_db"
+        from .objectives import default_objective_name
+
+        return default_objective_name(self.train_klpf)
 
     @property
     def flow_learning_rate(self) -> float:
@@ -684,12 +686,13 @@ class GFlowNetConfig:
                 stacklevel=4,
             )
         # reward_exponent gives epoch e (from 0) beta * min(1, e / (num_epochs / 2)): 0 only at epoch 0, so every
-        # epoch trains at beta = 0 exactly when epoch 0 is the only one. DDPO does not read beta.
+        # epoch trains at beta = 0 exactly when epoch 0 is the only one. Objectives whose target beta does not define
+        # (a reward maximiser) do not read it.
         if (
             self.train_reward_exp_anneal == "linear"
             and self.num_epochs == 1
             and self.train_reward_exp > 0
-            and self.objective_name != "ddpo"
+            and self._objective_reads_reward_exponent()
         ):
             warnings.warn(
                 "GFlowNetConfig.train_reward_exp_anneal='linear' with num_epochs=1 trains the only epoch at beta = 0, "
@@ -699,6 +702,13 @@ class GFlowNetConfig:
                 UserWarning,
                 stacklevel=4,
             )
+
+    def _objective_reads_reward_exponent(self) -> bool:
+        """Whether the objective trains towards a target that ``train_reward_exp`` defines (its
+        ``target_settings`` name it)."""
+        from .objectives import get_objective_class
+
+        return "train_reward_exp" in get_objective_class(self.objective_name).target_settings
 
     def _validate_objective(self) -> None:
         from .objectives import OBJECTIVES, get_objective_class

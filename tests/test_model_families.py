@@ -312,7 +312,7 @@ def test_an_already_loaded_diffusers_pipeline_is_used_as_it_is(family_paths):
 
 
 def test_cli_picks_the_family_from_the_model_folder_with_its_pipeline_kwargs(tmp_path, family_paths):
-    from dag_trl.demo.cli import build_trainer, parse_arguments, pipeline_keyword_arguments
+    from dag_trl.cli import build_trainer, parse_arguments, pipeline_keyword_arguments
 
     recipe = tmp_path / "recipe.yaml"  # the *_kwargs dicts come from YAML
     recipe.write_text(
@@ -400,7 +400,7 @@ def test_the_cli_trains_a_flux_model_end_to_end_and_its_lora_loads_in_diffusers(
     import yaml
     from diffusers import FluxPipeline
 
-    from dag_trl.demo.cli import parse_arguments, run
+    from dag_trl.cli import parse_arguments, run
 
     recipe = {
         "pretrained_model": family_paths["flux"],

@@ -157,15 +157,67 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
 def test_the_import_graph_sees_imports_inside_functions_and_package_inits():
     graph = import_graph()
     assert "dag_trl.objectives" in graph["dag_trl.config"]  # inside GFlowNetConfig._validate_objective
-    assert "dag_trl.trainer" in graph["dag_trl.demo.cli"]  # importing dag_trl.trainer.x runs dag_trl.trainer
+    assert "dag_trl.trainer" in graph["dag_trl.cli"]  # importing dag_trl.trainer.x runs dag_trl.trainer
     assert "dag_trl.config" not in graph["dag_trl.objectives.base"]  # under TYPE_CHECKING only
 
 
 def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) == []
+
+
+def test_no_module_outside_the_demo_imports_it_and_only_the_preset_table_names_it():
+    # The command line finds the demo's preset through dag_trl.presets.PRESET_MODULES, imported by name at run time.
     graph = import_graph()
-    # The one exception: the demo importing itself (demo/cli.py imports demo/shapes, whose cli.py imports back into
-    # demo/cli.py inside a function), which goes when the product CLI leaves the demo (issue 19, item 4).
-    for module in graph:
-        if module.startswith("dag_trl.demo"):
-            graph[module] = {target for target in graph[module] if not target.startswith("dag_trl.demo")}
-    assert find_cycle(graph) == []
+    importers = {
+        module: sorted(t for t in targets if t.startswith("dag_trl.demo")) for module, targets in graph.items()
+    }
+    assert {m: t for m, t in importers.items() if t and not m.startswith("dag_trl.demo")} == {}
+    naming = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "demo" not in path.relative_to(PACKAGE).parts
+        and any(text.startswith("dag_trl.demo") for text in code_strings(path))
+    }
+    assert naming == {"presets.py"}
+    from dag_trl.presets import PRESET_MODULES
+
+    assert PRESET_MODULES == ("dag_trl.demo.shapes.preset",)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Layers below the objectives name none
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def code_strings(path: Path) -> set[str]:
+    """The string constants of a module's code (f-string parts included), its docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+
+
+def test_code_strings_leave_docstrings_out():
+    module = REPOSITORY / "tests" / "test_package.py"
+    strings = code_strings(module)
+    assert "dag_trl.config" in strings  # a constant in the code above
+    assert code_strings.__doc__ not in strings
+
+
+def test_the_config_trainer_models_and_samplers_name_no_objective():
+    # What they need from an objective is a declared attribute of its class, read through the registry.
+    from dag_trl.objectives import OBJECTIVES
+
+    paths = [PACKAGE / "config.py"]
+    for folder in ("trainer", "models", "samplers"):
+        paths += sorted((PACKAGE / folder).rglob("*.py"))
+    named = {str(path.relative_to(PACKAGE)): sorted(set(OBJECTIVES) & code_strings(path)) for path in paths}
+    assert {path: names for path, names in named.items() if names} == {}

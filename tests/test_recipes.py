@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dag_trl.demo.cli import parse_arguments
+from dag_trl.cli import parse_arguments
 from dag_trl.prompts import PROMPTS, available_prompt_fns
 from dag_trl.rewards import available_rewards, get_reward_fn
 

@@ -94,3 +94,25 @@ def test_initial_latents_fix_the_starts_and_need_one_row_per_prompt(tmp_path, ti
     assert (trainer.sample_images(prompts, seed=3, initial_latents=starts) - drawn).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"initial_latents has 1 rows for 2 prompts: expected one per prompt"):
         trainer.sample_images(prompts, seed=3, initial_latents=starts[:1])
+
+
+def test_evaluate_prompts_measures_the_given_prompts_and_records_nothing(tmp_path, tiny_sd_path):
+    def hook(images, prompts, metadata, rewards):
+        return {"brightest": rewards.max().item()}
+
+    trainer = make_trainer(tmp_path, tiny_sd_path, evaluation_hook=hook)
+    prompts = PROMPTS[:2] * 2
+    measured = trainer.evaluate_prompts(prompts, [{}] * 4, seed=5)
+    images = trainer.sample_images(prompts, seed=5)
+    torch.testing.assert_close(measured["images"], images, rtol=0, atol=0)
+    rewards = brightness(images, prompts, [{}] * 4)[0]
+    torch.testing.assert_close(measured["rewards"], rewards.float(), rtol=0, atol=0)
+    statistics = reward_statistics(rewards)
+    assert measured["reward_mean"] == pytest.approx(statistics["mean"])
+    assert measured["reward_q95"] == pytest.approx(statistics["q95"])
+    assert measured["diversity"] == pytest.approx(diversity(pixel_features(images), prompts))
+    assert measured["brightest"] == pytest.approx(rewards.max().item())
+    assert "prior_kernel_distance" not in measured  # only with reference features
+    trainer.unet.train()  # sampled in eval mode, then back to the mode it was in
+    assert "brightest" not in trainer.evaluate_prompts(prompts, [{}] * 4, seed=5, use_evaluation_hook=False)
+    assert trainer.evaluation_history == [] and trainer.unet.training

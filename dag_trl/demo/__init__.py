@@ -1,1 +1,2 @@
-"""The offline demo: the built-in shapes text-to-image model, its reward and prompt sets, and the ``dag-trl`` CLI."""
+"""The offline demo: the built-in shapes text-to-image model, its reward and prompt sets and its ``dag-trl train``
+preset (``builtin:shapes``)."""

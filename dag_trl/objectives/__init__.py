@@ -42,6 +42,13 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return register_unique(OBJECTIVES, "objective", name, cls)
 
 
+def default_objective_name(train_klpf: float) -> str:
+    """The objective of a config whose ``train_objective`` is ``None``: DAG-KL when ``train_klpf > 0``, else DAG-DB
+    (the DAG paper's code chose between the two by the KL weight alone, and configs written that way keep their
+    meaning). The config reads it here, so that it names no objective itself."""
+    return DAGKL.name if train_klpf > 0 else DAGDetailedBalance.name
+
+
 def get_objective_class(name: str) -> type[Objective]:
     """The objective class registered as ``name``; ``ValueError`` naming the accepted values otherwise."""
     if name not in OBJECTIVES:
@@ -61,6 +68,7 @@ __all__ = [
     "RelativeDetailedBalance",
     "RelativeTrajectoryBalance",
     "TransitionBatch",
+    "default_objective_name",
     "get_objective_class",
     "register_objective",
 ]

@@ -56,26 +56,10 @@ class EvaluationMixin:
         ``evaluation_history`` and returns the entry (on every process)."""
         start = time.perf_counter()
         prompts, metadata = self.evaluation_prompts()
-        was_training = self.unet.training
-        self.unet.eval()
-        images = self.sample_images(prompts, self.config.eval_seed)
-        rewards, _ = self.reward_fn(images, tuple(prompts), tuple(metadata))
-        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
-        features = self.image_features(images)
-        result: dict[str, Any] = {"epoch": epoch}
-        result.update({f"reward_{name}": value for name, value in reward_statistics(rewards).items()})
-        result["diversity"] = diversity(features, prompts, distance=diversity_distance(self.image_features))
-        if self.sd_pipeline.use_lora:
-            if getattr(self, "_prior_evaluation_features", None) is None:
-                self._prior_evaluation_features = self.image_features(
-                    self.sample_images(prompts, self.config.eval_seed, prior=True)
-                )
-            result["prior_kernel_distance"] = kernel_distance(self._prior_evaluation_features, features)
-        if self.evaluation_hook is not None:
-            result.update(self.evaluation_hook(images, prompts, metadata, rewards))
-        if was_training:
-            self.unet.train()
-        result["seconds"] = time.perf_counter() - start
+        reference = self._prior_evaluation_features if self.sd_pipeline.use_lora else None
+        measured = self.evaluate_prompts(prompts, metadata, reference_features=reference)
+        images, rewards = measured.pop("images"), measured.pop("rewards")
+        result: dict[str, Any] = {"epoch": epoch, **measured, "seconds": time.perf_counter() - start}
         self.evaluation_history.append(result)
         self.accelerator.log(flat_scalars(result, "eval"), step=self.global_step)
         if self.accelerator.is_main_process:
@@ -83,6 +67,48 @@ class EvaluationMixin:
             for tracker in self.accelerator.trackers:
                 log_image_grid(tracker, "eval/samples", images, prompts, rewards, self.global_step)
         return result
+
+    @torch.no_grad()
+    def evaluate_prompts(
+        self,
+        prompts: list[str],
+        metadata: list[dict],
+        seed: Optional[int] = None,
+        reference_features: Optional[Callable[[], torch.Tensor]] = None,
+        use_evaluation_hook: bool = True,
+    ) -> dict[str, Any]:
+        """Sample ``prompts`` with the training sampler from the noise of ``seed`` (default ``eval_seed``) and measure
+        them, logging and recording nothing: :meth:`evaluate`'s measurement, and that of ``dag-trl train``'s report
+        before and after training.
+
+        Returns ``"images"`` ``(B, 3, H, W)`` and ``"rewards"`` ``(B,)`` (CPU tensors), ``"reward_<statistic>"``
+        (:func:`~dag_trl.evaluation.reward_statistics`), ``"diversity"``, ``"prior_kernel_distance"`` from the
+        features that ``reference_features()`` returns (when given) and the ``evaluation_hook``'s entries (unless
+        ``use_evaluation_hook`` is false, for a caller that runs the hook itself)."""
+        was_training = self.unet.training
+        self.unet.eval()
+        images = self.sample_images(prompts, self.config.eval_seed if seed is None else seed)
+        rewards, _ = self.reward_fn(images, tuple(prompts), tuple(metadata))
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+        features = self.image_features(images)
+        result: dict[str, Any] = {"images": images, "rewards": rewards}
+        result.update({f"reward_{name}": value for name, value in reward_statistics(rewards).items()})
+        result["diversity"] = diversity(features, prompts, distance=diversity_distance(self.image_features))
+        if reference_features is not None:
+            result["prior_kernel_distance"] = kernel_distance(reference_features(), features)
+        if use_evaluation_hook and self.evaluation_hook is not None:
+            result.update(self.evaluation_hook(images, prompts, metadata, rewards))
+        if was_training:
+            self.unet.train()
+        return result
+
+    def _prior_evaluation_features(self) -> torch.Tensor:
+        """The features of the pretrained model's samples (the adapter switched off) for the evaluation prompts and
+        noise, sampled once."""
+        if getattr(self, "_prior_features", None) is None:
+            prompts, _ = self.evaluation_prompts()
+            self._prior_features = self.image_features(self.sample_images(prompts, self.config.eval_seed, prior=True))
+        return self._prior_features
 
 
 def flat_scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:

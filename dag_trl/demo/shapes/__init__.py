@@ -14,15 +14,17 @@ latent diffusion model on synthetic data and saves it as a diffusers ``StableDif
   :func:`build_shapes_model`, :func:`verify_shapes_model`, :func:`get_shapes_model` (the copy shipped in the
   package, or a verified cached build).
 
-Importing this package registers the reward ``shapes_colour_preference`` (:data:`dag_trl.rewards.REWARDS`) and the
-prompt set ``shapes`` (:data:`dag_trl.prompts.PROMPTS`), so that ``get_reward_fn`` and ``get_prompt_fn`` know them.
+* :mod:`~dag_trl.demo.shapes.preset`: the ``dag-trl train`` preset ``builtin:shapes`` (the model, its packaged
+  recipe and its report figures).
+
+Importing this package registers the preset (:data:`dag_trl.presets.PRESETS`), the reward ``shapes_colour_preference``
+(:data:`dag_trl.rewards.REWARDS`) and the prompt set ``shapes`` (:data:`dag_trl.prompts.PROMPTS`), so that
+``get_reward_fn`` and ``get_prompt_fn`` know them.
 
 Command line: ``python -m dag_trl.demo.shapes build --output DIR [--seed 0]`` or ``python -m dag_trl.demo.shapes get``
 (see :mod:`~dag_trl.demo.shapes.cli`).
 """
 
-from ...prompts import PROMPTS
-from ...rewards import REWARDS
 from .analysis import (
     ShapeAnalysis,
     analyse_images,
@@ -58,6 +60,7 @@ from .model import (
     sample_images,
     verify_shapes_model,
 )
+from .preset import SHAPES_MODEL  # importing it registers the preset, the reward and the prompt set
 from .prompts import PROMPT_SETS, ShapePrompts
 from .reward import (
     DEFAULT_COLOUR_PREFERENCE,
@@ -67,9 +70,6 @@ from .reward import (
     make_colour_preference_reward,
 )
 from .training import LATENT_SIZE, MAX_PROMPT_TOKENS, SHAPES_ARCHITECTURE, ShapesBuildConfig
-
-REWARDS.register(ShapesColourPreference.name, ShapesColourPreference)
-PROMPTS.register(ShapePrompts.name, ShapePrompts)
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -86,6 +86,7 @@ __all__ = [
     "REWARD_TEMPERATURE",
     "SHAPES",
     "SHAPES_ARCHITECTURE",
+    "SHAPES_MODEL",
     "ShapeAnalysis",
     "ShapePrompts",
     "ShapeSpec",

@@ -30,7 +30,7 @@ def _format_adherence(adherence: Mapping[str, Any]) -> str:
 def _recipe_trainer(folder: str) -> Any:
     """A trainer on the shipped model with the packaged recipe (its sampler: steps, eta, guidance, prompts), logging
     nowhere, writing only into ``folder``."""
-    from ..cli import build_trainer, parse_arguments
+    from ...cli import build_trainer, parse_arguments
 
     script_args, config = parse_arguments(["--output_dir", folder])
     config.log_with, config.logdir = None, folder
@@ -128,8 +128,8 @@ def describe_targets(betas: Sequence[float]) -> list[str]:
     """Lines describing, from the shipped tables of the packaged recipe's sampler, the base sampler's memory figure
     and, at each ``beta``, the marginal and conditional tilts' rewards and rewarded colours (the ``"shape"`` prompts
     equally often)."""
+    from ...cli import parse_arguments
     from ...evaluation import start_tilt_estimate
-    from ..cli import parse_arguments
     from .target import ATTRIBUTES, TARGET_PROMPTS, load_repeated_start_table, load_table, target_figures
 
     _, config = parse_arguments([])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...testing.tiny_models import assemble_sd_pipeline, make_sd_modules, write_tiny_clip_tokenizer
+from ...models.from_scratch import assemble_sd_pipeline, make_sd_modules, write_tiny_clip_tokenizer
 from .analysis import prompt_adherence
 from .data import IMAGE_SIZE, ShapesDataset, all_full_prompts
 from .training import (

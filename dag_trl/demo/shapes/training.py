@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...testing.tiny_models import SD_NOISE_SCHEDULE, SDArchitecture
+from ...models.from_scratch import SD_NOISE_SCHEDULE, SDArchitecture
 from .data import COLOUR_NAMES, IMAGE_SIZE, SHAPES, ShapesDataset
 
 LATENT_CHANNELS = 4

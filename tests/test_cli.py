@@ -1,24 +1,22 @@
-"""The ``dag-trl train`` entry point and examples/scripts/dag.py: recipes, overrides, outputs, bad input; runs never
+"""The ``dag-trl train`` entry point (:mod:`dag_trl.cli`): recipes, presets, overrides, outputs, bad input; runs never
 mix: ``--overwrite`` removes the earlier run's report, checkpoints and logs, a folder that a live run writes is
 refused, and a resume with no epoch left says so before loading the model."""
 
 import json
-import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import another_run_holding, files_under, run_lock_is_free
 from PIL import Image
 
-from dag_trl.demo import cli
-from dag_trl.demo.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
+from dag_trl import cli
+from dag_trl.cli import BUILTIN_MODEL, ScriptArguments, check_output_dir, format_summary, parse_arguments, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,16 +82,23 @@ def test_a_config_file_for_the_builtin_model_goes_on_top_of_the_packaged_recipe(
     assert config.num_epochs == 5 and config.sample_num_steps == 50 and config.mixed_precision == "bf16"
 
 
+def test_the_former_module_re_exports_the_command():
+    from dag_trl.demo import cli as former
+
+    for name in ("ScriptArguments", "parse_arguments", "run", "main", "build_trainer", "BUILTIN_MODEL"):
+        assert getattr(former, name) is getattr(cli, name), name
+
+
 @pytest.mark.integration
-def test_example_script_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, tiny_sd_path):
+def test_the_command_runs_end_to_end_from_yaml_with_a_cli_override(tmp_path, tiny_sd_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "pretrained_model": str(tiny_sd_path)}))
     output_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     completed = subprocess.run(
-        [sys.executable, str(REPO / "examples/scripts/dag.py"), "--config", str(recipe), "--num_epochs", "2",
+        [sys.executable, "-m", "dag_trl.cli", "train", "--config", str(recipe), "--num_epochs", "2",
          "--output_dir", str(output_dir)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((output_dir / "summary.json").read_text())
@@ -216,7 +221,7 @@ def test_the_packaged_recipe_falls_back_to_no_tracker_with_one_warning_when_tens
 ):
     assert parse_arguments([])[1].log_with == "tensorboard"
     without_tensorboard(monkeypatch)
-    with caplog.at_level("WARNING", logger="dag_trl.demo.cli"):
+    with caplog.at_level("WARNING", logger="dag_trl.cli"):
         _, config = parse_arguments(["--num_epochs", "3"])
     assert config.log_with is None and config.num_epochs == 3
     [warning] = [record.getMessage() for record in caplog.records]
@@ -413,8 +418,6 @@ def test_a_failed_push_keeps_the_report_and_model_and_says_how_to_push(tmp_path,
 
 @pytest.mark.integration
 def test_a_part_of_the_report_that_fails_is_named_and_the_rest_is_written(tmp_path, tiny_sd_path, monkeypatch):
-    import dag_trl.demo.cli as cli
-
     def broken_distance(*args):
         raise ValueError("kernel_distance needs at least 2 samples per set, got 1 and 1.")
 
@@ -436,53 +439,10 @@ def test_a_part_of_the_report_that_fails_is_named_and_the_rest_is_written(tmp_pa
         assert (output_dir / name).is_file(), name
 
 
-def test_summary_carries_both_tilted_targets_and_the_memory_figure(monkeypatch):
-    from test_demo_shapes_target import hand_repeated_table, hand_table
-
-    from dag_trl.demo import cli
-    from dag_trl.demo.shapes import ShapeSpec, render
-    from dag_trl.demo.shapes import target as shapes_target
-
-    for module in (cli, shapes_target):
-        monkeypatch.setattr(module, "load_table", lambda *settings: hand_table())
-        monkeypatch.setattr(module, "load_repeated_start_table", lambda *settings: hand_repeated_table())
-    _, config = parse_arguments(["--train_objective", "rtb", "--train_reward_exp", str(math.log(3))])
-    prompts = ["a circle"] * 3 + ["a square"]
-    specs = [ShapeSpec("circle", "red", "white", 16.0, 16.0, 8.0)] * 3 + [
-        ShapeSpec("square", "yellow", "white", 16.0, 16.0, 8.0)
-    ]
-    images = torch.from_numpy(np.stack([render(spec) for spec in specs])).permute(0, 3, 1, 2).float() / 255
-    before, after = {"images": images, "rewards": torch.ones(4)}, {"images": images, "rewards": torch.ones(4)}
-    target = cli.tilted_target_summary(config, prompts, before, after)
-    # The hand tables' figures (tests/test_demo_shapes_target.py): marginal 0.6875, conditional 0.5, memory 2/3;
-    # the samples are 1/2 from the conditional tilt's colours.
-    assert target["marginal"]["reward"] == pytest.approx(0.6875) and target["conditional"]["reward"] == pytest.approx(
-        0.5
-    )
-    assert target["memory"]["base"] == pytest.approx(2 / 3) and "what this objective converges to" in target["note"]
-    assert after["conditional_target_tv"]["shape_colour"] == pytest.approx(0.5) and "target_tv" in after
-    summary = {
-        "algorithm": "RTB", "pretrained_model": "builtin:shapes", "epochs": 2, "reward": "r", "prompts": "p",
-        "target": target, "before": {**before, "reward_mean": 0.25, "reward_std": 0.1, "diversity": None},
-        "after": {**after, "reward_mean": 0.75, "reward_std": 0.2, "diversity": None, "prior_kernel_distance": 0.0},
-    }  # fmt: skip
-    text = format_summary(summary)
-    assert "reward of the tilted targets (beta 1.09861): marginal tilt 0.688 (+-" in text
-    assert ", conditional tilt 0.500 (+-" in text
-    assert (
-        "memory (share of the reward's variance within a prompt that the start x_T explains), base sampler: 0.667"
-        in text
-    )
-    assert "TV from the conditional tilt after: shape_colour 0.500 (noise " in text
-    summary["before"]["memory"] = {"memory": 0.16, "memory_se": 0.02, "starts": 48, "continuations": 8}
-    summary["after"]["memory"] = {"memory": 0.25, "memory_se": 0.03, "starts": 48, "continuations": 8}
-    assert "the start x_T explains): 0.160 -> 0.250 (48 starts x 8)" in format_summary(summary)
-
-
 def test_memory_figure_of_a_sampler_whose_reward_only_its_start_decides():
     from types import SimpleNamespace
 
-    from dag_trl.demo.cli import memory_figure
+    from dag_trl.cli import memory_figure
 
     def images_of_starts(prompts, seed, prior=False, initial_latents=None):
         return initial_latents.expand(-1, 3, 2, 2)  # the image is the start: the later noise changes nothing
