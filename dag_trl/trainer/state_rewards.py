@@ -4,19 +4,20 @@ shared by the two transitions that need it (as the state left and as the state r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from ..objectives import Trajectories
     from .trainer import GFlowNetDiffusionTrainer
 
 State = tuple[int, int]  # (trajectory row in the window, state index); index num_steps is the final sample
 
 
-def state_indices(window: dict[str, Any], states: list[State]) -> tuple[torch.Tensor, torch.Tensor]:
+def state_indices(window: Trajectories, states: list[State]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(trajectory rows, state indices)`` tensors of ``(trajectory, state)`` pairs, on the window's device."""
-    device = window["latents"].device
+    device = window.latents.device
     rows = torch.tensor([i for i, _ in states], device=device)
     steps = torch.tensor([k for _, k in states], device=device)
     return rows, steps
@@ -31,7 +32,7 @@ class StateRewardCache:
     - for states the window reaches but never leaves, from one no-grad conditional forward each.
     """
 
-    def __init__(self, trainer: GFlowNetDiffusionTrainer, window: dict[str, Any], epoch: int):
+    def __init__(self, trainer: GFlowNetDiffusionTrainer, window: Trajectories, epoch: int):
         self.trainer = trainer
         self.window = window
         self.epoch = epoch
@@ -46,11 +47,11 @@ class StateRewardCache:
     def prefill(self, kept: torch.Tensor, weights_unchanged: bool) -> None:
         """Fill in what the window's first pass cannot: every needed state if the recorded outputs are current,
         else the states reached but never left. ``kept`` holds each trajectory's trained transitions."""
-        num_steps = self.window["log_probs"].shape[1]
+        num_steps = self.window.num_steps
         kept_set = {(i, k) for i in range(kept.shape[0]) for k in kept[i].tolist()}
         needed = sorted(kept_set | {(i, k + 1) for i, k in kept_set if k + 1 < num_steps})
         if weights_unchanged:
-            recorded = {state: self.window["conditional_noise_preds"][state] for state in needed}
+            recorded = {state: self.window.conditional_model_outputs[state] for state in needed}
             self._add_from_predictions(needed, recorded)
         else:
             self._add_fresh([state for state in needed if state not in kept_set])
@@ -88,9 +89,9 @@ class StateRewardCache:
             rows, steps = state_indices(self.window, part)
             with torch.no_grad(), trainer.autocast():
                 _, conditional = trainer.sd_pipeline.predict_noise(
-                    self.window["latents"][rows, steps],
-                    self.window["timesteps"][rows, steps],
-                    self.window["prompt_embeds"][rows],
+                    self.window.latents[rows, steps],
+                    self.window.timesteps[rows, steps],
+                    self.window.prompt_embeds[rows],
                     None,
                     1.0,
                     unet=trainer.unet,
@@ -104,8 +105,8 @@ class StateRewardCache:
         for start in range(0, len(states), chunk):
             part = states[start : start + chunk]
             rows, steps = state_indices(self.window, part)
-            latents = self.window["latents"][rows, steps]
-            timesteps = self.window["timesteps"][rows, steps]
+            latents = self.window.latents[rows, steps]
+            timesteps = self.window.timesteps[rows, steps]
             outputs = torch.stack([predictions[state] for state in part])
             self.rewards.update(zip(part, self._score(rows.tolist(), latents, timesteps, outputs), strict=True))
 
@@ -121,8 +122,8 @@ class StateRewardCache:
             trainer.counters.vae_decodes += len(rows)
             rewards, _ = trainer.compute_rewards(
                 images,
-                [self.window["prompts"][i] for i in rows],
-                [self.window["metadata"][i] for i in rows],
+                [self.window.prompts[i] for i in rows],
+                [self.window.metadata[i] for i in rows],
                 self.epoch,
             )
         return rewards

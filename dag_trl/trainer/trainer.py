@@ -48,7 +48,7 @@ from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
 from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
-from ..objectives import TransitionBatch, get_objective_class
+from ..objectives import Trajectories, TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
@@ -87,17 +87,6 @@ class WorkCounters:
 
     def as_metrics(self) -> dict[str, int]:
         return {f"counters/{name}": value for name, value in self.__dict__.items()}
-
-
-def take_rows(value: Any, indices: torch.Tensor) -> Any:
-    """The rows ``indices`` of a sample field: a tensor, prompt embeddings or a list; other values as they are."""
-    if torch.is_tensor(value):
-        return value[indices.to(value.device)]
-    if isinstance(value, PromptEmbeddings):
-        return value[indices]
-    if isinstance(value, list):
-        return [value[i] for i in indices.tolist()]
-    return value
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -394,7 +383,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
         self.global_step = 0
-        self.weights_version = 0
+        # Incremented by every optimiser step; generate_samples records the one its trajectories were sampled with.
+        self.weights_version = self.sampled_weights_version = 0
         self.reward_history: list[dict[str, float]] = []
         self.epoch_window_metrics: list[dict[str, float]] = []  # the metrics of each optimiser step of the epoch
         self.evaluation_history: list[dict[str, Any]] = []
@@ -522,10 +512,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
             reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
-        samples, prompt_image_data = self._generate_samples(epoch)
+        samples, prompt_image_data = self.generate_samples(epoch)
         self.objective.prepare_samples(samples, self.accelerator)
 
-        rewards = self.accelerator.gather(samples["rewards"]).cpu()
+        rewards = self.accelerator.gather(samples.rewards).cpu()
         if self.accelerator.is_main_process and not self._reward_scale_warned:
             self._reward_scale_warned = bool(
                 check_reward_scale(rewards.reshape(-1, config.sample_batch_size), beta, epoch)
@@ -581,7 +571,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
     # ------------------------------------------------------------------ training
 
     def _train_on_samples(
-        self, samples: dict[str, Any], beta: float, epoch: int, global_step: int, generator: torch.Generator
+        self, samples: Trajectories, beta: float, epoch: int, global_step: int, generator: torch.Generator
     ) -> int:
         """One pass over the epoch's samples, one optimiser step per window."""
         windows = self.windows(samples, generator)
@@ -596,27 +586,21 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             global_step += 1
         return global_step
 
-    def windows(
-        self, samples: dict[str, Any], generator: torch.Generator
-    ) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    def windows(self, samples: Trajectories, generator: torch.Generator) -> list[tuple[Trajectories, torch.Tensor]]:
         """Shuffle the trajectories, draw each one's kept transitions (the first ``train_timestep_fraction`` of a
         random permutation), and cut into windows of ``train_batch_size * train_gradient_accumulation_steps``."""
         config = self.config
-        total, num_steps = samples["log_probs"].shape
+        total, num_steps = len(samples), samples.num_steps
         order = torch.randperm(total, generator=generator)
         num_kept = config.num_train_timesteps
         kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
         size = config.trajectories_per_step
         return [
-            (
-                {key: take_rows(value, order[start : start + size]) for key, value in samples.items()},
-                kept[start : start + size],
-            )
-            for start in range(0, total, size)
+            (samples.take(order[start : start + size]), kept[start : start + size]) for start in range(0, total, size)
         ]
 
     def train_window(
-        self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
+        self, window: Trajectories, kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
     ) -> dict[str, float]:
         """One optimiser step on a window of whole trajectories (``train_gradient_accumulation_steps`` batches).
 
@@ -633,7 +617,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         state_rewards = None
         if self.objective.uses_state_rewards:
             state_rewards = StateRewardCache(self, window, epoch)
-            state_rewards.prefill(kept, weights_unchanged=window["weights_version"] == self.weights_version)
+            state_rewards.prefill(kept, weights_unchanged=self.sampled_weights_version == self.weights_version)
 
         sums: dict[str, float] = defaultdict(float)
         num_kept = kept.shape[1]
@@ -687,13 +671,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         return parameters
 
     def _diverged(
-        self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: dict[str, Any], beta: float
+        self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: Trajectories, beta: float
     ) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.objective_optimizer is not None:
             self.objective_optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(
-            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, self.last_checkpoint())
+            divergence_message(what, epoch, window_index, parts, window.rewards, beta, self.last_checkpoint())
         )
 
     def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
@@ -796,27 +780,27 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         return guided, conditional, step
 
     @torch.no_grad()
-    def policy_log_probs(self, window: dict[str, Any]) -> torch.Tensor:
+    def policy_log_probs(self, window: Trajectories) -> torch.Tensor:
         """``log P_F`` of every transition of the window's trajectories under the current weights, ``(B, N)``:
         the ones recorded while sampling if the weights have not changed since, else recomputed (no gradient)."""
-        if window["weights_version"] == self.weights_version:
-            return window["log_probs"]
-        total, num_steps = window["log_probs"].shape
-        result = torch.empty_like(window["log_probs"])
+        if self.sampled_weights_version == self.weights_version:
+            return window.log_probs
+        total, num_steps = window.log_probs.shape
+        result = torch.empty_like(window.log_probs)
         for start in range(0, total, self.config.train_batch_size):
             rows = torch.arange(start, min(start + self.config.train_batch_size, total), device=result.device)
             for step in range(num_steps):
                 result[rows, step] = self._policy(
-                    window["latents"][rows, step],
-                    window["timesteps"][rows, step],
-                    window["prompt_embeds"][rows],
-                    window["latents"][rows, step + 1],
+                    window.latents[rows, step],
+                    window.timesteps[rows, step],
+                    window.prompt_embeds[rows],
+                    window.latents[rows, step + 1],
                 )[2].log_probs
         return result
 
     def transition_batch(
         self,
-        window: dict[str, Any],
+        window: Trajectories,
         rows: torch.Tensor,
         steps: torch.Tensor,
         state_rewards: Optional[StateRewardCache],
@@ -824,19 +808,19 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
     ) -> TransitionBatch:
         """The transitions ``x_t -> x_s`` of ``(rows, steps)`` with the policy's log-probability under the current
         weights (one model forward with gradient) and, if the objective uses them, the states' rewards."""
-        device = window["latents"].device
-        num_steps = window["log_probs"].shape[1]
+        device = window.latents.device
+        num_steps = window.num_steps
         rows_d, steps_d = rows.to(device), steps.to(device)
-        latents = window["latents"][rows_d, steps_d]
-        next_latents = window["latents"][rows_d, steps_d + 1]
-        timesteps = window["timesteps"][rows_d, steps_d]
+        latents = window.latents[rows_d, steps_d]
+        next_latents = window.latents[rows_d, steps_d + 1]
+        timesteps = window.timesteps[rows_d, steps_d]
         is_terminal = (steps_d + 1) == num_steps
-        next_timesteps = window["timesteps"][rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
-        prompt_embeds = window["prompt_embeds"][rows_d]
+        next_timesteps = window.timesteps[rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
+        prompt_embeds = window.prompt_embeds[rows_d]
 
         guided, conditional, step = self._policy(latents, timesteps, prompt_embeds, next_latents)
         log_probs = step.log_probs
-        final_rewards = window["rewards"][rows_d].float()
+        final_rewards = window.rewards[rows_d].float()
         reward_now = reward_next = None
         if state_rewards is not None:
             states = list(zip(rows.tolist(), steps.tolist(), strict=True))
@@ -857,18 +841,18 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             is_terminal=is_terminal,
             prompt_embeds=prompt_embeds,
             model_output=guided,
-            sampled_model_output=window["noise_preds"][rows_d, steps_d],
+            sampled_model_output=window.model_outputs[rows_d, steps_d],
             log_prob_forward=log_probs,
-            sampled_log_prob=window["log_probs"][rows_d, steps_d],
-            log_prob_backward=window["backward_log_probs"][rows_d, steps_d],
+            sampled_log_prob=window.log_probs[rows_d, steps_d],
+            log_prob_backward=window.backward_log_probs[rows_d, steps_d],
             final_rewards=final_rewards,
             state_rewards=reward_now,
             next_state_rewards=reward_next,
             beta=beta,
-            trajectory={name: window[name][rows_d] for name in self.objective.trajectory_fields},
+            trajectory={name: window.extras[name][rows_d] for name in self.objective.trajectory_fields},
             step_index=steps_d,
             policy_mean=getattr(step, "mean", None),
             step_std=getattr(step, "std", None),
-            prior_log_prob=window["prior_log_probs"][rows_d, steps_d] if "prior_log_probs" in window else None,
-            prior_mean=window["prior_means"][rows_d, steps_d] if "prior_means" in window else None,
+            prior_log_prob=None if window.prior_log_probs is None else window.prior_log_probs[rows_d, steps_d],
+            prior_mean=None if window.prior_means is None else window.prior_means[rows_d, steps_d],
         )
