@@ -53,9 +53,20 @@ from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable, get_prompt_fn
 from ..rewards import RewardCallable, get_reward_fn
 from ..utils import callable_name
-from .checkpointing import CheckpointingMixin, accelerate_project_kwargs, list_checkpoints, resolve_resume_from
+from .checkpointing import (
+    Checkpointer,
+    accelerate_project_kwargs,
+    list_checkpoints,
+    resolve_resume_from,
+)
 from .distributed import TrainableModules, check_deepspeed_precision, configure_deepspeed
-from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
+from .divergence import (
+    MAX_CONSECUTIVE_SKIPPED_STEPS,
+    TrainingDivergedError,
+    divergence_message,
+    first_non_finite,
+    how_to_go_on,
+)
 from .evaluating import EvaluationHook, EvaluationMixin
 from .inputs import check_reward_scale, validate_reward_output
 from .sampling import SamplingMixin
@@ -181,7 +192,7 @@ def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
     return f" and sampler={sampler!r}" if sampler else ""
 
 
-class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixin, SavingMixin):
+class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
     """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
 
     Args:
@@ -303,6 +314,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         if self.uses_deepspeed:
             check_deepspeed_precision(config, self.objective)
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+        self.checkpointer = Checkpointer(config, self.accelerator, sd_pipeline, self.objective, self.uses_deepspeed)
 
         torch.manual_seed(config.seed)
         objective_model = self.objective.create_model(sd_pipeline)
@@ -313,10 +325,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             )
         # Refuse a checkpoint of another run, and a folder another run is writing, before anything is written.
         if self.resume_path is not None:
-            self._check_resumable(self.resume_path, objective_model)
+            self.checkpointer.check_resumable(self.resume_path, objective_model)
         else:
-            self._warn_about_other_checkpoints()
-        self._acquire_run_lock()
+            self.checkpointer.warn_about_other_checkpoints()
+        self.checkpointer.acquire_run_lock()
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
@@ -350,8 +362,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         # conditional call, and an [unconditional; conditional] batch would double the cost for a guided output
         # equal to the conditional one up to rounding (so it would not reproduce the sampled log-probabilities).
         self.trains_with_guidance = config.train_cfg and config.sample_guidance_scale != 1.0
-        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        self.checkpointer.register_hooks(objective_model, self._save_trained_weights)
         if self.uses_deepspeed:
             engine, self.optimizer = self.accelerator.prepare(
                 TrainableModules(sd_pipeline.unet, engine_objective_model), self.optimizer
@@ -394,7 +405,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.uses_loss_scaling = config.mixed_precision == "fp16"
         self.skipped_steps = self.consecutive_skipped_steps = 0
         if self.resume_path is not None:
-            self._load_checkpoint(self.resume_path)
+            optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
+            self._restore_progress(self.checkpointer.load(self.resume_path, optimizers))
 
     def _create_optimizer(
         self, unet_parameters: list, objective_model: Optional[torch.nn.Module]
@@ -433,7 +445,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
     def train(self, epochs: Optional[int] = None) -> None:
         """Train for ``epochs`` (default ``config.num_epochs``) epochs, resuming where a checkpoint left off."""
         last_epoch = self.config.num_epochs if epochs is None else epochs
-        self._acquire_run_lock()  # again: an earlier train() released it
+        self.checkpointer.acquire_run_lock()  # again: an earlier train() released it
         epoch = self.first_epoch
         main = self.accelerator.is_local_main_process
         progress = tqdm(total=last_epoch, initial=self.first_epoch, desc="Training", unit="epoch", disable=not main)
@@ -487,7 +499,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             ) from None
         finally:
             progress.close()
-            self._release_run_lock()
+            self.checkpointer.release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
             self.push_to_hub()
@@ -541,6 +553,43 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         if (epoch + 1) % config.save_freq == 0:
             self.save_checkpoint(epoch)
         return global_step
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """The folder of this run's checkpoints (:func:`~dag_trl.trainer.checkpointing.checkpoint_dir`)."""
+        return self.checkpointer.folder
+
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint of this run's folder, or ``None``."""
+        return self.checkpointer.last_checkpoint()
+
+    def save_checkpoint(self, epoch: int) -> str:
+        """Write the training state after ``epoch`` (:meth:`Checkpointer.save`); weights that fail the health check
+        (:meth:`weights_health_problem`) raise ``TrainingDivergedError`` before anything is written or pruned,
+        naming the last checkpoint (which passed it)."""
+        problem = self.weights_health_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                f"Refusing to write {self.checkpointer.path(epoch)!r}: {problem}; training diverged by the end of "
+                f"epoch {epoch}. Nothing was pruned. {how_to_go_on(self.last_checkpoint())}"
+            )
+        progress = {
+            "global_step": self.global_step,
+            "weights_version": self.weights_version,
+            "reward_history": self.reward_history,
+            "evaluation_history": self.evaluation_history,
+            "objective_state": self.objective.state_dict(),
+        }
+        return self.checkpointer.save(epoch, progress)
+
+    def _restore_progress(self, state: dict[str, Any]) -> None:
+        """Continue after the epoch whose checkpoint's ``trainer_state.json`` is ``state``."""
+        self.first_epoch = state["epoch"] + 1
+        self.global_step = state["global_step"]
+        self.weights_version = state["weights_version"]
+        self.reward_history = state.get("reward_history", [])
+        self.evaluation_history = state.get("evaluation_history", [])
+        self.objective.load_state_dict(state.get("objective_state", {}))
 
     def _epoch_metric(self) -> Optional[tuple[str, float]]:
         """``(name, mean over the epoch's optimiser steps)`` of the objective's main metric, ``None`` if not logged."""
