@@ -98,7 +98,7 @@ def test_training_recomputes_the_sampled_log_probabilities_with_the_calls_sampli
     hook = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda module, inputs: batch_rows.append(len(inputs[0])))
     with torch.no_grad():
         for step in range(trainer.config.sample_num_steps):
-            log_probs = trainer._policy(
+            log_probs = trainer.policy.step(
                 samples.latents[:, step],
                 samples.timesteps[:, step],
                 samples.prompt_embeds,
@@ -118,7 +118,11 @@ def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state
     last = samples.log_probs.shape[1] - 1
     steps = torch.tensor([last, last])
     beta = trainer.config.train_reward_exp
-    state_rewards = StateRewardCache(trainer, samples, epoch=0)
+
+    def unused(*args):
+        raise AssertionError("every state's reward is filled in by hand")
+
+    state_rewards = StateRewardCache(samples, unused, unused, unused, batch_size=2, decode_batch_size=2)
     state_rewards.rewards.update({(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)})
     trainer.unet.train()
     batch = trainer.transition_batch(samples, rows, steps, state_rewards, beta)
@@ -610,7 +614,7 @@ def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained
     # Training: the frozen steps' log-probabilities are the recorded ones and send no gradient to the LoRA.
     rows = torch.arange(4)
     for step in (0, 3):
-        log_probs = trainer._policy(
+        log_probs = trainer.policy.step(
             samples.latents[rows, step], samples.timesteps[rows, step], samples.prompt_embeds[rows],
             samples.latents[rows, step + 1],
         )[2].log_probs  # fmt: skip

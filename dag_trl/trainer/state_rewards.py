@@ -4,13 +4,14 @@ shared by the two transitions that need it (as the state left and as the state r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from ..models.pipeline import PromptEmbeddings
     from ..objectives import Trajectories
-    from .trainer import GFlowNetDiffusionTrainer
 
 State = tuple[int, int]  # (trajectory row in the window, state index); index num_steps is the final sample
 
@@ -30,12 +31,32 @@ class StateRewardCache:
     - from the conditional half of the forward that a transition's loss runs anyway (:meth:`add_from_outputs`),
       since the window visits each trajectory's kept transitions from the last to the first;
     - for states the window reaches but never leaves, from one no-grad conditional forward each.
+
+    Args:
+        window: the window's trajectories.
+        conditional_output: ``(latents, timesteps, prompt_embeds) -> outputs``, the conditional model outputs
+            under the current weights, without gradient.
+        predict_x0: ``(conditional_outputs, timesteps, latents) -> x0_hat``, the family's one-step prediction.
+        score: ``(x0_hat, prompts, metadata) -> rewards``, decoding and scoring predicted samples.
+        batch_size: how many states one ``conditional_output`` call takes.
+        decode_batch_size: how many states one ``score`` call takes.
     """
 
-    def __init__(self, trainer: GFlowNetDiffusionTrainer, window: Trajectories, epoch: int):
-        self.trainer = trainer
+    def __init__(
+        self,
+        window: Trajectories,
+        conditional_output: Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor],
+        predict_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        score: Callable[[torch.Tensor, list[str], list[dict]], torch.Tensor],
+        batch_size: int,
+        decode_batch_size: int,
+    ):
         self.window = window
-        self.epoch = epoch
+        self.conditional_output = conditional_output
+        self.predict_x0 = predict_x0
+        self.score = score
+        self.batch_size = batch_size
+        self.decode_batch_size = decode_batch_size
         self.rewards: dict[State, torch.Tensor] = {}
 
     def __contains__(self, state: State) -> bool:
@@ -82,26 +103,19 @@ class StateRewardCache:
         self.rewards.update(zip([states[i] for i in missing], values, strict=True))
 
     def _add_fresh(self, states: list[State]) -> None:
-        trainer = self.trainer
         predictions = {}
-        for start in range(0, len(states), trainer.config.train_batch_size):
-            part = states[start : start + trainer.config.train_batch_size]
+        for start in range(0, len(states), self.batch_size):
+            part = states[start : start + self.batch_size]
             rows, steps = state_indices(self.window, part)
-            with torch.no_grad(), trainer.autocast():
-                _, conditional = trainer.sd_pipeline.predict_noise(
-                    self.window.latents[rows, steps],
-                    self.window.timesteps[rows, steps],
-                    self.window.prompt_embeds[rows],
-                    None,
-                    1.0,
-                    unet=trainer.unet,
-                )
+            conditional = self.conditional_output(
+                self.window.latents[rows, steps], self.window.timesteps[rows, steps], self.window.prompt_embeds[rows]
+            )
             predictions.update(zip(part, conditional, strict=True))
         self._add_from_predictions(states, predictions)
 
     def _add_from_predictions(self, states: list[State], predictions: dict) -> None:
         """Decode and score ``states`` from given conditional outputs, ``config.decode_batch_size`` at a time."""
-        chunk = self.trainer.config.decode_batch_size
+        chunk = self.decode_batch_size
         for start in range(0, len(states), chunk):
             part = states[start : start + chunk]
             rows, steps = state_indices(self.window, part)
@@ -113,17 +127,9 @@ class StateRewardCache:
     def _score(
         self, rows: list[int], latents: torch.Tensor, timesteps: torch.Tensor, conditional_outputs: torch.Tensor
     ) -> torch.Tensor:
-        """Decode ``x0_hat`` of each state and score it with the reward function (no gradient)."""
-        trainer = self.trainer
+        """Score the one-step prediction ``x0_hat`` of each state (no gradient)."""
         with torch.no_grad():
-            original = trainer.sd_pipeline.predict_original_sample(conditional_outputs, timesteps, latents)
-            with trainer.autocast():
-                images = trainer.sd_pipeline.decode(original)
-            trainer.counters.vae_decodes += len(rows)
-            rewards, _ = trainer.compute_rewards(
-                images,
-                [self.window.prompts[i] for i in rows],
-                [self.window.metadata[i] for i in rows],
-                self.epoch,
+            original = self.predict_x0(conditional_outputs, timesteps, latents)
+            return self.score(
+                original, [self.window.prompts[i] for i in rows], [self.window.metadata[i] for i in rows]
             )
-        return rewards

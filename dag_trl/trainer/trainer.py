@@ -47,7 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
 from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
-from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+from ..models.pipeline import GFlowNetStableDiffusionPipeline
 from ..objectives import Trajectories, TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable, get_prompt_fn
@@ -69,6 +69,7 @@ from .divergence import (
 )
 from .evaluating import EvaluationHook, EvaluationMixin
 from .inputs import check_reward_scale, validate_reward_output
+from .policy import TrainingPolicy
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache
@@ -385,6 +386,16 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             self.objective_model = None
             self.prepared_models = (self.unet,)
         self.unwrapped_objective_model = objective_model
+        self.policy = TrainingPolicy(
+            sd_pipeline,
+            self.unet,
+            self.negative_prompt_embeds if self.trains_with_guidance else None,
+            config.sample_guidance_scale,
+            config.sample_eta,
+            config.train_log_prob_reduction,
+            config.lora_min_timestep,
+            self.autocast,
+        )
         self.counters = WorkCounters()
         # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
         # state-reward cache, evaluation, the reference loop).
@@ -665,7 +676,14 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.objective.prepare_window(window, beta, lambda: self.policy_log_probs(window), self.objective_model)
         state_rewards = None
         if self.objective.uses_state_rewards:
-            state_rewards = StateRewardCache(self, window, epoch)
+            state_rewards = StateRewardCache(
+                window,
+                self.policy.conditional_output,
+                self.sd_pipeline.predict_original_sample,
+                lambda predictions, prompts, metadata: self._score_predictions(predictions, prompts, metadata, epoch),
+                config.train_batch_size,
+                config.decode_batch_size,
+            )
             state_rewards.prefill(kept, weights_unchanged=self.sampled_weights_version == self.weights_version)
 
         sums: dict[str, float] = defaultdict(float)
@@ -786,66 +804,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.objective_optimizer.zero_grad(set_to_none=True)
         return {name: norm}
 
-    def _policy(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: PromptEmbeddings,
-        next_latents: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """``(guided, conditional, step)`` of the training policy (guided if ``train_cfg``) under the current
-        weights, ``step`` the family's step output scoring ``next_latents`` (``step.log_probs``: ``log P_F``); rows
-        at timesteps below ``lora_min_timestep`` are the pretrained model's (no gradient reaches the LoRA from
-        them)."""
-        config = self.config
-        negative = self.negative_prompt_embeds.expand(len(latents)) if self.trains_with_guidance else None
-
-        def predict(rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-            inputs = (latents, timesteps, prompt_embeds, negative)
-            if rows is not None:
-                inputs = tuple(None if value is None else value[rows] for value in inputs)
-            with self.autocast():
-                return self.sd_pipeline.predict_noise(*inputs, config.sample_guidance_scale, unet=self.unet)
-
-        frozen = timesteps < config.lora_min_timestep
-        if not frozen.any():
-            guided, conditional = predict()  # the usual case: no copies of the batch
-        else:
-            guided, conditional = torch.empty_like(latents), torch.empty_like(latents)
-            trained = torch.nonzero(~frozen).squeeze(-1)
-            if len(trained):
-                guided[trained], conditional[trained] = predict(trained)
-            with self.sd_pipeline.adapter_disabled():
-                rows = torch.nonzero(frozen).squeeze(-1)
-                guided[rows], conditional[rows] = predict(rows)
-        step = self.sd_pipeline.scheduler_step(
-            guided,
-            timesteps,
-            latents,
-            eta=config.sample_eta,
-            prev_sample=next_latents,
-            log_prob_reduction=config.train_log_prob_reduction,
-        )
-        return guided, conditional, step
-
-    @torch.no_grad()
     def policy_log_probs(self, window: Trajectories) -> torch.Tensor:
         """``log P_F`` of every transition of the window's trajectories under the current weights, ``(B, N)``:
         the ones recorded while sampling if the weights have not changed since, else recomputed (no gradient)."""
         if self.sampled_weights_version == self.weights_version:
             return window.log_probs
-        total, num_steps = window.log_probs.shape
-        result = torch.empty_like(window.log_probs)
-        for start in range(0, total, self.config.train_batch_size):
-            rows = torch.arange(start, min(start + self.config.train_batch_size, total), device=result.device)
-            for step in range(num_steps):
-                result[rows, step] = self._policy(
-                    window.latents[rows, step],
-                    window.timesteps[rows, step],
-                    window.prompt_embeds[rows],
-                    window.latents[rows, step + 1],
-                )[2].log_probs
-        return result
+        return self.policy.log_probs(window, self.config.train_batch_size)
 
     def transition_batch(
         self,
@@ -855,53 +819,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         state_rewards: Optional[StateRewardCache],
         beta: float,
     ) -> TransitionBatch:
-        """The transitions ``x_t -> x_s`` of ``(rows, steps)`` with the policy's log-probability under the current
-        weights (one model forward with gradient) and, if the objective uses them, the states' rewards."""
-        device = window.latents.device
-        num_steps = window.num_steps
-        rows_d, steps_d = rows.to(device), steps.to(device)
-        latents = window.latents[rows_d, steps_d]
-        next_latents = window.latents[rows_d, steps_d + 1]
-        timesteps = window.timesteps[rows_d, steps_d]
-        is_terminal = (steps_d + 1) == num_steps
-        next_timesteps = window.timesteps[rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
-        prompt_embeds = window.prompt_embeds[rows_d]
+        """The transitions ``x_t -> x_s`` of ``(rows, steps)`` for the objective (:meth:`TrainingPolicy.transition_batch`)."""
+        return self.policy.transition_batch(window, rows, steps, state_rewards, beta, self.objective.trajectory_fields)
 
-        guided, conditional, step = self._policy(latents, timesteps, prompt_embeds, next_latents)
-        log_probs = step.log_probs
-        final_rewards = window.rewards[rows_d].float()
-        reward_now = reward_next = None
-        if state_rewards is not None:
-            states = list(zip(rows.tolist(), steps.tolist(), strict=True))
-            # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
-            state_rewards.add_from_outputs(states, latents, timesteps, conditional)
-            reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)
-            # In random order a kept next state may come later in the window: score it now.
-            state_rewards.add_missing([(row, state + 1) for row, state in states if state + 1 < num_steps])
-            reward_next = final_rewards.clone()
-            for index, (row, state) in enumerate(states):
-                if state + 1 < num_steps:
-                    reward_next[index] = state_rewards[(row, state + 1)]
-        return TransitionBatch(
-            latents=latents,
-            next_latents=next_latents,
-            timesteps=timesteps,
-            next_timesteps=next_timesteps,
-            is_terminal=is_terminal,
-            prompt_embeds=prompt_embeds,
-            model_output=guided,
-            sampled_model_output=window.model_outputs[rows_d, steps_d],
-            log_prob_forward=log_probs,
-            sampled_log_prob=window.log_probs[rows_d, steps_d],
-            log_prob_backward=window.backward_log_probs[rows_d, steps_d],
-            final_rewards=final_rewards,
-            state_rewards=reward_now,
-            next_state_rewards=reward_next,
-            beta=beta,
-            trajectory={name: window.extras[name][rows_d] for name in self.objective.trajectory_fields},
-            step_index=steps_d,
-            policy_mean=getattr(step, "mean", None),
-            step_std=getattr(step, "std", None),
-            prior_log_prob=None if window.prior_log_probs is None else window.prior_log_probs[rows_d, steps_d],
-            prior_mean=None if window.prior_means is None else window.prior_means[rows_d, steps_d],
-        )
+    def _score_predictions(self, predictions: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
+        """The rewards of predicted samples ``x0_hat``, decoded (and counted) first."""
+        with self.autocast():
+            images = self.sd_pipeline.decode(predictions)
+        self.counters.vae_decodes += len(prompts)
+        return self.compute_rewards(images, prompts, metadata, epoch)[0]
