@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import signal
 import sys
 import threading
@@ -46,29 +45,27 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import pixel_features, reward_statistics
-from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
+from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
 from ..models.pipeline import GFlowNetStableDiffusionPipeline
 from ..objectives import Trajectories, TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
-from ..prompts import PromptCallable, get_prompt_fn
-from ..rewards import RewardCallable, get_reward_fn
-from ..utils import callable_name
+from ..prompts import PromptCallable
+from ..rewards import RewardCallable
 from .checkpointing import (
     Checkpointer,
-    accelerate_project_kwargs,
     list_checkpoints,
     resolve_resume_from,
 )
-from .distributed import TrainableModules, check_deepspeed_precision, configure_deepspeed
+from .distributed import check_deepspeed_precision, configure_deepspeed
 from .divergence import (
-    MAX_CONSECUTIVE_SKIPPED_STEPS,
     TrainingDivergedError,
     divergence_message,
     first_non_finite,
     how_to_go_on,
 )
 from .evaluating import EvaluationHook, EvaluationMixin
-from .inputs import check_reward_scale, validate_reward_output
+from .inputs import check_reward_scale, check_trainer_inputs, inexact_training_warnings, validate_reward_output
+from .optimisation import OptimiserStep, PreparedModels, create_accelerator, prepare_models
 from .policy import TrainingPolicy
 from .sampling import SamplingMixin
 from .saving import SavingMixin
@@ -99,6 +96,19 @@ class WorkCounters:
 
     def as_metrics(self) -> dict[str, int]:
         return {f"counters/{name}": value for name, value in self.__dict__.items()}
+
+    def count_denoiser_forward(self, output: Any) -> None:
+        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
+        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
+        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
+        if torch.is_grad_enabled():
+            self.unet_forward_grad += rows
+        else:
+            self.unet_forward_no_grad += rows
+
+    def count_flow_forward(self, output: torch.Tensor) -> None:
+        """Count a call of the objective's model (DAG's flow network), in samples."""
+        self.flow_forwards += output.shape[0]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -143,6 +153,30 @@ def stop_at_epoch_end() -> Iterator[StopRequest]:
             signal.signal(number, handler)
 
 
+def agreed_stop(accelerator: Any, signal_name: Optional[str]) -> Optional[str]:
+    """The stop request every process acts on at an epoch's end: with several processes, any one's (a signal may
+    reach only some of them, and the checkpoint needs all)."""
+    if accelerator.num_processes == 1:
+        return signal_name
+    flag = torch.tensor([float(signal_name is not None)], device=accelerator.device)
+    if accelerator.reduce(flag, "sum").item() == 0:
+        return None
+    return signal_name or "a signal to another process"
+
+
+def interruption_message(interrupt: KeyboardInterrupt, epoch: int, folder: str) -> str:
+    """What Ctrl-C or SIGTERM (a cluster's pre-emption) during ``epoch`` leaves: resume needs a whole epoch, so the
+    message names the last checkpoint in ``folder``."""
+    checkpoints = list_checkpoints(folder)
+    last = (
+        f"the last checkpoint is {checkpoints[-1][1]!r} (epoch {checkpoints[-1][0]}): resume from it with "
+        "resume_from='latest'"
+        if checkpoints
+        else "no checkpoint was written yet"
+    )
+    return f"Training was interrupted ({str(interrupt) or 'SIGINT'}) during epoch {epoch}; {last}."
+
+
 def default_objective_message(config: GFlowNetConfig) -> str:
     """What a config without ``train_objective`` trains, for users who port a DDPO script: the objective ``train_klpf``
     picks, its target, and the reward evaluations its state rewards add (per trajectory and inner epoch: the ``k``
@@ -168,6 +202,12 @@ def default_objective_message(config: GFlowNetConfig) -> str:
     )
 
 
+def epoch_metric(name: str, window_metrics: list[dict[str, float]]) -> Optional[tuple[str, float]]:
+    """``(name, mean over the epoch's optimiser steps)`` of the metric ``name``, ``None`` if no step logged it."""
+    values = [metrics[name] for metrics in window_metrics if name in metrics]
+    return (name, sum(values) / len(values)) if values else None
+
+
 def epoch_line(
     epoch: int,
     num_epochs: int,
@@ -188,13 +228,16 @@ def epoch_line(
     return ", ".join(parts)
 
 
-def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
-    sampler = getattr(pipeline, "sampler", None)
-    return f" and sampler={sampler!r}" if sampler else ""
-
-
 class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
     """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
+
+    Each epoch (:meth:`step`) samples trajectories with their rewards (:meth:`generate_samples`, a
+    :class:`~dag_trl.objectives.Trajectories`), cuts them into windows (:meth:`windows`), and for each window
+    (:meth:`train_window`) hands every kept transition (:class:`~dag_trl.trainer.policy.TrainingPolicy`) to the
+    objective's loss, backpropagates and steps (:class:`~dag_trl.trainer.optimisation.OptimiserStep`); then it
+    evaluates and checkpoints (:class:`~dag_trl.trainer.checkpointing.Checkpointer`).
+    ``dag_trl/testing/reference_loop.py`` is the straightforward version of the same window, transition by
+    transition, without the shared work.
 
     Args:
         config: the [`GFlowNetConfig`]; ``config.train_objective`` picks the objective.
@@ -231,58 +274,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         evaluation_hook: Optional[EvaluationHook] = None,
         image_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType, ProjectConfiguration
+        from accelerate.utils import DistributedType
 
-        if not isinstance(config, GFlowNetConfig):
-            raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
-        config.validate()
-        if isinstance(reward_function, str):
-            reward_function = get_reward_fn(reward_function)
-        if isinstance(prompt_function, str):
-            prompt_function = get_prompt_fn(prompt_function)
-        for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
-            if not callable(value):
-                raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
-        if not isinstance(sd_pipeline, GFlowNetStableDiffusionPipeline):
-            raise TypeError(
-                f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}."
-            )
-        # Settings whose trouble shows only with the pipeline's scheduler (a step with zero variance, an eta whose
-        # variance underflows), before anything is set up.
-        sd_pipeline.check_sampler(config.sample_num_steps, config.sample_eta)
-        if config.lora_min_timestep and not sd_pipeline.use_lora:
-            raise ValueError(
-                f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
-                "steps below it use the pretrained model, the LoRA switched off."
-            )
-        check_tracker_installed(config.log_with)
-        if config.lora_min_timestep:
-            largest = float(sd_pipeline.set_timesteps(config.sample_num_steps).max())
-            if config.lora_min_timestep > largest:
-                raise ValueError(
-                    f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} is invalid for this scheduler and "
-                    f"sample_num_steps={config.sample_num_steps}: its largest timestep is {largest:g}, so no step would "
-                    f"use the LoRA and nothing would be trained; expected an integer in [0, {math.floor(largest)}] "
-                    "(0: the LoRA acts at every step)."
-                )
-        if config.train_use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise ImportError(
-                    "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
-                ) from error
+        reward_function, prompt_function = check_trainer_inputs(config, reward_function, prompt_function, sd_pipeline)
         self.config = config
         self.objective = get_objective_class(config.objective_name)(config)
-        if self.objective.uses_detailed_balance and not sd_pipeline.detailed_balance_holds(config.sample_eta):
-            warnings.warn(
-                f"{self.objective.display_name} trains detailed balance against the noising kernel, which has a "
-                f"solution only for the Gaussian-posterior sampler (DDIM at eta=1); this pipeline samples with "
-                f"sample_eta={config.sample_eta}{_sampler_name(sd_pipeline)}, so the objective has no exact fixed "
-                "point (RTB and DDPO need no backward kernel).",
-                stacklevel=2,
-            )
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
@@ -290,25 +286,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.evaluation_hook = evaluation_hook
         self.image_features = image_features if image_features is not None else pixel_features
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
-        if self.resume_path is not None and not callable(getattr(prompt_function, "reseed", None)):
-            warnings.warn(
-                f"The prompt function {callable_name(prompt_function)!r} has no reseed(seed) method, so the resumed "
-                "run draws other prompts than the uninterrupted run would have: the resume is not exact. Give it "
-                "one (dag_trl.prompts.PromptList has it).",
-                stacklevel=2,
-            )
-
-        # project_kwargs as TRL's DDPOTrainer takes them; checkpoint naming and total_limit are the trainer's own.
-        project_config = ProjectConfiguration(**accelerate_project_kwargs(config))
-        # One optimiser step per window: accelerate averages the window's backward passes and, with several
-        # processes, synchronises gradients on the last one only (`accumulate` in `train_window`).
-        self.accelerator = Accelerator(
-            log_with=config.log_with,
-            mixed_precision=config.mixed_precision,
-            project_config=project_config,
-            gradient_accumulation_steps=config.backward_passes_per_step,
-            **config.accelerator_kwargs,
-        )
+        for message in inexact_training_warnings(self.objective, sd_pipeline, prompt_function, self.resume_path):
+            warnings.warn(message, stacklevel=2)
+        self.accelerator = create_accelerator(config)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if config.train_objective is None and self.accelerator.is_main_process:
             logger.warning(default_objective_message(config))
@@ -349,14 +329,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
 
         if objective_model is not None:
             objective_model.to(device)
-        # Under DeepSpeed in bfloat16 the objective's model (DAG's flow network, RTB's log Z) stays outside the
-        # engine, which would train a 16-bit copy of it: summed log-flows reach hundreds of nats, where bfloat16's
-        # spacing is several nats. It keeps float32 weights and its own optimiser (fp16 keeps it in the engine).
-        outside_engine = self.uses_deepspeed and objective_model is not None and config.mixed_precision == "bf16"
-        engine_objective_model = None if outside_engine else objective_model
-        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), engine_objective_model)
-        self.objective_optimizer = self._create_optimizer([], objective_model) if outside_engine else None
-
         with torch.no_grad():
             self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
         # Training recomputes guided outputs only where sampling guided them: at guidance 1 the sampler makes one
@@ -364,27 +336,21 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         # equal to the conditional one up to rounding (so it would not reproduce the sampled log-probabilities).
         self.trains_with_guidance = config.train_cfg and config.sample_guidance_scale != 1.0
         self.checkpointer.register_hooks(objective_model, self._save_trained_weights)
-        if self.uses_deepspeed:
-            engine, self.optimizer = self.accelerator.prepare(
-                TrainableModules(sd_pipeline.unet, engine_objective_model), self.optimizer
-            )
-            # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
-            # called directly, and `accelerate.backward` routes every backward pass through the engine.
-            self.unet = engine.module.unet
-            self.objective_model = objective_model if outside_engine else engine.module.objective_model
-            self.prepared_models: tuple = (engine,)
-            if outside_engine:
-                # Saved and restored with the engine's checkpoint (accelerate's custom_checkpoint_<i>.pkl files).
-                self.accelerator.register_for_checkpointing(objective_model, self.objective_optimizer)
-        elif objective_model is not None:
-            self.unet, self.objective_model, self.optimizer = self.accelerator.prepare(
-                sd_pipeline.unet, objective_model, self.optimizer
-            )
-            self.prepared_models = (self.unet, self.objective_model)
-        else:
-            self.unet, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, self.optimizer)
-            self.objective_model = None
-            self.prepared_models = (self.unet,)
+        prepared = prepare_models(
+            self.accelerator,
+            config,
+            sd_pipeline.unet,
+            sd_pipeline.get_trainable_layers(),
+            objective_model,
+            self.objective.learning_rate(),
+            self.uses_deepspeed,
+        )
+        self.unet, self.objective_model, self.prepared_models = (
+            prepared.unet,
+            prepared.objective_model,
+            prepared.prepared,
+        )
+        self.optimizer, self.objective_optimizer = prepared.optimizer, prepared.objective_optimizer
         self.unwrapped_objective_model = objective_model
         self.policy = TrainingPolicy(
             sd_pipeline,
@@ -399,9 +365,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.counters = WorkCounters()
         # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
         # state-reward cache, evaluation, the reference loop).
-        sd_pipeline.unet.register_forward_hook(self._count_denoiser_forward)
+        sd_pipeline.unet.register_forward_hook(
+            lambda module, inputs, output: self.counters.count_denoiser_forward(output)
+        )
         if objective_model is not None:
-            objective_model.register_forward_hook(self._count_objective_model_forward)
+            objective_model.register_forward_hook(
+                lambda module, inputs, output: self.counters.count_flow_forward(output)
+            )
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
         self.global_step = 0
@@ -413,43 +383,16 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self._reward_scale_warned = False
         # fp16 scales the loss (accelerate's gradient scaler, DeepSpeed's dynamic loss scale): a step whose gradients
         # overflow is skipped, not an error.
-        self.uses_loss_scaling = config.mixed_precision == "fp16"
-        self.skipped_steps = self.consecutive_skipped_steps = 0
+        self.optimiser_step = OptimiserStep(
+            self.accelerator,
+            config.train_max_grad_norm,
+            self.uses_deepspeed,
+            uses_loss_scaling=config.mixed_precision == "fp16",
+            objective_model_folder=self.objective.model_folder,
+        )
         if self.resume_path is not None:
             optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
             self._restore_progress(self.checkpointer.load(self.resume_path, optimizers))
-
-    def _create_optimizer(
-        self, unet_parameters: list, objective_model: Optional[torch.nn.Module]
-    ) -> torch.optim.Optimizer:
-        config = self.config
-        if config.train_use_8bit_adam:
-            import bitsandbytes
-
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        groups = [{"params": unet_parameters, "lr": config.train_learning_rate}] if unet_parameters else []
-        if objective_model is not None:
-            groups.append({"params": list(objective_model.parameters()), "lr": self.objective.learning_rate()})
-        return optimizer_class(
-            groups,
-            betas=(config.train_adam_beta1, config.train_adam_beta2),
-            weight_decay=config.train_adam_weight_decay,
-            eps=config.train_adam_epsilon,
-        )
-
-    def _count_denoiser_forward(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
-        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
-        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
-        if torch.is_grad_enabled():
-            self.counters.unet_forward_grad += rows
-        else:
-            self.counters.unet_forward_no_grad += rows
-
-    def _count_objective_model_forward(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.counters.flow_forwards += output.shape[0]
 
     # ------------------------------------------------------------------ public API
 
@@ -474,10 +417,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
                     if self.accelerator.is_main_process:
                         logger.info(
                             epoch_line(
-                                epoch, last_epoch, self.reward_history[-1], self._epoch_metric(), elapsed, remaining
+                                epoch,
+                                last_epoch,
+                                self.reward_history[-1],
+                                epoch_metric(self.objective.main_metric, self.epoch_window_metrics),
+                                elapsed,
+                                remaining,
                             )
                         )
-                    signal_name = self._agreed_stop(stop.signal_name)
+                    signal_name = agreed_stop(self.accelerator, stop.signal_name)
                     if signal_name is not None and epoch + 1 < last_epoch:
                         # The finished epoch is kept whatever save_freq says (step saved it if it was due).
                         checkpoint = self.last_checkpoint()
@@ -497,33 +445,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             if callable(cancel):
                 cancel()
             self.executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers)
-            # Ctrl-C or SIGTERM (a cluster's pre-emption): resume needs a whole epoch, so say which one it is.
-            checkpoints = list_checkpoints(self.checkpoint_dir)
-            last = (
-                f"the last checkpoint is {checkpoints[-1][1]!r} (epoch {checkpoints[-1][0]}): resume from it with "
-                "resume_from='latest'"
-                if checkpoints
-                else "no checkpoint was written yet"
-            )
-            raise TrainingInterrupted(
-                f"Training was interrupted ({str(interrupt) or 'SIGINT'}) during epoch {epoch}; {last}."
-            ) from None
+            raise TrainingInterrupted(interruption_message(interrupt, epoch, self.checkpoint_dir)) from None
         finally:
             progress.close()
             self.checkpointer.release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
             self.push_to_hub()
-
-    def _agreed_stop(self, signal_name: Optional[str]) -> Optional[str]:
-        """The stop request every process acts on at an epoch's end: with several processes, any one's (a signal may
-        reach only some of them, and the checkpoint needs all)."""
-        if self.accelerator.num_processes == 1:
-            return signal_name
-        flag = torch.tensor([float(signal_name is not None)], device=self.accelerator.device)
-        if self.accelerator.reduce(flag, "sum").item() == 0:
-            return None
-        return signal_name or "a signal to another process"
 
     def step(self, epoch: int, global_step: int) -> int:
         """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
@@ -601,12 +529,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.reward_history = state.get("reward_history", [])
         self.evaluation_history = state.get("evaluation_history", [])
         self.objective.load_state_dict(state.get("objective_state", {}))
-
-    def _epoch_metric(self) -> Optional[tuple[str, float]]:
-        """``(name, mean over the epoch's optimiser steps)`` of the objective's main metric, ``None`` if not logged."""
-        name = self.objective.main_metric
-        values = [metrics[name] for metrics in self.epoch_window_metrics if name in metrics]
-        return (name, sum(values) / len(values)) if values else None
 
     def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
@@ -706,7 +628,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
                 with self.accelerator.accumulate(*self.prepared_models):
                     batch = self.transition_batch(window, rows, kept[rows, column], state_rewards, beta)
                     loss, parts = self.objective.loss(batch, self.objective_model)
-                    if not self.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
+                    if not self.optimiser_step.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
                         self._diverged(f"the loss is {loss.item()}", epoch, window_index, parts, window, beta)
                     if not loss.requires_grad:
                         # A batch of frozen steps (lora_min_timestep) gives an objective without a model of its own
@@ -722,7 +644,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             for name, value in sums.items()
         }
         metrics.update(
-            self._optimiser_step(lambda what: self._diverged(what, epoch, window_index, metrics, window, beta))
+            self.optimiser_step(
+                PreparedModels(
+                    self.unet, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
+                ),
+                lambda what: self._diverged(what, epoch, window_index, metrics, window, beta),
+            )
         )
         bad = first_non_finite(self.trainable_parameters())
         if bad is not None:
@@ -746,63 +673,6 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         raise TrainingDivergedError(
             divergence_message(what, epoch, window_index, parts, window.rewards, beta, self.last_checkpoint())
         )
-
-    def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
-        """Clip and step at the end of a window; returns the gradient norms. A non-finite norm calls ``diverged``
-        (which raises) before the step; under fp16 loss scaling, the scaler's skipped steps are counted instead, and
-        ``diverged`` is called when more than ``MAX_CONSECUTIVE_SKIPPED_STEPS`` follow each other."""
-        if self.uses_deepspeed:
-            # The engine clipped the global norm of all trained networks and stepped inside the last backward pass.
-            # Its optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain AdamW.
-            grad_norm = self.prepared_models[0].get_global_grad_norm()
-            metrics = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
-            if self.objective_optimizer is not None:
-                metrics.update(self._objective_model_step(diverged))
-            return metrics
-        max_norm = self.config.train_max_grad_norm
-        # Unscale (fp16) once, then clip the denoiser and the objective's model separately, as the paper does.
-        self.accelerator.unscale_gradients()
-        unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
-        metrics = {"grad_norm_unet": float(torch.nn.utils.clip_grad_norm_(unet_parameters, max_norm))}
-        if self.objective_model is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.objective_model.parameters(), max_norm)
-            metrics[f"grad_norm_{self.objective.model_folder}"] = float(norm)
-        if not self.uses_loss_scaling:
-            for name, value in metrics.items():
-                if not math.isfinite(value):
-                    diverged(f"{name} is {value} (the step was not applied)")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.uses_loss_scaling:
-            skipped = self.accelerator.optimizer_step_was_skipped
-            self.skipped_steps += int(skipped)
-            self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if skipped else 0
-            metrics["optimizer_steps_skipped"] = float(self.skipped_steps)
-            if self.consecutive_skipped_steps > MAX_CONSECUTIVE_SKIPPED_STEPS:
-                diverged(
-                    f"the fp16 gradient scaler skipped {self.consecutive_skipped_steps} optimiser steps in a row "
-                    "(their gradients overflowed at every loss scale it tried)"
-                )
-        return metrics
-
-    def _objective_model_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
-        """Average the float32 objective model's gradients over the processes (DDP's all-reduce, which the engine
-        does not do for it), clip them as the DDP path does, and step its optimiser."""
-        parameters = list(self.objective_model.parameters())
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), reduction="mean")
-            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
-                parameter.grad.copy_(grad.view_as(parameter))
-        name = f"grad_norm_{self.objective.model_folder}"
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.train_max_grad_norm))
-        if not math.isfinite(norm):
-            diverged(f"{name} is {norm} (the step was not applied)")
-        self.objective_optimizer.step()
-        self.objective_optimizer.zero_grad(set_to_none=True)
-        return {name: norm}
 
     def policy_log_probs(self, window: Trajectories) -> torch.Tensor:
         """``log P_F`` of every transition of the window's trajectories under the current weights, ``(B, N)``:
