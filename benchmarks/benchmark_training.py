@@ -5,7 +5,7 @@
     python benchmarks/benchmark_training.py --setting {sdxl,sd3,flux}-cpu     # tiny families, a smoke run
     python benchmarks/benchmark_training.py --setting {sdxl,sd35,flux}-gpu    # real sizes, random weights [--resolution]
 
-Each repeat samples one epoch once (``trainer._generate_samples``), cuts it into windows (``trainer.windows``) and
+Each repeat samples one epoch once (``trainer.generate_samples``), cuts it into windows (``trainer.windows``) and
 trains on those windows twice from the same starting weights and optimiser state: once with the product loop
 (``GFlowNetDiffusionTrainer.train_window``) and once with the per-transition oracle of the tests
 (:mod:`dag_trl.testing.reference_loop`). Both loops therefore see identical data, so their difference is the
@@ -74,6 +74,7 @@ from dag_trl.models import (  # noqa: E402
     DiffusersGFlowNetPipeline,
     FlowMatchingGFlowNetPipeline,
 )
+from dag_trl.objectives import Trajectories  # noqa: E402
 from dag_trl.testing.reference_loop import reference_train_window  # noqa: E402
 from dag_trl.testing.tiny_families import (  # noqa: E402
     FLUX1_DEV_ARCHITECTURE,
@@ -88,7 +89,6 @@ from dag_trl.testing.tiny_families import (  # noqa: E402
 )
 from dag_trl.testing.tiny_models import SDArchitecture, build_tiny_sd_pipeline  # noqa: E402
 from dag_trl.trainer import WorkCounters, get_objective_class  # noqa: E402
-from dag_trl.trainer.trainer import take_rows  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a cat on a mat", "a mountain lake at dawn"]
 LOOPS = ("straightforward", "optimised")
@@ -452,12 +452,14 @@ def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: 
     return trainer.counters
 
 
-def warmup_window(trainer: GFlowNetDiffusionTrainer, window: tuple[dict, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+def warmup_window(
+    trainer: GFlowNetDiffusionTrainer, window: tuple[Trajectories, torch.Tensor]
+) -> tuple[Trajectories, torch.Tensor]:
     """The first training batch of ``window`` with one kept transition per trajectory (train it inside
     :func:`one_backward_per_step`)."""
     samples, kept = window
     rows = torch.arange(min(trainer.config.train_batch_size, kept.shape[0]))
-    return {key: take_rows(value, rows) for key, value in samples.items()}, kept[rows, :1]
+    return samples.take(rows), kept[rows, :1]
 
 
 @contextlib.contextmanager
@@ -688,7 +690,7 @@ def main() -> None:
             trainer.counters = WorkCounters()
             trainer.unet.eval()
             start = time.perf_counter()
-            samples, _ = trainer._generate_samples(epoch=repeat)
+            samples, _ = trainer.generate_samples(epoch=repeat)
             synchronise(device)
             sampling.append(time.perf_counter() - start)
             sampling_counters = trainer.counters

@@ -40,16 +40,14 @@ def main(tiny_sd_path: str, output_dir: str) -> None:
     rank = trainer.accelerator.process_index
 
     seen = {}
-    generate = trainer._generate_samples
+    generate = trainer.generate_samples
 
     def recording_generate(epoch):
         samples, data = generate(epoch)
-        seen.update(
-            prompts=list(samples["prompts"]), noise=samples["latents"][:, 0].clone(), rewards=samples["rewards"]
-        )
+        seen.update(prompts=list(samples.prompts), noise=samples.latents[:, 0].clone(), rewards=samples.rewards)
         return samples, data
 
-    trainer._generate_samples = recording_generate
+    trainer.generate_samples = recording_generate
 
     # Which backward passes (numbered from 1) all-reduce gradients: DDP calls the comm hook once per bucket.
     backwards, synced = [0], []

@@ -535,3 +535,77 @@ def test_new_run_in_a_folder_with_another_runs_checkpoints_warns(tmp_path, tiny_
         "pruning keeps the highest epochs of both runs and resume_from='latest' picks the newest of either. Resume "
         "that run (resume_from='latest'), delete its checkpoints, or use another logdir."
     ]
+
+
+class LinearPipeline:
+    """The part of a model family the Checkpointer uses: a denoiser (one linear layer) that the save and load hooks
+    write to and read from ``denoiser.pt``, as a family writes its own format."""
+
+    use_lora = False
+
+    def __init__(self):
+        self.unet = torch.nn.Linear(3, 2)
+
+    def save_checkpoint(self, models: list, weights: list, output_dir: str) -> None:
+        index = next(i for i, model in enumerate(models) if model is self.unet)
+        torch.save(models[index].state_dict(), os.path.join(output_dir, "denoiser.pt"))
+        weights.pop(index)
+
+    def load_checkpoint(self, models: list, input_dir: str) -> None:
+        unet = models.pop(next(i for i, model in enumerate(models) if model is self.unet))
+        unet.load_state_dict(torch.load(os.path.join(input_dir, "denoiser.pt")))
+
+
+def make_checkpointer(tmp_path, **overrides):
+    """A Checkpointer of a DDPO run (no objective model) over a linear denoiser trained by AdamW, as accelerate
+    prepared them."""
+    from accelerate import Accelerator
+
+    from dag_trl.objectives import get_objective_class
+    from dag_trl.trainer.checkpointing import Checkpointer
+
+    config = tiny_config(tmp_path, train_objective="ddpo", num_epochs=10, **overrides)
+    pipeline = LinearPipeline()
+    accelerator = Accelerator(cpu=True)
+    denoiser, optimizer = accelerator.prepare(pipeline.unet, torch.optim.AdamW(pipeline.unet.parameters(), lr=0.1))
+    checkpointer = Checkpointer(config, accelerator, pipeline, get_objective_class("ddpo")(config), False)
+    checkpointer.register_hooks(None, save_weights=lambda folder: None)
+    return checkpointer, denoiser, optimizer
+
+
+def adam_step(denoiser, optimizer) -> None:
+    denoiser(torch.ones(4, 3)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpointer_save_and_load_restore_the_weights_the_optimiser_and_the_progress(tmp_path):
+    checkpointer, denoiser, optimizer = make_checkpointer(tmp_path)
+    adam_step(denoiser, optimizer)
+    progress = {"global_step": 5, "weights_version": 3, "reward_history": [{"reward_mean": 0.25}]}
+    path = checkpointer.save(2, progress)
+    assert path == checkpointer.path(2) == os.path.join(tmp_path, "logs", "checkpoints", "checkpoint_2")
+    saved_weights, saved_moments = parameters(denoiser), optimizer.state_dict()["state"][0]["exp_avg"].clone()
+
+    adam_step(denoiser, optimizer)  # the run goes on, and a resume at a lower learning rate follows
+    optimizer.param_groups[0]["lr"] = 0.01
+    state = checkpointer.load(path, [optimizer])
+    assert_same_parameters(parameters(denoiser), saved_weights)
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved_moments)
+    assert optimizer.param_groups[0]["lr"] == 0.01  # this run's learning rate, not the saved one
+    assert {key: state[key] for key in ("epoch", *progress)} == {"epoch": 2, **progress}
+    assert state["objective"] == "ddpo" and checkpointer.last_checkpoint() == path
+
+
+@pytest.mark.parametrize(
+    "limit, kept",
+    [({"num_checkpoint_limit": 2}, [3, 4]), ({"project_kwargs": {"total_limit": 3}}, [2, 3, 4])],
+    ids=["num_checkpoint_limit", "total_limit"],
+)
+def test_checkpointer_keeps_the_newest_checkpoints_up_to_the_limit(tmp_path, limit, kept):
+    checkpointer, _, _ = make_checkpointer(tmp_path, **limit)
+    for epoch in (0, 1, 2, 3, 4):
+        checkpointer.save(epoch, {"global_step": epoch, "weights_version": epoch})
+        newest = list(range(epoch + 1))[-len(kept) :]
+        assert [number for number, _ in list_checkpoints(checkpointer.folder)] == newest
+    assert newest == kept

@@ -144,7 +144,7 @@ def make_toy_trainer(tmp_path, **overrides) -> GFlowNetDiffusionTrainer:
 
 def test_toy_objective_and_toy_family_train_with_the_objectives_gradient(tmp_path, toy_objective):
     trainer = make_toy_trainer(tmp_path)
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     assert trainer.counters.vae_decodes == 8 and trainer.counters.reward_samples == 8  # final samples only
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
     trainer.unet.train()
@@ -163,16 +163,16 @@ def test_toy_objective_and_toy_family_train_with_the_objectives_gradient(tmp_pat
         rows = torch.arange(start, start + config.train_batch_size)
         for column in range(kept.shape[1]):
             steps = kept[rows, column]
-            latents = window["latents"][rows, steps]
+            latents = window.latents[rows, steps]
             guided, _ = oracle.predict_noise(
-                latents, window["timesteps"][rows, steps], oracle.encode_prompt([window["prompts"][i] for i in rows]),
+                latents, window.timesteps[rows, steps], oracle.encode_prompt([window.prompts[i] for i in rows]),
                 negative.expand(len(rows)), config.sample_guidance_scale,
             )  # fmt: skip
             step = ddim_step_with_logprob(
-                oracle.scheduler, guided, window["timesteps"][rows, steps], latents,
-                prev_sample=window["latents"][rows, steps + 1],
+                oracle.scheduler, guided, window.timesteps[rows, steps], latents,
+                prev_sample=window.latents[rows, steps + 1],
             )  # fmt: skip
-            total = total + reinforce_loss(window["rewards"][rows], step.log_probs) / config.backward_passes_per_step
+            total = total + reinforce_loss(window.rewards[rows], step.log_probs) / config.backward_passes_per_step
     total.backward()
     beta1 = config.train_adam_beta1
     for parameter, expected in zip(

@@ -363,7 +363,7 @@ def test_optimised_window_equals_the_straightforward_loop_on_flow_families(tmp_p
     optimised = family_trainer(tmp_path / "a", family, family_paths, **settings)
     reference = family_trainer(tmp_path / "b", family, family_paths, **settings)
     reference.objective_model.load_state_dict(optimised.objective_model.state_dict())
-    samples, _ = optimised._generate_samples(epoch=0)
+    samples, _ = optimised.generate_samples(epoch=0)
     windows = optimised.windows(samples, torch.Generator().manual_seed(0))
     for trainer in (optimised, reference):  # SGD keeps round-off at round-off size (see test_trainer)
         trainer.optimizer = torch.optim.SGD(

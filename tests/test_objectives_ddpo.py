@@ -55,21 +55,21 @@ def test_ddpo_window_gradient_equals_the_straightforward_oracle(tmp_path, tiny_s
     trainer = make_ddpo_trainer(tmp_path, tiny_sd_path, **overrides)
     config = trainer.config
     assert trainer.objective_model is None and trainer.objective.display_name == "DDPO"
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     trainer.objective.prepare_samples(samples, trainer.accelerator)
 
     # Advantages by hand, from the epoch's rewards (one process).
-    rewards = samples["rewards"].double().numpy()
+    rewards = samples.rewards.double().numpy()
     if config.per_prompt_stat_tracking:
-        prompts = np.array(samples["prompts"], dtype=object)
+        prompts = np.array(samples.prompts, dtype=object)
         expected = np.empty_like(rewards)
-        for prompt in set(samples["prompts"]):
+        for prompt in set(samples.prompts):
             mine = rewards[prompts == prompt]
             reference = mine if len(mine) >= 2 else rewards
             expected[prompts == prompt] = (mine - reference.mean()) / (reference.std() + 1e-6)
     else:
         expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
-    torch.testing.assert_close(samples["advantages"], torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(samples.extras["advantages"], torch.tensor(expected, dtype=torch.float32))
 
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
     trainer.unet.train()
@@ -82,15 +82,15 @@ def test_ddpo_window_gradient_equals_the_straightforward_oracle(tmp_path, tiny_s
     negative = oracle.encode_prompt([config.negative_prompts]) if config.train_cfg else None
     total = 0.0
     for row in range(kept.shape[0]):
-        embeds = oracle.encode_prompt([window["prompts"][row]])
+        embeds = oracle.encode_prompt([window.prompts[row]])
         for step in kept[row].tolist():
-            latents, timestep = window["latents"][row : row + 1, step], window["timesteps"][row, step]
+            latents, timestep = window.latents[row : row + 1, step], window.timesteps[row, step]
             guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
             log_prob = ddim_step_with_logprob(
-                oracle.scheduler, guided, timestep, latents, prev_sample=window["latents"][row : row + 1, step + 1]
+                oracle.scheduler, guided, timestep, latents, prev_sample=window.latents[row : row + 1, step + 1]
             ).log_probs
-            ratio = torch.exp(log_prob - window["log_probs"][row, step])
-            advantage = window["advantages"][row].clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
+            ratio = torch.exp(log_prob - window.log_probs[row, step])
+            advantage = window.extras["advantages"][row].clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
             clipped = torch.clamp(ratio, 1 - config.train_clip_range, 1 + config.train_clip_range)
             loss = torch.maximum(-advantage * ratio, -advantage * clipped)
             # Each backward pass is a mean over train_batch_size rows; accelerate averages the passes.

@@ -59,38 +59,38 @@ def oracle_gradients(trainer, samples, window, tiny_sd_path) -> list[torch.Tenso
 
     def step_terms(row: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_n with gradient, log pi_n with gradient) of the epoch's trajectory ``row`` at step ``step``."""
-        latents, timestep = samples["latents"][row : row + 1, step], int(samples["timesteps"][row, step])
-        embeds = oracle.encode_prompt([samples["prompts"][row]])
+        latents, timestep = samples.latents[row : row + 1, step], int(samples.timesteps[row, step])
+        embeds = oracle.encode_prompt([samples.prompts[row]])
         guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, guidance)
         with torch.no_grad(), oracle.adapter_disabled():
             prior_guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, guidance)
         mean, std = diffusers_mean_and_std(oracle.scheduler, guided, timestep, latents, config.sample_eta)
         prior_mean, _ = diffusers_mean_and_std(oracle.scheduler, prior_guided, timestep, latents, config.sample_eta)
         kl = ((mean - prior_mean) ** 2).sum() / (2 * std**2)
-        log_prob = torch.distributions.Normal(mean, std).log_prob(samples["latents"][row : row + 1, step + 1]).sum()
+        log_prob = torch.distributions.Normal(mean, std).log_prob(samples.latents[row : row + 1, step + 1]).sum()
         return kl, log_prob
 
-    total = len(samples["prompts"])
+    total = len(samples.prompts)
     with torch.no_grad():
         kls = torch.tensor([[step_terms(row, step)[0].item() for step in range(num_steps)] for row in range(total)])
     returns = torch.empty(total, num_steps)
     for row in range(total):
         for step in range(num_steps):
-            returns[row, step] = config.train_reward_exp * samples["rewards"][row] - kls[row, step + 1 :].sum()
+            returns[row, step] = config.train_reward_exp * samples.rewards[row] - kls[row, step + 1 :].sum()
     advantages = returns.clone()
     for row in range(total):
-        others = [o for o in range(total) if o != row and samples["prompts"][o] == samples["prompts"][row]]
+        others = [o for o in range(total) if o != row and samples.prompts[o] == samples.prompts[row]]
         # A prompt drawn once is compared with every other trajectory of the epoch.
         others = others or [o for o in range(total) if o != row]
         advantages[row] -= returns[others].mean(dim=0)
 
     loss = 0.0
-    for window_row in range(len(window["prompts"])):
-        row = next(r for r in range(total) if torch.equal(samples["latents"][r], window["latents"][window_row]))
+    for window_row in range(len(window.prompts)):
+        row = next(r for r in range(total) if torch.equal(samples.latents[r], window.latents[window_row]))
         for step in range(num_steps):
             kl, log_prob = step_terms(row, step)
             loss = loss + kl - advantages[row, step] * log_prob
-    (loss / len(window["prompts"])).backward()
+    (loss / len(window.prompts)).backward()
     return [p.grad for p in oracle.get_trainable_layers()]
 
 
@@ -100,12 +100,12 @@ def test_kl_pg_gradient_equals_the_whole_objective_oracle(tmp_path, tiny_sd_path
     # The tiny model's brightness rewards differ by about 0.01: a large beta gives the reward term a weight
     # comparable to the KL terms'.
     trainer = make_kl_pg_trainer(tmp_path, tiny_sd_path, train_reward_exp=300.0, sample_guidance_scale=guidance)
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     trainer.objective.prepare_samples(samples, trainer.accelerator)
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
     # The baseline is exercised on prompts drawn more than once and on a prompt drawn once (the epoch's other
     # trajectories are its baseline).
-    counts = [samples["prompts"].count(prompt) for prompt in samples["prompts"]]
+    counts = [samples.prompts.count(prompt) for prompt in samples.prompts]
     assert max(counts) > 1 and min(counts) == 1
     expected = oracle_gradients(trainer, samples, window, tiny_sd_path)
     trainer.unet.train()
@@ -120,28 +120,28 @@ def test_kl_pg_gradient_equals_the_whole_objective_oracle(tmp_path, tiny_sd_path
 
 def test_sampling_records_the_prior_step_means_and_their_closed_form_kls(tmp_path, tiny_sd_path):
     trainer = make_kl_pg_trainer(tmp_path, tiny_sd_path, lora_min_timestep=500)
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     config = trainer.config
     plain = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=False)
     plain.set_timesteps(config.sample_num_steps)
     negative = plain.encode_prompt([config.negative_prompts])
     row = 1
-    embeds = plain.encode_prompt([samples["prompts"][row]])
+    embeds = plain.encode_prompt([samples.prompts[row]])
     for step in range(config.sample_num_steps):
-        latents, timestep = samples["latents"][row : row + 1, step], int(samples["timesteps"][row, step])
+        latents, timestep = samples.latents[row : row + 1, step], int(samples.timesteps[row, step])
         guided, _ = plain.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
         prior_mean, std = diffusers_mean_and_std(plain.scheduler, guided, timestep, latents, config.sample_eta)
-        torch.testing.assert_close(samples["prior_means"][row, step], prior_mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(samples.prior_means[row, step], prior_mean[0], rtol=1e-4, atol=1e-5)
         if timestep < config.lora_min_timestep:  # a frozen step is the prior's own: no KL
-            assert samples["prior_kls"][row, step] == 0
+            assert samples.prior_kls[row, step] == 0
         else:
             # The sampled step's mean from its recorded guided prediction, through diffusers' step.
             policy_mean, _ = diffusers_mean_and_std(
-                plain.scheduler, samples["noise_preds"][row : row + 1, step], timestep, latents, config.sample_eta
+                plain.scheduler, samples.model_outputs[row : row + 1, step], timestep, latents, config.sample_eta
             )
             expected = ((policy_mean - prior_mean) ** 2).sum() / (2 * std**2)
             assert expected > 0.1
-            torch.testing.assert_close(samples["prior_kls"][row, step], expected, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(samples.prior_kls[row, step], expected, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -171,10 +171,10 @@ def test_kl_pg_trains_through_windows_of_frozen_steps_only(tmp_path, tiny_sd_pat
     trainer = make_kl_pg_trainer(
         tmp_path, tiny_sd_path, train_reward_exp=3.0, lora_min_timestep=500, train_timestep_fraction=1.0
     )
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     trainer.objective.prepare_samples(samples, trainer.accelerator)
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
-    frozen = samples["timesteps"][0] < 500
+    frozen = samples.timesteps[0] < 500
     assert frozen.any() and not frozen.all()
     before = [p.detach().clone() for p in trainer.sd_pipeline.get_trainable_layers()]
     trainer.unet.train()

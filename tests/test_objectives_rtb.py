@@ -48,21 +48,21 @@ def oracle_gradients(trainer, window, tiny_sd_path) -> list[torch.Tensor]:
     def trajectory_log_prob(row: int, embeds) -> torch.Tensor:
         total = 0.0
         for step in range(config.sample_num_steps):
-            latents, timestep = window["latents"][row : row + 1, step], window["timesteps"][row, step]
+            latents, timestep = window.latents[row : row + 1, step], window.timesteps[row, step]
             guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
             total = total + ddim_step_with_logprob(
-                oracle.scheduler, guided, timestep, latents, prev_sample=window["latents"][row : row + 1, step + 1],
+                oracle.scheduler, guided, timestep, latents, prev_sample=window.latents[row : row + 1, step + 1],
                 log_prob_reduction="sum",
             ).log_probs  # fmt: skip
         return total
 
-    prompts = window["prompts"]
+    prompts = window.prompts
     residuals, learned = [], []
     for row in range(len(prompts)):
         embeds = oracle.encode_prompt([prompts[row]])
         with torch.no_grad(), oracle.adapter_disabled():
             prior = trajectory_log_prob(row, embeds)
-        residuals.append(trajectory_log_prob(row, embeds) - prior - config.train_reward_exp * window["rewards"][row])
+        residuals.append(trajectory_log_prob(row, embeds) - prior - config.train_reward_exp * window.rewards[row])
         learned.append(log_partition(embeds.hidden_states))
     loss = 0.0
     for prompt in set(prompts):
@@ -90,7 +90,7 @@ def test_rtb_gradient_equals_the_whole_trajectory_oracle_over_two_optimiser_step
     trainer = make_rtb_trainer(
         tmp_path, tiny_sd_path, train_log_z_estimate=log_z_estimate, train_reward_exp=300.0, **overrides
     )
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     windows = trainer.windows(samples, torch.Generator().manual_seed(0))
     trained = trainer.sd_pipeline.get_trainable_layers() + list(trainer.unwrapped_objective_model.parameters())
     beta1 = trainer.config.train_adam_beta1
@@ -98,7 +98,7 @@ def test_rtb_gradient_equals_the_whole_trajectory_oracle_over_two_optimiser_step
     trainer.unet.train()
     for window, kept in windows[:2]:
         # The batch estimate is exercised on a prompt drawn more than once, the learned one on a single draw.
-        counts = [window["prompts"].count(prompt) for prompt in window["prompts"]]
+        counts = [window.prompts.count(prompt) for prompt in window.prompts]
         assert max(counts) > 1 and min(counts) == 1
         expected = oracle_gradients(trainer, window, tiny_sd_path)
         trainer.train_window(window, kept, beta=trainer.config.train_reward_exp, epoch=0)
@@ -118,21 +118,21 @@ def test_rtb_records_the_prior_with_the_adapter_switched_off(tmp_path, tiny_sd_p
     with torch.no_grad():
         for parameter in trainer.sd_pipeline.get_trainable_layers():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    samples, _ = trainer._generate_samples(epoch=0)
-    assert not torch.allclose(samples["prior_log_probs"], samples["log_probs"])
+    samples, _ = trainer.generate_samples(epoch=0)
+    assert not torch.allclose(samples.prior_log_probs, samples.log_probs)
     plain = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=False)
     plain.set_timesteps(trainer.config.sample_num_steps)
     negative = plain.encode_prompt([trainer.config.negative_prompts])
     row, step = 1, 2
-    latents = samples["latents"][row : row + 1, step]
+    latents = samples.latents[row : row + 1, step]
     guided, _ = plain.predict_noise(
-        latents, samples["timesteps"][row, step], plain.encode_prompt([samples["prompts"][row]]), negative, 5.0
+        latents, samples.timesteps[row, step], plain.encode_prompt([samples.prompts[row]]), negative, 5.0
     )
     prior = ddim_step_with_logprob(
-        plain.scheduler, guided, samples["timesteps"][row, step], latents,
-        prev_sample=samples["latents"][row : row + 1, step + 1], log_prob_reduction="sum",
+        plain.scheduler, guided, samples.timesteps[row, step], latents,
+        prev_sample=samples.latents[row : row + 1, step + 1], log_prob_reduction="sum",
     ).log_probs  # fmt: skip
-    torch.testing.assert_close(samples["prior_log_probs"][row, step], prior[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(samples.prior_log_probs[row, step], prior[0], rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ from dag_trl.objectives.losses import reward_exponent
 from dag_trl.samplers.ddim import ddim_step_with_logprob
 from dag_trl.trainer import configure_deepspeed, derive_seed, validate_prompt, validate_rewards
 from dag_trl.trainer.state_rewards import StateRewardCache
-from dag_trl.trainer.trainer import take_rows
 
 
 class CyclingPrompts:
@@ -94,32 +93,36 @@ def test_training_recomputes_the_sampled_log_probabilities_with_the_calls_sampli
     trainer, _ = make_trainer(
         tmp_path, tiny_sd_path, sample_guidance_scale=guidance_scale, sample_num_batches_per_epoch=1
     )
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     batch_rows = []
     hook = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda module, inputs: batch_rows.append(len(inputs[0])))
     with torch.no_grad():
         for step in range(trainer.config.sample_num_steps):
-            log_probs = trainer._policy(
-                samples["latents"][:, step],
-                samples["timesteps"][:, step],
-                samples["prompt_embeds"],
-                samples["latents"][:, step + 1],
+            log_probs = trainer.policy.step(
+                samples.latents[:, step],
+                samples.timesteps[:, step],
+                samples.prompt_embeds,
+                samples.latents[:, step + 1],
             )[2].log_probs
-            assert torch.equal(log_probs, samples["log_probs"][:, step])
+            assert torch.equal(log_probs, samples.log_probs[:, step])
     hook.remove()
     # train_cfg=True guides only where sampling did: one conditional call per row at guidance 1, two rows at 5
-    rows = len(samples["log_probs"])
+    rows = len(samples.log_probs)
     assert batch_rows == [rows * (1 if guidance_scale == 1.0 else 2)] * trainer.config.sample_num_steps
 
 
 def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state(tmp_path, tiny_sd_path):
     trainer, _ = make_trainer(tmp_path, tiny_sd_path, num_epochs=1, train_reward_exp_anneal="none")
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     rows = torch.tensor([0, 1])
-    last = samples["log_probs"].shape[1] - 1
+    last = samples.log_probs.shape[1] - 1
     steps = torch.tensor([last, last])
     beta = trainer.config.train_reward_exp
-    state_rewards = StateRewardCache(trainer, samples, epoch=0)
+
+    def unused(*args):
+        raise AssertionError("every state's reward is filled in by hand")
+
+    state_rewards = StateRewardCache(samples, unused, unused, unused, batch_size=2, decode_batch_size=2)
     state_rewards.rewards.update({(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)})
     trainer.unet.train()
     batch = trainer.transition_batch(samples, rows, steps, state_rewards, beta)
@@ -130,20 +133,20 @@ def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state
     trainer.optimizer.zero_grad()
 
     # The same loss by hand: log F(x_t) = F(x_t) + beta r(x_t); log F(x_0) = beta R(x_0); a constant for the flow.
-    latents = samples["latents"][rows, steps]
-    timesteps = samples["timesteps"][rows, steps]
-    embeds = samples["prompt_embeds"][rows]
+    latents = samples.latents[rows, steps]
+    timesteps = samples.timesteps[rows, steps]
+    embeds = samples.prompt_embeds[rows]
     negative = trainer.negative_prompt_embeds.expand(2)
     guided, _ = trainer.sd_pipeline.predict_noise(latents, timesteps, embeds, negative, 5.0)
     step = ddim_step_with_logprob(
-        trainer.sd_pipeline.scheduler, guided, timesteps, latents, prev_sample=samples["latents"][rows, steps + 1]
+        trainer.sd_pipeline.scheduler, guided, timesteps, latents, prev_sample=samples.latents[rows, steps + 1]
     )
     flow_now = trainer.unwrapped_objective_model(latents, timesteps, embeds.hidden_states)
     residual = (
-        flow_now + beta * torch.tensor([0.25, -0.5]) + step.log_probs - samples["backward_log_probs"][rows, steps]
-        - beta * samples["rewards"][rows]
+        flow_now + beta * torch.tensor([0.25, -0.5]) + step.log_probs - samples.backward_log_probs[rows, steps]
+        - beta * samples.rewards[rows]
     )  # fmt: skip
-    regulariser = ((guided - samples["noise_preds"][rows, steps]) ** 2).mean(dim=(1, 2, 3))
+    regulariser = ((guided - samples.model_outputs[rows, steps]) ** 2).mean(dim=(1, 2, 3))
     expected = (residual**2 + trainer.config.train_unet_reg * regulariser).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     expected.backward()
@@ -338,7 +341,7 @@ def test_optimised_window_equals_the_straightforward_loop(
             ):
                 a.add_(0.05 * torch.randn_like(a))
                 b.copy_(a)
-    samples, _ = optimised._generate_samples(epoch=0)
+    samples, _ = optimised.generate_samples(epoch=0)
     windows = optimised.windows(samples, torch.Generator().manual_seed(0))
     assert len(windows) == 2  # the first reuses the sampling-time predictions, the second recomputes them
     # Adam's first step moves every parameter by about lr * sign(gradient), which turns round-off in near-zero
@@ -415,20 +418,20 @@ def test_asynchronous_rewards_give_the_same_samples_and_rewards(tmp_path, tiny_s
     synchronous, _ = make_trainer(tmp_path / "sync", tiny_sd_path)
     asynchronous, _ = make_trainer(tmp_path / "async", tiny_sd_path, async_reward_computation=True)
     asynchronous.unet.load_state_dict(synchronous.unet.state_dict())
-    expected, _ = synchronous._generate_samples(epoch=0)
-    actual, _ = asynchronous._generate_samples(epoch=0)
-    assert expected["prompts"] == actual["prompts"]
-    torch.testing.assert_close(actual["latents"], expected["latents"])
+    expected, _ = synchronous.generate_samples(epoch=0)
+    actual, _ = asynchronous.generate_samples(epoch=0)
+    assert expected.prompts == actual.prompts
+    torch.testing.assert_close(actual.latents, expected.latents)
     torch.testing.assert_close(
-        actual["rewards"], brightness(asynchronous.sd_pipeline.decode(actual["latents"][:, -1]), None, None)[0]
+        actual.rewards, brightness(asynchronous.sd_pipeline.decode(actual.latents[:, -1]), None, None)[0]
     )
-    torch.testing.assert_close(actual["rewards"], expected["rewards"])
+    torch.testing.assert_close(actual.rewards, expected.rewards)
 
 
 def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_says(tmp_path, tiny_sd_path):
     trainer, logged = make_trainer(tmp_path, tiny_sd_path, num_epochs=1)
     assert trainer.accelerator.gradient_accumulation_steps == 2 * 4  # batches per window x kept timesteps
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     (window, kept), _ = trainer.windows(samples, torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in trainer.objective_model.parameters()]
     trainer.accelerator.step = 5  # e.g. restored from a checkpoint of a run with another window size
@@ -439,7 +442,7 @@ def test_every_window_is_one_optimiser_step_whatever_the_accumulation_counter_sa
     )  # ...and the step ran
     with pytest.raises(ValueError, match=r"got 1 batches x 4 kept timesteps = 4 backward passes; the config "
                                          r"accumulates 8 per optimiser step"):  # fmt: skip
-        trainer.train_window({k: take_rows(v, torch.arange(2)) for k, v in window.items()}, kept[:2], 1.0, 0)
+        trainer.train_window(window.take(torch.arange(2)), kept[:2], 1.0, 0)
 
 
 def test_deepspeed_settings_come_from_the_config(tmp_path):
@@ -603,19 +606,19 @@ def test_steps_below_lora_min_timestep_are_sampled_and_trained_as_the_pretrained
     with torch.no_grad():
         for parameter in trainer.sd_pipeline.get_trainable_layers():
             parameter.add_(0.1 * torch.randn_like(parameter))
-    samples, _ = trainer._generate_samples(epoch=0)
-    difference = (samples["log_probs"] - samples["prior_log_probs"]).abs()
+    samples, _ = trainer.generate_samples(epoch=0)
+    difference = (samples.log_probs - samples.prior_log_probs).abs()
     assert (difference[:, 2:] == 0).all() and (difference[:, :2] > 1e-4).all()
     # 4 trajectories x (4 guided steps + the prior on the 2 steps it does not share) x 2 rows of guidance.
     assert trainer.counters.unet_forward_no_grad == 4 * (4 + 2) * 2
     # Training: the frozen steps' log-probabilities are the recorded ones and send no gradient to the LoRA.
     rows = torch.arange(4)
     for step in (0, 3):
-        log_probs = trainer._policy(
-            samples["latents"][rows, step], samples["timesteps"][rows, step], samples["prompt_embeds"][rows],
-            samples["latents"][rows, step + 1],
+        log_probs = trainer.policy.step(
+            samples.latents[rows, step], samples.timesteps[rows, step], samples.prompt_embeds[rows],
+            samples.latents[rows, step + 1],
         )[2].log_probs  # fmt: skip
-        torch.testing.assert_close(log_probs, samples["log_probs"][rows, step], rtol=0, atol=1e-3)
+        torch.testing.assert_close(log_probs, samples.log_probs[rows, step], rtol=0, atol=1e-3)
         if frozen[step]:
             assert not log_probs.requires_grad
         else:
@@ -635,7 +638,7 @@ def test_transition_order_puts_one_timestep_in_a_batch_or_mixes_them(tmp_path, t
         return loss(batch, model)
 
     trainer.objective.loss = recording_loss
-    samples, _ = trainer._generate_samples(epoch=0)
+    samples, _ = trainer.generate_samples(epoch=0)
     for window, kept in trainer.windows(samples, torch.Generator().manual_seed(0)):
         trainer.train_window(window, kept, beta=1.0, epoch=0)
     one_timestep = [len(set(timesteps)) == 1 for timesteps in seen]

@@ -13,6 +13,7 @@ from conftest import files_under, make_resumable_trainer
 from dag_trl import TrainingDivergedError
 from dag_trl.trainer import list_checkpoints
 from dag_trl.trainer.divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, first_non_finite
+from dag_trl.trainer.optimisation import PreparedModels
 
 
 def trained_copy(trainer) -> list[torch.Tensor]:
@@ -132,12 +133,15 @@ def test_non_finite_weights_are_never_written(tmp_path, tiny_sd_path):
 
 def test_fp16_skipped_steps_are_counted_and_stop_training_only_when_they_persist(tmp_path, tiny_sd_path, monkeypatch):
     trainer = make_resumable_trainer(tmp_path, tiny_sd_path)
-    trainer.uses_loss_scaling = True  # as with mixed_precision="fp16", which the CPU cannot run
+    trainer.optimiser_step.uses_loss_scaling = True  # as with mixed_precision="fp16", which the CPU cannot run
     skipped = iter([True, True, False] + [True] * (MAX_CONSECUTIVE_SKIPPED_STEPS + 1))
     monkeypatch.setattr(type(trainer.accelerator), "optimizer_step_was_skipped", property(lambda _: next(skipped)))
     calls = []
     for step in range(3 + MAX_CONSECUTIVE_SKIPPED_STEPS + 1):
-        metrics = trainer._optimiser_step(calls.append)
+        models = PreparedModels(
+            trainer.unet, trainer.objective_model, trainer.optimizer, None, trainer.prepared_models
+        )
+        metrics = trainer.optimiser_step(models, calls.append)
         expected_calls = 1 if step == 3 + MAX_CONSECUTIVE_SKIPPED_STEPS else 0
         assert len(calls) == expected_calls, step
     assert metrics["optimizer_steps_skipped"] == 2 + MAX_CONSECUTIVE_SKIPPED_STEPS + 1

@@ -16,6 +16,7 @@ from .ddpo import DDPO
 from .kl_pg import KLRegularisedPolicyGradient
 from .rdb import RelativeDetailedBalance
 from .rtb import RelativeTrajectoryBalance
+from .trajectories import Trajectories
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
@@ -67,6 +68,7 @@ __all__ = [
     "Objective",
     "RelativeDetailedBalance",
     "RelativeTrajectoryBalance",
+    "Trajectories",
     "TransitionBatch",
     "default_objective_name",
     "get_objective_class",

@@ -18,6 +18,7 @@ import torch
 if TYPE_CHECKING:
     from ..config import GFlowNetConfig
     from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
+    from .trajectories import Trajectories
 
 
 @dataclass
@@ -40,8 +41,8 @@ class TransitionBatch:
             prediction of ``x_t``; else ``None``.
         next_state_rewards: likewise for ``x_s`` (the final reward on terminal rows).
         beta: this epoch's reward exponent.
-        trajectory: the rows of the per-trajectory tensors that the objective added to the samples (its
-            ``trajectory_fields``), for example DDPO's advantages.
+        trajectory: the rows of the per-trajectory tensors that the objective added to the trajectories' ``extras``
+            (its ``trajectory_fields``), for example DDPO's advantages.
         step_index: each row's transition index ``n`` in sampling order (``0`` leaves ``x_T``), ``(B,)``.
         policy_mean: the mean of ``P_F(. | x_t)`` under the current weights, with gradient (``None`` for families
             whose step does not report it).
@@ -125,19 +126,19 @@ class Objective(ABC):
             transition and fills :attr:`TransitionBatch.state_rewards` / ``next_state_rewards``.
         model_folder: the folder (in checkpoints and saved models) of the objective's own trainable model; set it
             if and only if :meth:`create_model` returns one.
-        trajectory_fields: per-trajectory tensors that :meth:`prepare_samples` adds to the epoch's samples (or
-            :meth:`prepare_window` to a window); the loop hands their rows to :meth:`loss` in
-            :attr:`TransitionBatch.trajectory`.
+        trajectory_fields: the names of the per-trajectory tensors that :meth:`prepare_samples` adds to the epoch's
+            :attr:`Trajectories.extras` (or :meth:`prepare_window` to a window's); the loop hands their rows to
+            :meth:`loss` in :attr:`TransitionBatch.trajectory`.
         required_settings: config values the objective cannot train without, each with the reason:
             ``{field: (value, why)}``; :meth:`validate_config` refuses other values, and the ``dag-trl`` CLI sets
             them when neither the command line nor the ``--config`` file does.
         uses_detailed_balance: the loss is detailed balance against the noising kernel ``P_B``, which has a solution
             only for samplers that are the Gaussian posterior (DDIM at ``eta = 1``); the trainer warns on others.
         uses_prior_log_probs: sampling also scores every transition under the pretrained model (the pipeline's
-            adapter switched off), stored as the samples' ``"prior_log_probs"`` ``(B, N)``.
+            adapter switched off), stored as :attr:`Trajectories.prior_log_probs` ``(B, N)``.
         uses_prior_means: (with ``uses_prior_log_probs``) sampling also keeps the pretrained model's step mean at
-            every visited state, ``"prior_means"`` ``(B, N, C, h, w)``, and the closed-form KL from the sampling
-            policy's step to it, ``"prior_kls"`` ``(B, N)`` in nats; the loop fills
+            every visited state, :attr:`Trajectories.prior_means` ``(B, N, C, h, w)``, and the closed-form KL from
+            the sampling policy's step to it, :attr:`Trajectories.prior_kls` ``(B, N)`` in nats; the loop fills
             :attr:`TransitionBatch.prior_mean`.
         main_metric: the metric of :meth:`loss` that the trainer's per-epoch console line shows (its epoch mean).
         target_settings: the config fields that define what the objective trains towards; a checkpoint records
@@ -188,14 +189,15 @@ class Objective(ABC):
         """Read a model that :meth:`create_model` made and ``save_pretrained`` wrote to ``path``."""
         raise NotImplementedError(f"{type(self).__name__} has no model of its own to load.")
 
-    def prepare_samples(self, samples: dict[str, Any], accelerator: Any) -> None:
+    def prepare_samples(self, samples: Trajectories, accelerator: Any) -> None:
         """Called once per epoch after sampling and scoring, before training: add the :attr:`trajectory_fields` to
-        ``samples`` (tensors with one row per trajectory). ``accelerator`` reaches the other processes' samples."""
+        ``samples.extras`` (tensors with one row per trajectory). ``accelerator`` reaches the other processes'
+        samples."""
         return None
 
     def prepare_window(
         self,
-        window: dict[str, Any],
+        window: Trajectories,
         beta: float,
         policy_log_probs: Callable[[], torch.Tensor],
         model: Optional[torch.nn.Module],

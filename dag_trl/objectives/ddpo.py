@@ -11,6 +11,7 @@ import torch
 
 from .base import Objective, TransitionBatch, process_share
 from .losses import ppo_clipped_loss
+from .trajectories import Trajectories
 
 ADVANTAGE_EPSILON = 1e-6
 
@@ -92,17 +93,17 @@ class DDPO(Objective):
             else None
         )
 
-    def prepare_samples(self, samples: dict[str, Any], accelerator: Any) -> None:
+    def prepare_samples(self, samples: Trajectories, accelerator: Any) -> None:
         """Advantages of the epoch's trajectories, from the rewards of every process (as DDPO computes them)."""
         from accelerate.utils import gather_object
 
-        rewards = accelerator.gather(samples["rewards"]).cpu().numpy().astype(np.float64)
+        rewards = accelerator.gather(samples.rewards).cpu().numpy().astype(np.float64)
         if self.stat_tracker is not None:
-            advantages = self.stat_tracker.advantages(gather_object(list(samples["prompts"])), rewards)
+            advantages = self.stat_tracker.advantages(gather_object(list(samples.prompts)), rewards)
         else:
             advantages = standardised(rewards, rewards)
-        mine = process_share(advantages, accelerator, len(samples["prompts"]))
-        samples["advantages"] = torch.as_tensor(mine, dtype=torch.float32, device=samples["rewards"].device)
+        mine = process_share(advantages, accelerator, len(samples))
+        samples.extras["advantages"] = torch.as_tensor(mine, dtype=torch.float32, device=samples.rewards.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.stat_tracker is None else {"per_prompt_stats": self.stat_tracker.state_dict()}

@@ -12,6 +12,7 @@ import torch
 from ..samplers.ddim import gaussian_step_kl
 from .base import PRIOR_SAMPLER_SETTINGS, Objective, TransitionBatch, check_prior_available, process_share
 from .losses import kl_regularised_returns, leave_one_out_baseline
+from .trajectories import Trajectories
 
 
 class KLRegularisedPolicyGradient(Objective):
@@ -74,13 +75,13 @@ class KLRegularisedPolicyGradient(Objective):
         check_prior_available(pipeline, self.name)
         return None
 
-    def prepare_samples(self, samples: dict[str, Any], accelerator: Any) -> None:
+    def prepare_samples(self, samples: Trajectories, accelerator: Any) -> None:
         """The advantages ``(B, N)`` of every transition, with baselines over every process's trajectories."""
         from accelerate.utils import gather_object
 
-        rewards = accelerator.gather(samples["rewards"].float())
-        step_kls = accelerator.gather(samples["prior_kls"].float())
-        prompts = gather_object(list(samples["prompts"])) if accelerator.num_processes > 1 else samples["prompts"]
+        rewards = accelerator.gather(samples.rewards.float())
+        step_kls = accelerator.gather(samples.prior_kls.float())
+        prompts = gather_object(list(samples.prompts)) if accelerator.num_processes > 1 else samples.prompts
         returns = kl_regularised_returns(rewards, step_kls, self.config.train_reward_exp)
         baseline = leave_one_out_baseline(returns, prompts)
         # A prompt drawn once this epoch has no other trajectory of its own: the mean of every other trajectory's
@@ -90,7 +91,7 @@ class KLRegularisedPolicyGradient(Objective):
             epoch_baseline = leave_one_out_baseline(returns, [0] * len(prompts))
             baseline = torch.where(alone.unsqueeze(1), epoch_baseline, baseline)
         advantages = returns - baseline
-        samples["kl_pg_advantages"] = process_share(advantages, accelerator, len(samples["prompts"]))
+        samples.extras["kl_pg_advantages"] = process_share(advantages, accelerator, len(samples))
 
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         num_steps = self.config.sample_num_steps

@@ -4,7 +4,7 @@ intractable inference in diffusion models", arXiv 2405.20971)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from .base import (
     check_guided_training,
     check_prior_available,
 )
+from .trajectories import Trajectories
 
 
 def relative_trajectory_balance_residual(
@@ -102,20 +103,20 @@ class RelativeTrajectoryBalance(Objective):
     @torch.no_grad()
     def prepare_window(
         self,
-        window: dict[str, Any],
+        window: Trajectories,
         beta: float,
         policy_log_probs: Callable[[], torch.Tensor],
         model: Optional[torch.nn.Module],
     ) -> None:
-        learned = model(window["prompt_embeds"].hidden_states)
+        learned = model(window.prompt_embeds.hidden_states)
         residual_without_log_z = relative_trajectory_balance_residual(
-            torch.zeros_like(learned), policy_log_probs(), window["prior_log_probs"], window["rewards"].float(), beta
+            torch.zeros_like(learned), policy_log_probs(), window.prior_log_probs, window.rewards.float(), beta
         )
-        window["rtb_log_z_delta"] = learned + residual_without_log_z
+        window.extras["rtb_log_z_delta"] = learned + residual_without_log_z
         log_partition = learned
         if self.config.train_log_z_estimate == "batch":
-            log_partition = batch_log_partition(residual_without_log_z, window["prompts"], learned)
-        window["rtb_delta"] = log_partition + residual_without_log_z
+            log_partition = batch_log_partition(residual_without_log_z, window.prompts, learned)
+        window.extras["rtb_delta"] = log_partition + residual_without_log_z
 
     def loss(self, batch: TransitionBatch, model: Optional[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, float]]:
         delta = batch.trajectory["rtb_delta"]

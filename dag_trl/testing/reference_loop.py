@@ -26,13 +26,13 @@ def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, ep
     """x0_hat of ``latents`` from a fresh no-grad conditional forward, decoded and scored."""
     pipeline = trainer.sd_pipeline
     with torch.no_grad(), trainer.autocast():
-        _, conditional = pipeline.predict_noise(latents, timesteps, window["prompt_embeds"][rows], None, 1.0)
+        _, conditional = pipeline.predict_noise(latents, timesteps, window.prompt_embeds[rows], None, 1.0)
         original = pipeline.predict_original_sample(conditional, timesteps, latents)
         images = pipeline.decode(original)
     counters.vae_decodes += len(rows)
     counters.reward_calls += 1
     counters.reward_samples += len(rows)
-    rewards, _ = trainer.reward_fn(images, [window["prompts"][i] for i in rows], [window["metadata"][i] for i in rows])
+    rewards, _ = trainer.reward_fn(images, [window.prompts[i] for i in rows], [window.metadata[i] for i in rows])
     return torch.as_tensor(rewards, dtype=torch.float32, device=latents.device)
 
 
@@ -44,7 +44,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
     by the trainer's forward hooks in ``trainer.counters``."""
     config = trainer.config
     pipeline = trainer.sd_pipeline
-    num_steps = window["log_probs"].shape[1]
+    num_steps = window.log_probs.shape[1]
     if config.train_transition_order == "by_timestep":
         kept = torch.sort(kept, dim=1, descending=True).values
     num_kept = kept.shape[1]
@@ -54,14 +54,14 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
         rows = torch.arange(start, min(start + config.train_batch_size, kept.shape[0]))
         for column in range(num_kept):
             steps = kept[rows, column]
-            latents = window["latents"][rows, steps]
-            next_latents = window["latents"][rows, steps + 1]
-            timesteps = window["timesteps"][rows, steps]
+            latents = window.latents[rows, steps]
+            next_latents = window.latents[rows, steps + 1]
+            timesteps = window.timesteps[rows, steps]
             terminal = ((steps + 1) == num_steps).to(latents.device)
-            next_timesteps = window["timesteps"][rows, (steps + 1).clamp(max=num_steps - 1)]
+            next_timesteps = window.timesteps[rows, (steps + 1).clamp(max=num_steps - 1)]
             # A terminal row's next state is the final sample: its x0_hat and flow are computed at the row's own
             # timestep (a time the family's schedule has) and discarded, as the reference computes and discards them.
-            embeds = window["prompt_embeds"][rows]
+            embeds = window.prompt_embeds[rows]
             negative = trainer.negative_prompt_embeds.expand(len(rows)) if trainer.trains_with_guidance else None
 
             with trainer.autocast():
@@ -84,9 +84,9 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             flow_next = trainer.objective_model(next_latents, next_timesteps, embeds.hidden_states, embeds.pooled)
             log_flow = forward_looking_log_flow(flow_now, reward_now, beta)
             next_log_flow = torch.where(
-                terminal, beta * window["rewards"][rows], forward_looking_log_flow(flow_next, reward_next, beta)
+                terminal, beta * window.rewards[rows], forward_looking_log_flow(flow_next, reward_next, beta)
             )
-            regulariser = proximal_regulariser(guided, window["noise_preds"][rows, steps])
+            regulariser = proximal_regulariser(guided, window.model_outputs[rows, steps])
             if config.objective_name == "rdb":
                 # The pretrained model's step, recomputed here with the adapter switched off (the trainer records it
                 # while sampling).
@@ -108,7 +108,7 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                 )
                 advantages = leave_one_out_advantages(-residual.detach(), config.train_adv_clip_max)
                 kl = ppo_clipped_loss(
-                    advantages, step.log_probs, window["log_probs"][rows, steps], config.train_clip_range
+                    advantages, step.log_probs, window.log_probs[rows, steps], config.train_clip_range
                 )
                 loss = residual**2 + config.train_klpf * kl + config.train_unet_reg * regulariser
             else:

@@ -11,6 +11,9 @@ checkpoint of another configuration is named before anything is loaded.
 While a run trains it holds ``run.lock`` in the folder above ``checkpoints/``, an operating-system file lock
 (``filelock``) that ends with its process, however that process ends; ``run.lock.owner.json`` beside it names the
 process. A second run writing the same folder would prune the first one's checkpoints and resume from them.
+
+:class:`Checkpointer` does all of this for a trainer, which owns one; the functions below are what it, the CLI and
+the tests share.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ import pickle
 import shutil
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from filelock import FileLock, Timeout
 
 from ..config import GFlowNetConfig
 from ..objectives import get_objective_class
-from .divergence import TrainingDivergedError, how_to_go_on
 
 if TYPE_CHECKING:
     import torch
@@ -341,29 +343,63 @@ def release_run_lock(config: GFlowNetConfig) -> None:
     lock.release(force=True)
 
 
-class CheckpointingMixin:
-    """Saving and restoring the training state; mixed into :class:`GFlowNetDiffusionTrainer`, whose attributes
-    (``accelerator``, ``sd_pipeline``, ``objective``, ``objective_model``, the counters of progress) it uses."""
+class Checkpointer:
+    """A run's checkpoints, owned by the trainer: the folder and its ``run.lock``, the checks of a checkpoint before
+    a resume, the hooks that give accelerate's ``save_state`` / ``load_state`` the model family's and the objective
+    model's formats, atomic saves with pruning to ``num_checkpoint_limit``, and loads.
 
-    config: GFlowNetConfig
-    accelerator: Accelerator
-    sd_pipeline: GFlowNetStableDiffusionPipeline
-    objective: Objective
-    uses_deepspeed: bool
+    What a checkpoint restores of the training progress (epoch, steps, histories, the objective's state) is the
+    trainer's: :meth:`save` writes the ``progress`` it is given into ``trainer_state.json`` and :meth:`load` returns
+    that file's contents.
 
-    @property
-    def checkpoint_dir(self) -> str:
-        return checkpoint_dir(self.config)
+    Args:
+        config: the run's config (folders, limits, the settings a resume compares).
+        accelerator: the run's accelerator, whose ``save_state`` / ``load_state`` write and read the state.
+        pipeline: the model family, which writes and reads the denoiser's trained weights.
+        objective: the run's objective (its name, model folder, target settings, model loading).
+        uses_deepspeed: whether accelerate runs DeepSpeed (its engine saves every trained network itself).
+    """
+
+    def __init__(
+        self,
+        config: GFlowNetConfig,
+        accelerator: Accelerator,
+        pipeline: GFlowNetStableDiffusionPipeline,
+        objective: Objective,
+        uses_deepspeed: bool,
+    ):
+        self.config = config
+        self.accelerator = accelerator
+        self.pipeline = pipeline
+        self.objective = objective
+        self.uses_deepspeed = uses_deepspeed
+        self.folder = checkpoint_dir(config)
+        self.objective_model: Optional[torch.nn.Module] = None
+        self.save_weights: Optional[Callable[[str], None]] = None
+
+    def register_hooks(self, objective_model: Optional[torch.nn.Module], save_weights: Callable[[str], None]) -> None:
+        """Have accelerate's ``save_state`` / ``load_state`` write and read the denoiser's trained weights in the
+        family's format and ``objective_model`` (unwrapped) under the objective's ``model_folder``.
+        ``save_weights(folder)`` writes the portable copies of both that a DeepSpeed checkpoint carries beside the
+        engine's files."""
+        self.objective_model = objective_model
+        self.save_weights = save_weights
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+    def path(self, epoch: int) -> str:
+        """The folder of the checkpoint after ``epoch``: ``<checkpoint_dir>/checkpoint_<epoch>``."""
+        return os.path.join(self.folder, f"checkpoint_{epoch}")
 
     def last_checkpoint(self) -> Optional[str]:
         """The newest complete checkpoint of this run's folder, or ``None``."""
-        checkpoints = list_checkpoints(self.checkpoint_dir)
+        checkpoints = list_checkpoints(self.folder)
         return checkpoints[-1][1] if checkpoints else None
 
     def _run_settings(self) -> dict[str, Any]:
-        """What a resumed run must match (:meth:`_check_resumable`): the launch (DeepSpeed, process count), the
+        """What a resumed run must match (:meth:`check_resumable`): the launch (DeepSpeed, process count), the
         objective, and the pipeline settings that shape the saved weights (``None`` where the family has none)."""
-        pipeline = self.sd_pipeline
+        pipeline = self.pipeline
         base_model = getattr(pipeline, "pretrained_model_name", None)
         if base_model is not None and os.path.isdir(base_model):
             base_model = os.path.realpath(base_model)  # the same local model however its path is spelled
@@ -399,7 +435,7 @@ class CheckpointingMixin:
             differences[name] = (saved[key], value)
         return differences
 
-    def _check_resumable(self, path: str, objective_model: Optional[torch.nn.Module]) -> None:
+    def check_resumable(self, path: str, objective_model: Optional[torch.nn.Module]) -> None:
         """Refuse, before anything is loaded, a checkpoint this run cannot continue: written with or without
         DeepSpeed, by another number of processes, with another objective, base model, LoRA or objective-model
         shape; with an unreadable ``trainer_state.json``; or with a file missing or of another size than saved."""
@@ -465,7 +501,7 @@ class CheckpointingMixin:
                 stacklevel=4,
             )
 
-    def _acquire_run_lock(self) -> None:
+    def acquire_run_lock(self) -> None:
         """Take ``run.lock`` on the main process; every process raises if another run holds it."""
         from accelerate.utils import broadcast_object_list
 
@@ -480,17 +516,17 @@ class CheckpointingMixin:
         if refusal is not None:
             raise RuntimeError(refusal)
 
-    def _release_run_lock(self) -> None:
+    def release_run_lock(self) -> None:
         if self.accelerator.is_main_process:
             release_run_lock(self.config)
 
-    def _warn_about_other_checkpoints(self) -> None:
+    def warn_about_other_checkpoints(self) -> None:
         """A run that does not resume, in a folder that holds another run's checkpoints, would prune its own
         checkpoints before those of higher epochs, and ``resume_from="latest"`` would pick the other run's."""
-        existing = [epoch for epoch, _ in list_checkpoints(self.checkpoint_dir)]
+        existing = [epoch for epoch, _ in list_checkpoints(self.folder)]
         if existing and self.accelerator.is_main_process:
             warnings.warn(
-                f"{self.checkpoint_dir!r} already holds checkpoints of epochs {existing} from an earlier run, and "
+                f"{self.folder!r} already holds checkpoints of epochs {existing} from an earlier run, and "
                 "this run does not resume: pruning keeps the highest epochs of both runs and resume_from='latest' "
                 "picks the newest of either. Resume that run (resume_from='latest'), delete its checkpoints, or use "
                 "another logdir.",
@@ -499,7 +535,7 @@ class CheckpointingMixin:
 
     def _objective_model_index(self, models: list) -> int:
         unwrapped = self.accelerator.unwrap_model
-        return next(i for i, m in enumerate(models) if unwrapped(m) is self.unwrapped_objective_model)
+        return next(i for i, m in enumerate(models) if unwrapped(m) is self.objective_model)
 
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
         # accelerate calls this hook on every process but saves model weights from the main one only; do the same,
@@ -509,28 +545,26 @@ class CheckpointingMixin:
         if self.uses_deepspeed:
             # The engine's own checkpoint holds every trained network and the optimiser; the files written here are
             # the portable ones (diffusers LoRA, flow network) that `resume_from` checks for and other tools load.
-            self._save_trained_weights(output_dir)
+            self.save_weights(output_dir)
             return
         # accelerate passes its own model list here: leave it intact and drop the entries we save from `weights`.
         others = list(range(len(models)))
-        if self.unwrapped_objective_model is not None:
+        if self.objective_model is not None:
             index = self._objective_model_index(models)
-            self.unwrapped_objective_model.save_pretrained(os.path.join(output_dir, self.objective.model_folder))
+            self.objective_model.save_pretrained(os.path.join(output_dir, self.objective.model_folder))
             weights.pop(index)
             others.remove(index)
-        self.sd_pipeline.save_checkpoint(
-            [self.accelerator.unwrap_model(models[i]) for i in others], weights, output_dir
-        )
+        self.pipeline.save_checkpoint([self.accelerator.unwrap_model(models[i]) for i in others], weights, output_dir)
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:
         if self.uses_deepspeed:
             return  # the engine's load_checkpoint has restored every network and the optimiser
-        if self.unwrapped_objective_model is not None:
+        if self.objective_model is not None:
             models.pop(self._objective_model_index(models))
             loaded = self.objective.load_model(os.path.join(input_dir, self.objective.model_folder))
-            self.unwrapped_objective_model.load_state_dict(loaded.state_dict())
+            self.objective_model.load_state_dict(loaded.state_dict())
         remaining = [self.accelerator.unwrap_model(m) for m in models]
-        self.sd_pipeline.load_checkpoint(remaining, input_dir)
+        self.pipeline.load_checkpoint(remaining, input_dir)
         # Whatever the pipeline loaded is gone from `remaining`; accelerate must not look for its weights file.
         models[:] = [m for m in models if self.accelerator.unwrap_model(m) in remaining]
 
@@ -544,28 +578,23 @@ class CheckpointingMixin:
             if not is_disk_full(error):
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
-            free = shutil.disk_usage(self.checkpoint_dir).free / 2**20
-            previous = list_checkpoints(self.checkpoint_dir)
+            free = shutil.disk_usage(self.folder).free / 2**20
+            previous = list_checkpoints(self.folder)
             kept = f"the newest complete checkpoint, {previous[-1][1]!r}, is intact" if previous else "no checkpoint"
             raise OSError(
                 errno.ENOSPC,
-                f"Saving checkpoint {final!r} failed: the disk holding {self.checkpoint_dir!r} is full or over its "
+                f"Saving checkpoint {final!r} failed: the disk holding {self.folder!r} is full or over its "
                 f"quota ({error}). The partial folder {temporary!r} was removed ({free:.0f} MiB free now); "
                 f"{kept}. Free some space (or lower num_checkpoint_limit, or move logdir to a larger disk), then "
                 "resume with resume_from='latest'.",
             ) from error
 
-    def save_checkpoint(self, epoch: int) -> str:
-        """Write the training state after ``epoch`` atomically (temporary folder, then rename) and prune old ones;
-        weights that fail the health check (:meth:`weights_health_problem`) raise ``TrainingDivergedError`` before
-        anything is written or pruned, naming the last checkpoint (which passed it)."""
-        final = os.path.join(self.checkpoint_dir, f"checkpoint_{epoch}")
-        problem = self.weights_health_problem()
-        if problem is not None:
-            raise TrainingDivergedError(
-                f"Refusing to write {final!r}: {problem}; training diverged by the end of epoch {epoch}. Nothing was "
-                f"pruned. {how_to_go_on(self.last_checkpoint())}"
-            )
+    def save(self, epoch: int, progress: dict[str, Any]) -> str:
+        """Write the training state after ``epoch`` atomically (a temporary folder, renamed when complete) with
+        ``progress`` (the trainer's counters and histories, JSON-serialisable) in ``trainer_state.json``, then prune
+        the oldest checkpoints beyond the limit (:func:`checkpoint_limit`); returns the checkpoint's folder. Call it
+        on every process."""
+        final = self.path(epoch)
         temporary = final + ".tmp"
         if self.accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -578,11 +607,7 @@ class CheckpointingMixin:
         if self.accelerator.is_main_process:
             state = {
                 "epoch": epoch,
-                "global_step": self.global_step,
-                "weights_version": self.weights_version,
-                "reward_history": self.reward_history,
-                "evaluation_history": self.evaluation_history,
-                "objective_state": self.objective.state_dict(),
+                **progress,
                 **self._run_settings(),
                 # What a resume compares: the settings that define the target, and those it may change with a warning.
                 "config": {name: getattr(self.config, name) for name in self._compared_settings()},
@@ -596,22 +621,23 @@ class CheckpointingMixin:
             os.replace(temporary, final)
             limit = checkpoint_limit(self.config)
             if limit is not None:
-                for _, old in list_checkpoints(self.checkpoint_dir)[:-limit]:
+                for _, old in list_checkpoints(self.folder)[:-limit]:
                     shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
     def _deepspeed_checkpoint_kwargs(self, saving: bool) -> dict[str, bool]:
         """DeepSpeed's checkpoint of a LoRA run leaves out the frozen base UNet (it comes from the base model)."""
-        if not (self.uses_deepspeed and self.sd_pipeline.use_lora):
+        if not (self.uses_deepspeed and self.pipeline.use_lora):
             return {}
         return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
 
-    def _load_checkpoint(self, path: str) -> None:
+    def load(self, path: str, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+        """Restore accelerate's state (weights, ``optimizers``, RNG) from the checkpoint ``path``, keeping this run's
+        learning rates, and return its ``trainer_state.json`` for the trainer to restore its progress from."""
         state = read_trainer_state(path)
         # The optimisers' saved state carries the saved run's learning rates; this run's config sets them (a resume
         # after a divergence lowers them).
-        optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
         learning_rates = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
         try:
             self.accelerator.load_state(path, **self._deepspeed_checkpoint_kwargs(saving=False))
@@ -624,17 +650,13 @@ class CheckpointingMixin:
         for optimizer, rates in zip(optimizers, learning_rates, strict=True):
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
-        self.first_epoch = state["epoch"] + 1
-        self.global_step = state["global_step"]
-        self.weights_version = state["weights_version"]
-        self.reward_history = state.get("reward_history", [])
-        self.evaluation_history = state.get("evaluation_history", [])
-        self.objective.load_state_dict(state.get("objective_state", {}))
-        if self.first_epoch >= self.config.num_epochs:
+        first_epoch = state["epoch"] + 1
+        if first_epoch >= self.config.num_epochs:
             warnings.warn(
                 f"GFlowNetConfig.resume_from={self.config.resume_from!r}: {path!r} was saved after epoch "
                 f"{state['epoch']}, and num_epochs={self.config.num_epochs} ends there, so train() has no epoch "
-                f"left to run. Set num_epochs above {self.first_epoch} to train further.",
+                f"left to run. Set num_epochs above {first_epoch} to train further.",
                 stacklevel=3,
             )
-        logger.info("Resumed from %s at epoch %d", path, self.first_epoch)
+        logger.info("Resumed from %s at epoch %d", path, first_epoch)
+        return state

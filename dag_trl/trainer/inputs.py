@@ -1,17 +1,27 @@
-"""Checks of what user callables return: rewards and prompts, with errors that name the problem."""
+"""Checks of the trainer's arguments and of what user callables return (rewards and prompts), with errors that name
+the problem."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
 
+from ..config import GFlowNetConfig
+from ..io.tracking import check_tracker_installed
+from ..models.pipeline import GFlowNetStableDiffusionPipeline
+from ..prompts import PromptCallable, get_prompt_fn
+from ..rewards import RewardCallable, get_reward_fn
 from ..rewards.base import FLOAT32_MAX, score_problem
 from ..utils import callable_name
+
+if TYPE_CHECKING:
+    from ..objectives import Objective
 
 # beta * (max R - min R) beyond which a batch's rewards swamp the log-space, in nats. The objectives compare beta * R
 # with log-probability differences in float32, never exponentiating it (DAG's default beta = 100 on rewards in [0, 1]
@@ -225,3 +235,81 @@ def validate_prompt(output: Any) -> tuple[str, dict]:
     if not isinstance(metadata, dict):
         raise TypeError(f"prompt_function returned metadata of type {type(metadata).__name__}: expected dict.")
     return prompt, metadata
+
+
+def check_trainer_inputs(
+    config: GFlowNetConfig,
+    reward_function: Union[RewardCallable, str],
+    prompt_function: Union[PromptCallable, str],
+    sd_pipeline: GFlowNetStableDiffusionPipeline,
+) -> tuple[RewardCallable, PromptCallable]:
+    """The trainer's reward and prompt functions (names looked up in the registries), after refusing, before
+    anything is set up, arguments it cannot train with: a config that is not a valid ``GFlowNetConfig``, functions
+    that are not callable, a pipeline of another type, a sampler that the pipeline's scheduler cannot run, a
+    ``lora_min_timestep`` without a LoRA or above the largest timestep, a tracker or bitsandbytes not installed."""
+    if not isinstance(config, GFlowNetConfig):
+        raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
+    config.validate()
+    if isinstance(reward_function, str):
+        reward_function = get_reward_fn(reward_function)
+    if isinstance(prompt_function, str):
+        prompt_function = get_prompt_fn(prompt_function)
+    for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
+        if not callable(value):
+            raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
+    if not isinstance(sd_pipeline, GFlowNetStableDiffusionPipeline):
+        raise TypeError(f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}.")
+    # Settings whose trouble shows only with the pipeline's scheduler (a step with zero variance, an eta whose
+    # variance underflows), before anything is set up.
+    sd_pipeline.check_sampler(config.sample_num_steps, config.sample_eta)
+    if config.lora_min_timestep and not sd_pipeline.use_lora:
+        raise ValueError(
+            f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
+            "steps below it use the pretrained model, the LoRA switched off."
+        )
+    check_tracker_installed(config.log_with)
+    if config.lora_min_timestep:
+        largest = float(sd_pipeline.set_timesteps(config.sample_num_steps).max())
+        if config.lora_min_timestep > largest:
+            raise ValueError(
+                f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} is invalid for this scheduler and "
+                f"sample_num_steps={config.sample_num_steps}: its largest timestep is {largest:g}, so no step would "
+                f"use the LoRA and nothing would be trained; expected an integer in [0, {math.floor(largest)}] "
+                "(0: the LoRA acts at every step)."
+            )
+    if config.train_use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
+            ) from error
+    return reward_function, prompt_function
+
+
+def inexact_training_warnings(
+    objective: Objective,
+    pipeline: GFlowNetStableDiffusionPipeline,
+    prompt_function: PromptCallable,
+    resume_path: Optional[str],
+) -> list[str]:
+    """What the trainer warns about before it sets anything up: a detailed-balance objective with a sampler for
+    which detailed balance has no solution, and a resume whose prompt function cannot be reseeded (so that it is
+    not exact)."""
+    messages = []
+    eta = objective.config.sample_eta
+    if objective.uses_detailed_balance and not pipeline.detailed_balance_holds(eta):
+        sampler = getattr(pipeline, "sampler", None)
+        messages.append(
+            f"{objective.display_name} trains detailed balance against the noising kernel, which has a solution only "
+            f"for the Gaussian-posterior sampler (DDIM at eta=1); this pipeline samples with sample_eta={eta}"
+            f"{f' and sampler={sampler!r}' if sampler else ''}, so the objective has no exact fixed point (RTB and "
+            "DDPO need no backward kernel)."
+        )
+    if resume_path is not None and not callable(getattr(prompt_function, "reseed", None)):
+        messages.append(
+            f"The prompt function {callable_name(prompt_function)!r} has no reseed(seed) method, so the resumed run "
+            "draws other prompts than the uninterrupted run would have: the resume is not exact. Give it one "
+            "(dag_trl.prompts.PromptList has it)."
+        )
+    return messages

@@ -11,6 +11,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..models.pipeline import PromptEmbeddings
+from ..objectives import Trajectories
 from .divergence import TrainingDivergedError, first_non_finite, how_to_go_on
 from .inputs import check_prompts, validate_prompt
 
@@ -33,6 +34,8 @@ class SamplingMixin:
     sd_pipeline: GFlowNetStableDiffusionPipeline
     negative_prompt_embeds: PromptEmbeddings
     objective: Objective
+    weights_version: int
+    sampled_weights_version: int
     _prompts_checked: bool = False
 
     def _sample(self, prompt_embeds: PromptEmbeddings, generator: torch.Generator, **options: Any) -> Any:
@@ -110,7 +113,11 @@ class SamplingMixin:
                 probe[f"{self.objective.model_folder} outputs"] = outputs
         return probe
 
-    def _generate_samples(self, epoch: int) -> tuple[dict[str, Any], list]:
+    def generate_samples(self, epoch: int) -> tuple[Trajectories, list]:
+        """The epoch's trajectories from the current policy with their rewards, and the first sampling batch's
+        ``[[images, prompts, metadata, rewards, reward_info]]`` for the image samples hook. Records the weights
+        version they were sampled with (``sampled_weights_version``): until the weights change, what sampling
+        recorded is what the current weights would compute."""
         config = self.config
         generator = torch.Generator().manual_seed(self._seed_for(epoch, 0))
         batches, prompt_image_data, pending = [], [], []
@@ -152,28 +159,28 @@ class SamplingMixin:
             else:
                 pending.append(self.compute_rewards(output.images, prompts, metadata, epoch))
             batches.append(
-                {
-                    "prompts": prompts,
-                    "metadata": metadata,
-                    "prompt_embeds": prompt_embeds.map(lambda value: value.float()),
-                    "latents": output.latents,
-                    "log_probs": output.log_probs,
-                    "backward_log_probs": output.backward_log_probs,
-                    "timesteps": output.timesteps.unsqueeze(0).expand(batch_size, -1),
-                    "noise_preds": output.noise_preds,
-                    "conditional_noise_preds": output.conditional_noise_preds,
-                    **({"prior_log_probs": output.prior_log_probs} if self.objective.uses_prior_log_probs else {}),
+                dict(
+                    prompts=prompts,
+                    metadata=metadata,
+                    prompt_embeds=prompt_embeds.map(lambda value: value.float()),
+                    latents=output.latents,
+                    log_probs=output.log_probs,
+                    backward_log_probs=output.backward_log_probs,
+                    timesteps=output.timesteps.unsqueeze(0).expand(batch_size, -1),
+                    model_outputs=output.noise_preds,
+                    conditional_model_outputs=output.conditional_noise_preds,
+                    prior_log_probs=output.prior_log_probs if self.objective.uses_prior_log_probs else None,
                     **self._prior_means(output),
-                }
+                )
             )
             prompt_image_data.append([output.images, prompts, metadata])
+        parts = []
         for batch, data, result in zip(batches, prompt_image_data, pending, strict=True):
             rewards, info = result.result() if isinstance(result, futures.Future) else result
-            batch["rewards"] = rewards
+            parts.append(Trajectories(**batch, rewards=rewards))
             data.extend([rewards, info])
-        samples = {key: self._concatenate([batch[key] for batch in batches]) for key in batches[0]}
-        samples["weights_version"] = self.weights_version
-        return samples, prompt_image_data[:1]
+        self.sampled_weights_version = self.weights_version
+        return Trajectories.cat(parts), prompt_image_data[:1]
 
     def _prior_means(self, output: Any) -> dict[str, torch.Tensor]:
         """The pretrained model's step means and per-step KLs, for objectives that declare ``uses_prior_means``."""
@@ -185,11 +192,3 @@ class SamplingMixin:
                 f"{type(self.sd_pipeline).__name__}.scheduler_step returns none (its output has no 'mean')."
             )
         return {"prior_means": output.prior_means, "prior_kls": output.prior_kls}
-
-    @staticmethod
-    def _concatenate(parts: list) -> Any:
-        if isinstance(parts[0], list):
-            return sum(parts, [])
-        if isinstance(parts[0], PromptEmbeddings):
-            return PromptEmbeddings.cat(parts)
-        return torch.cat(parts)

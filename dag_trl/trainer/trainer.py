@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import signal
 import sys
 import threading
@@ -47,18 +46,28 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import GFlowNetConfig
 from ..evaluation import reward_statistics
 from ..evaluation_features import feature_extractor
-from ..io.tracking import check_tracker_installed, log_image_samples, tracker_config, tracker_init_kwargs
-from ..models.pipeline import GFlowNetStableDiffusionPipeline, PromptEmbeddings
-from ..objectives import TransitionBatch, get_objective_class
+from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
+from ..models.pipeline import GFlowNetStableDiffusionPipeline
+from ..objectives import Trajectories, TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
-from ..prompts import PromptCallable, get_prompt_fn
-from ..rewards import RewardCallable, get_reward_fn
-from ..utils import callable_name
-from .checkpointing import CheckpointingMixin, accelerate_project_kwargs, list_checkpoints, resolve_resume_from
-from .distributed import TrainableModules, check_deepspeed_precision, configure_deepspeed
-from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingDivergedError, divergence_message, first_non_finite
+from ..prompts import PromptCallable
+from ..rewards import RewardCallable
+from .checkpointing import (
+    Checkpointer,
+    list_checkpoints,
+    resolve_resume_from,
+)
+from .distributed import check_deepspeed_precision, configure_deepspeed
+from .divergence import (
+    TrainingDivergedError,
+    divergence_message,
+    first_non_finite,
+    how_to_go_on,
+)
 from .evaluating import EvaluationHook, EvaluationMixin
-from .inputs import check_reward_scale, validate_reward_output
+from .inputs import check_reward_scale, check_trainer_inputs, inexact_training_warnings, validate_reward_output
+from .optimisation import OptimiserStep, PreparedModels, create_accelerator, prepare_models
+from .policy import TrainingPolicy
 from .sampling import SamplingMixin
 from .saving import SavingMixin
 from .state_rewards import StateRewardCache
@@ -89,16 +98,18 @@ class WorkCounters:
     def as_metrics(self) -> dict[str, int]:
         return {f"counters/{name}": value for name, value in self.__dict__.items()}
 
+    def count_denoiser_forward(self, output: Any) -> None:
+        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
+        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
+        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
+        if torch.is_grad_enabled():
+            self.unet_forward_grad += rows
+        else:
+            self.unet_forward_no_grad += rows
 
-def take_rows(value: Any, indices: torch.Tensor) -> Any:
-    """The rows ``indices`` of a sample field: a tensor, prompt embeddings or a list; other values as they are."""
-    if torch.is_tensor(value):
-        return value[indices.to(value.device)]
-    if isinstance(value, PromptEmbeddings):
-        return value[indices]
-    if isinstance(value, list):
-        return [value[i] for i in indices.tolist()]
-    return value
+    def count_flow_forward(self, output: torch.Tensor) -> None:
+        """Count a call of the objective's model (DAG's flow network), in samples."""
+        self.flow_forwards += output.shape[0]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -143,6 +154,30 @@ def stop_at_epoch_end() -> Iterator[StopRequest]:
             signal.signal(number, handler)
 
 
+def agreed_stop(accelerator: Any, signal_name: Optional[str]) -> Optional[str]:
+    """The stop request every process acts on at an epoch's end: with several processes, any one's (a signal may
+    reach only some of them, and the checkpoint needs all)."""
+    if accelerator.num_processes == 1:
+        return signal_name
+    flag = torch.tensor([float(signal_name is not None)], device=accelerator.device)
+    if accelerator.reduce(flag, "sum").item() == 0:
+        return None
+    return signal_name or "a signal to another process"
+
+
+def interruption_message(interrupt: KeyboardInterrupt, epoch: int, folder: str) -> str:
+    """What Ctrl-C or SIGTERM (a cluster's pre-emption) during ``epoch`` leaves: resume needs a whole epoch, so the
+    message names the last checkpoint in ``folder``."""
+    checkpoints = list_checkpoints(folder)
+    last = (
+        f"the last checkpoint is {checkpoints[-1][1]!r} (epoch {checkpoints[-1][0]}): resume from it with "
+        "resume_from='latest'"
+        if checkpoints
+        else "no checkpoint was written yet"
+    )
+    return f"Training was interrupted ({str(interrupt) or 'SIGINT'}) during epoch {epoch}; {last}."
+
+
 def default_objective_message(config: GFlowNetConfig) -> str:
     """What a config without ``train_objective`` trains, for users who port a DDPO script: the objective ``train_klpf``
     picks, its target, and the reward evaluations its state rewards add (per trajectory and inner epoch: the ``k``
@@ -168,6 +203,12 @@ def default_objective_message(config: GFlowNetConfig) -> str:
     )
 
 
+def epoch_metric(name: str, window_metrics: list[dict[str, float]]) -> Optional[tuple[str, float]]:
+    """``(name, mean over the epoch's optimiser steps)`` of the metric ``name``, ``None`` if no step logged it."""
+    values = [metrics[name] for metrics in window_metrics if name in metrics]
+    return (name, sum(values) / len(values)) if values else None
+
+
 def epoch_line(
     epoch: int,
     num_epochs: int,
@@ -188,13 +229,16 @@ def epoch_line(
     return ", ".join(parts)
 
 
-def _sampler_name(pipeline: GFlowNetStableDiffusionPipeline) -> str:
-    sampler = getattr(pipeline, "sampler", None)
-    return f" and sampler={sampler!r}" if sampler else ""
-
-
-class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixin, SavingMixin):
+class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
     """Train a diffusion policy with a GFlowNet objective, the way TRL's ``DDPOTrainer`` is used.
+
+    Each epoch (:meth:`step`) samples trajectories with their rewards (:meth:`generate_samples`, a
+    :class:`~dag_trl.objectives.Trajectories`), cuts them into windows (:meth:`windows`), and for each window
+    (:meth:`train_window`) hands every kept transition (:class:`~dag_trl.trainer.policy.TrainingPolicy`) to the
+    objective's loss, backpropagates and steps (:class:`~dag_trl.trainer.optimisation.OptimiserStep`); then it
+    evaluates and checkpoints (:class:`~dag_trl.trainer.checkpointing.Checkpointer`).
+    ``dag_trl/testing/reference_loop.py`` is the straightforward version of the same window, transition by
+    transition, without the shared work.
 
     Args:
         config: the [`GFlowNetConfig`]; ``config.train_objective`` picks the objective.
@@ -233,58 +277,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         evaluation_hook: Optional[EvaluationHook] = None,
         image_features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType, ProjectConfiguration
+        from accelerate.utils import DistributedType
 
-        if not isinstance(config, GFlowNetConfig):
-            raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
-        config.validate()
-        if isinstance(reward_function, str):
-            reward_function = get_reward_fn(reward_function)
-        if isinstance(prompt_function, str):
-            prompt_function = get_prompt_fn(prompt_function)
-        for name, value in (("reward_function", reward_function), ("prompt_function", prompt_function)):
-            if not callable(value):
-                raise TypeError(f"{name} must be callable, got {type(value).__name__}.")
-        if not isinstance(sd_pipeline, GFlowNetStableDiffusionPipeline):
-            raise TypeError(
-                f"sd_pipeline must be a GFlowNetStableDiffusionPipeline, got {type(sd_pipeline).__name__}."
-            )
-        # Settings whose trouble shows only with the pipeline's scheduler (a step with zero variance, an eta whose
-        # variance underflows), before anything is set up.
-        sd_pipeline.check_sampler(config.sample_num_steps, config.sample_eta)
-        if config.lora_min_timestep and not sd_pipeline.use_lora:
-            raise ValueError(
-                f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} needs a pipeline with use_lora=True: the "
-                "steps below it use the pretrained model, the LoRA switched off."
-            )
-        check_tracker_installed(config.log_with)
-        if config.lora_min_timestep:
-            largest = float(sd_pipeline.set_timesteps(config.sample_num_steps).max())
-            if config.lora_min_timestep > largest:
-                raise ValueError(
-                    f"GFlowNetConfig.lora_min_timestep={config.lora_min_timestep} is invalid for this scheduler and "
-                    f"sample_num_steps={config.sample_num_steps}: its largest timestep is {largest:g}, so no step would "
-                    f"use the LoRA and nothing would be trained; expected an integer in [0, {math.floor(largest)}] "
-                    "(0: the LoRA acts at every step)."
-                )
-        if config.train_use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as error:
-                raise ImportError(
-                    "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
-                ) from error
+        reward_function, prompt_function = check_trainer_inputs(config, reward_function, prompt_function, sd_pipeline)
         self.config = config
         self.objective = get_objective_class(config.objective_name)(config)
-        if self.objective.uses_detailed_balance and not sd_pipeline.detailed_balance_holds(config.sample_eta):
-            warnings.warn(
-                f"{self.objective.display_name} trains detailed balance against the noising kernel, which has a "
-                f"solution only for the Gaussian-posterior sampler (DDIM at eta=1); this pipeline samples with "
-                f"sample_eta={config.sample_eta}{_sampler_name(sd_pipeline)}, so the objective has no exact fixed "
-                "point (RTB and DDPO need no backward kernel).",
-                stacklevel=2,
-            )
         self.reward_fn = reward_function
         self.prompt_fn = prompt_function
         self.sd_pipeline = sd_pipeline
@@ -296,25 +293,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 "the evaluation's features: give one of them."
             )
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
-        if self.resume_path is not None and not callable(getattr(prompt_function, "reseed", None)):
-            warnings.warn(
-                f"The prompt function {callable_name(prompt_function)!r} has no reseed(seed) method, so the resumed "
-                "run draws other prompts than the uninterrupted run would have: the resume is not exact. Give it "
-                "one (dag_trl.prompts.PromptList has it).",
-                stacklevel=2,
-            )
-
-        # project_kwargs as TRL's DDPOTrainer takes them; checkpoint naming and total_limit are the trainer's own.
-        project_config = ProjectConfiguration(**accelerate_project_kwargs(config))
-        # One optimiser step per window: accelerate averages the window's backward passes and, with several
-        # processes, synchronises gradients on the last one only (`accumulate` in `train_window`).
-        self.accelerator = Accelerator(
-            log_with=config.log_with,
-            mixed_precision=config.mixed_precision,
-            project_config=project_config,
-            gradient_accumulation_steps=config.backward_passes_per_step,
-            **config.accelerator_kwargs,
-        )
+        for message in inexact_training_warnings(self.objective, sd_pipeline, prompt_function, self.resume_path):
+            warnings.warn(message, stacklevel=2)
+        self.accelerator = create_accelerator(config)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.image_features = (
             image_features
@@ -326,6 +307,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         if self.uses_deepspeed:
             check_deepspeed_precision(config, self.objective)
             configure_deepspeed(self.accelerator.state.deepspeed_plugin, config)
+        self.checkpointer = Checkpointer(config, self.accelerator, sd_pipeline, self.objective, self.uses_deepspeed)
 
         torch.manual_seed(config.seed)
         objective_model = self.objective.create_model(sd_pipeline)
@@ -336,10 +318,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             )
         # Refuse a checkpoint of another run, and a folder another run is writing, before anything is written.
         if self.resume_path is not None:
-            self._check_resumable(self.resume_path, objective_model)
+            self.checkpointer.check_resumable(self.resume_path, objective_model)
         else:
-            self._warn_about_other_checkpoints()
-        self._acquire_run_lock()
+            self.checkpointer.warn_about_other_checkpoints()
+        self.checkpointer.acquire_run_lock()
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(
                 config.tracker_project_name,
@@ -359,103 +341,77 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
 
         if objective_model is not None:
             objective_model.to(device)
-        # Under DeepSpeed in bfloat16 the objective's model (DAG's flow network, RTB's log Z) stays outside the
-        # engine, which would train a 16-bit copy of it: summed log-flows reach hundreds of nats, where bfloat16's
-        # spacing is several nats. It keeps float32 weights and its own optimiser (fp16 keeps it in the engine).
-        outside_engine = self.uses_deepspeed and objective_model is not None and config.mixed_precision == "bf16"
-        engine_objective_model = None if outside_engine else objective_model
-        self.optimizer = self._create_optimizer(sd_pipeline.get_trainable_layers(), engine_objective_model)
-        self.objective_optimizer = self._create_optimizer([], objective_model) if outside_engine else None
-
         with torch.no_grad():
             self.negative_prompt_embeds = sd_pipeline.encode_negative_prompt(config.negative_prompts)
         # Training recomputes guided outputs only where sampling guided them: at guidance 1 the sampler makes one
         # conditional call, and an [unconditional; conditional] batch would double the cost for a guided output
         # equal to the conditional one up to rounding (so it would not reproduce the sampled log-probabilities).
         self.trains_with_guidance = config.train_cfg and config.sample_guidance_scale != 1.0
-        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
-        if self.uses_deepspeed:
-            engine, self.optimizer = self.accelerator.prepare(
-                TrainableModules(sd_pipeline.unet, engine_objective_model), self.optimizer
-            )
-            # ZeRO stages 1-2 shard optimiser states and gradients, not parameters: the engine's modules can be
-            # called directly, and `accelerate.backward` routes every backward pass through the engine.
-            self.unet = engine.module.unet
-            self.objective_model = objective_model if outside_engine else engine.module.objective_model
-            self.prepared_models: tuple = (engine,)
-            if outside_engine:
-                # Saved and restored with the engine's checkpoint (accelerate's custom_checkpoint_<i>.pkl files).
-                self.accelerator.register_for_checkpointing(objective_model, self.objective_optimizer)
-        elif objective_model is not None:
-            self.unet, self.objective_model, self.optimizer = self.accelerator.prepare(
-                sd_pipeline.unet, objective_model, self.optimizer
-            )
-            self.prepared_models = (self.unet, self.objective_model)
-        else:
-            self.unet, self.optimizer = self.accelerator.prepare(sd_pipeline.unet, self.optimizer)
-            self.objective_model = None
-            self.prepared_models = (self.unet,)
+        self.checkpointer.register_hooks(objective_model, self._save_trained_weights)
+        prepared = prepare_models(
+            self.accelerator,
+            config,
+            sd_pipeline.unet,
+            sd_pipeline.get_trainable_layers(),
+            objective_model,
+            self.objective.learning_rate(),
+            self.uses_deepspeed,
+        )
+        self.unet, self.objective_model, self.prepared_models = (
+            prepared.unet,
+            prepared.objective_model,
+            prepared.prepared,
+        )
+        self.optimizer, self.objective_optimizer = prepared.optimizer, prepared.objective_optimizer
         self.unwrapped_objective_model = objective_model
+        self.policy = TrainingPolicy(
+            sd_pipeline,
+            self.unet,
+            self.negative_prompt_embeds if self.trains_with_guidance else None,
+            config.sample_guidance_scale,
+            config.sample_eta,
+            config.train_log_prob_reduction,
+            config.lora_min_timestep,
+            self.autocast,
+        )
         self.counters = WorkCounters()
         # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
         # state-reward cache, evaluation, the reference loop).
-        sd_pipeline.unet.register_forward_hook(self._count_denoiser_forward)
+        sd_pipeline.unet.register_forward_hook(
+            lambda module, inputs, output: self.counters.count_denoiser_forward(output)
+        )
         if objective_model is not None:
-            objective_model.register_forward_hook(self._count_objective_model_forward)
+            objective_model.register_forward_hook(
+                lambda module, inputs, output: self.counters.count_flow_forward(output)
+            )
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
         self.global_step = 0
-        self.weights_version = 0
+        # Incremented by every optimiser step; generate_samples records the one its trajectories were sampled with.
+        self.weights_version = self.sampled_weights_version = 0
         self.reward_history: list[dict[str, float]] = []
         self.epoch_window_metrics: list[dict[str, float]] = []  # the metrics of each optimiser step of the epoch
         self.evaluation_history: list[dict[str, Any]] = []
         self._reward_scale_warned = False
         # fp16 scales the loss (accelerate's gradient scaler, DeepSpeed's dynamic loss scale): a step whose gradients
         # overflow is skipped, not an error.
-        self.uses_loss_scaling = config.mixed_precision == "fp16"
-        self.skipped_steps = self.consecutive_skipped_steps = 0
-        if self.resume_path is not None:
-            self._load_checkpoint(self.resume_path)
-
-    def _create_optimizer(
-        self, unet_parameters: list, objective_model: Optional[torch.nn.Module]
-    ) -> torch.optim.Optimizer:
-        config = self.config
-        if config.train_use_8bit_adam:
-            import bitsandbytes
-
-            optimizer_class = bitsandbytes.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        groups = [{"params": unet_parameters, "lr": config.train_learning_rate}] if unet_parameters else []
-        if objective_model is not None:
-            groups.append({"params": list(objective_model.parameters()), "lr": self.objective.learning_rate()})
-        return optimizer_class(
-            groups,
-            betas=(config.train_adam_beta1, config.train_adam_beta2),
-            weight_decay=config.train_adam_weight_decay,
-            eps=config.train_adam_epsilon,
+        self.optimiser_step = OptimiserStep(
+            self.accelerator,
+            config.train_max_grad_norm,
+            self.uses_deepspeed,
+            uses_loss_scaling=config.mixed_precision == "fp16",
+            objective_model_folder=self.objective.model_folder,
         )
-
-    def _count_denoiser_forward(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        """Count a denoiser call in samples (a guided call on ``[unconditional; conditional]`` is two per sample),
-        with or without gradient. ``output`` is a tensor, a diffusers output or a tuple whose first entry is one."""
-        rows = (output if torch.is_tensor(output) else output[0]).shape[0]
-        if torch.is_grad_enabled():
-            self.counters.unet_forward_grad += rows
-        else:
-            self.counters.unet_forward_no_grad += rows
-
-    def _count_objective_model_forward(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.counters.flow_forwards += output.shape[0]
+        if self.resume_path is not None:
+            optimizers = [opt for opt in (self.optimizer, self.objective_optimizer) if opt is not None]
+            self._restore_progress(self.checkpointer.load(self.resume_path, optimizers))
 
     # ------------------------------------------------------------------ public API
 
     def train(self, epochs: Optional[int] = None) -> None:
         """Train for ``epochs`` (default ``config.num_epochs``) epochs, resuming where a checkpoint left off."""
         last_epoch = self.config.num_epochs if epochs is None else epochs
-        self._acquire_run_lock()  # again: an earlier train() released it
+        self.checkpointer.acquire_run_lock()  # again: an earlier train() released it
         epoch = self.first_epoch
         main = self.accelerator.is_local_main_process
         progress = tqdm(total=last_epoch, initial=self.first_epoch, desc="Training", unit="epoch", disable=not main)
@@ -473,10 +429,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                     if self.accelerator.is_main_process:
                         logger.info(
                             epoch_line(
-                                epoch, last_epoch, self.reward_history[-1], self._epoch_metric(), elapsed, remaining
+                                epoch,
+                                last_epoch,
+                                self.reward_history[-1],
+                                epoch_metric(self.objective.main_metric, self.epoch_window_metrics),
+                                elapsed,
+                                remaining,
                             )
                         )
-                    signal_name = self._agreed_stop(stop.signal_name)
+                    signal_name = agreed_stop(self.accelerator, stop.signal_name)
                     if signal_name is not None and epoch + 1 < last_epoch:
                         # The finished epoch is kept whatever save_freq says (step saved it if it was due).
                         checkpoint = self.last_checkpoint()
@@ -496,33 +457,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             if callable(cancel):
                 cancel()
             self.executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers)
-            # Ctrl-C or SIGTERM (a cluster's pre-emption): resume needs a whole epoch, so say which one it is.
-            checkpoints = list_checkpoints(self.checkpoint_dir)
-            last = (
-                f"the last checkpoint is {checkpoints[-1][1]!r} (epoch {checkpoints[-1][0]}): resume from it with "
-                "resume_from='latest'"
-                if checkpoints
-                else "no checkpoint was written yet"
-            )
-            raise TrainingInterrupted(
-                f"Training was interrupted ({str(interrupt) or 'SIGINT'}) during epoch {epoch}; {last}."
-            ) from None
+            raise TrainingInterrupted(interruption_message(interrupt, epoch, self.checkpoint_dir)) from None
         finally:
             progress.close()
-            self._release_run_lock()
+            self.checkpointer.release_run_lock()
         self.first_epoch = max(self.first_epoch, last_epoch)
         if self.config.push_to_hub:
             self.push_to_hub()
-
-    def _agreed_stop(self, signal_name: Optional[str]) -> Optional[str]:
-        """The stop request every process acts on at an epoch's end: with several processes, any one's (a signal may
-        reach only some of them, and the checkpoint needs all)."""
-        if self.accelerator.num_processes == 1:
-            return signal_name
-        flag = torch.tensor([float(signal_name is not None)], device=self.accelerator.device)
-        if self.accelerator.reduce(flag, "sum").item() == 0:
-            return None
-        return signal_name or "a signal to another process"
 
     def step(self, epoch: int, global_step: int) -> int:
         """Run one epoch: sample, score, log, train; checkpoint every ``save_freq`` epochs. Returns the global step."""
@@ -534,10 +475,10 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
             reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
-        samples, prompt_image_data = self._generate_samples(epoch)
+        samples, prompt_image_data = self.generate_samples(epoch)
         self.objective.prepare_samples(samples, self.accelerator)
 
-        rewards = self.accelerator.gather(samples["rewards"]).cpu()
+        rewards = self.accelerator.gather(samples.rewards).cpu()
         if self.accelerator.is_main_process and not self._reward_scale_warned:
             self._reward_scale_warned = bool(
                 check_reward_scale(rewards.reshape(-1, config.sample_batch_size), beta, epoch)
@@ -564,11 +505,42 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             self.save_checkpoint(epoch)
         return global_step
 
-    def _epoch_metric(self) -> Optional[tuple[str, float]]:
-        """``(name, mean over the epoch's optimiser steps)`` of the objective's main metric, ``None`` if not logged."""
-        name = self.objective.main_metric
-        values = [metrics[name] for metrics in self.epoch_window_metrics if name in metrics]
-        return (name, sum(values) / len(values)) if values else None
+    @property
+    def checkpoint_dir(self) -> str:
+        """The folder of this run's checkpoints (:func:`~dag_trl.trainer.checkpointing.checkpoint_dir`)."""
+        return self.checkpointer.folder
+
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint of this run's folder, or ``None``."""
+        return self.checkpointer.last_checkpoint()
+
+    def save_checkpoint(self, epoch: int) -> str:
+        """Write the training state after ``epoch`` (:meth:`Checkpointer.save`); weights that fail the health check
+        (:meth:`weights_health_problem`) raise ``TrainingDivergedError`` before anything is written or pruned,
+        naming the last checkpoint (which passed it)."""
+        problem = self.weights_health_problem()
+        if problem is not None:
+            raise TrainingDivergedError(
+                f"Refusing to write {self.checkpointer.path(epoch)!r}: {problem}; training diverged by the end of "
+                f"epoch {epoch}. Nothing was pruned. {how_to_go_on(self.last_checkpoint())}"
+            )
+        progress = {
+            "global_step": self.global_step,
+            "weights_version": self.weights_version,
+            "reward_history": self.reward_history,
+            "evaluation_history": self.evaluation_history,
+            "objective_state": self.objective.state_dict(),
+        }
+        return self.checkpointer.save(epoch, progress)
+
+    def _restore_progress(self, state: dict[str, Any]) -> None:
+        """Continue after the epoch whose checkpoint's ``trainer_state.json`` is ``state``."""
+        self.first_epoch = state["epoch"] + 1
+        self.global_step = state["global_step"]
+        self.weights_version = state["weights_version"]
+        self.reward_history = state.get("reward_history", [])
+        self.evaluation_history = state.get("evaluation_history", [])
+        self.objective.load_state_dict(state.get("objective_state", {}))
 
     def compute_rewards(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
         """Call the reward function on a batch and validate its output; returns ``(rewards, info)``."""
@@ -593,7 +565,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
     # ------------------------------------------------------------------ training
 
     def _train_on_samples(
-        self, samples: dict[str, Any], beta: float, epoch: int, global_step: int, generator: torch.Generator
+        self, samples: Trajectories, beta: float, epoch: int, global_step: int, generator: torch.Generator
     ) -> int:
         """One pass over the epoch's samples, one optimiser step per window."""
         windows = self.windows(samples, generator)
@@ -608,27 +580,21 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             global_step += 1
         return global_step
 
-    def windows(
-        self, samples: dict[str, Any], generator: torch.Generator
-    ) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    def windows(self, samples: Trajectories, generator: torch.Generator) -> list[tuple[Trajectories, torch.Tensor]]:
         """Shuffle the trajectories, draw each one's kept transitions (the first ``train_timestep_fraction`` of a
         random permutation), and cut into windows of ``train_batch_size * train_gradient_accumulation_steps``."""
         config = self.config
-        total, num_steps = samples["log_probs"].shape
+        total, num_steps = len(samples), samples.num_steps
         order = torch.randperm(total, generator=generator)
         num_kept = config.num_train_timesteps
         kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
         size = config.trajectories_per_step
         return [
-            (
-                {key: take_rows(value, order[start : start + size]) for key, value in samples.items()},
-                kept[start : start + size],
-            )
-            for start in range(0, total, size)
+            (samples.take(order[start : start + size]), kept[start : start + size]) for start in range(0, total, size)
         ]
 
     def train_window(
-        self, window: dict[str, Any], kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
+        self, window: Trajectories, kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
     ) -> dict[str, float]:
         """One optimiser step on a window of whole trajectories (``train_gradient_accumulation_steps`` batches).
 
@@ -644,8 +610,15 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         self.objective.prepare_window(window, beta, lambda: self.policy_log_probs(window), self.objective_model)
         state_rewards = None
         if self.objective.uses_state_rewards:
-            state_rewards = StateRewardCache(self, window, epoch)
-            state_rewards.prefill(kept, weights_unchanged=window["weights_version"] == self.weights_version)
+            state_rewards = StateRewardCache(
+                window,
+                self.policy.conditional_output,
+                self.sd_pipeline.predict_original_sample,
+                lambda predictions, prompts, metadata: self._score_predictions(predictions, prompts, metadata, epoch),
+                config.train_batch_size,
+                config.decode_batch_size,
+            )
+            state_rewards.prefill(kept, weights_unchanged=self.sampled_weights_version == self.weights_version)
 
         sums: dict[str, float] = defaultdict(float)
         num_kept = kept.shape[1]
@@ -667,7 +640,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
                 with self.accelerator.accumulate(*self.prepared_models):
                     batch = self.transition_batch(window, rows, kept[rows, column], state_rewards, beta)
                     loss, parts = self.objective.loss(batch, self.objective_model)
-                    if not self.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
+                    if not self.optimiser_step.uses_loss_scaling and not bool(torch.isfinite(loss.detach())):
                         self._diverged(f"the loss is {loss.item()}", epoch, window_index, parts, window, beta)
                     if not loss.requires_grad:
                         # A batch of frozen steps (lora_min_timestep) gives an objective without a model of its own
@@ -683,7 +656,12 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
             for name, value in sums.items()
         }
         metrics.update(
-            self._optimiser_step(lambda what: self._diverged(what, epoch, window_index, metrics, window, beta))
+            self.optimiser_step(
+                PreparedModels(
+                    self.unet, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
+                ),
+                lambda what: self._diverged(what, epoch, window_index, metrics, window, beta),
+            )
         )
         bad = first_non_finite(self.trainable_parameters())
         if bad is not None:
@@ -699,188 +677,36 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, CheckpointingMixi
         return parameters
 
     def _diverged(
-        self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: dict[str, Any], beta: float
+        self, what: str, epoch: int, window_index: int, parts: dict[str, float], window: Trajectories, beta: float
     ) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.objective_optimizer is not None:
             self.objective_optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(
-            divergence_message(what, epoch, window_index, parts, window["rewards"], beta, self.last_checkpoint())
+            divergence_message(what, epoch, window_index, parts, window.rewards, beta, self.last_checkpoint())
         )
 
-    def _optimiser_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
-        """Clip and step at the end of a window; returns the gradient norms. A non-finite norm calls ``diverged``
-        (which raises) before the step; under fp16 loss scaling, the scaler's skipped steps are counted instead, and
-        ``diverged`` is called when more than ``MAX_CONSECUTIVE_SKIPPED_STEPS`` follow each other."""
-        if self.uses_deepspeed:
-            # The engine clipped the global norm of all trained networks and stepped inside the last backward pass.
-            # Its optimiser reports that norm under ZeRO-1/2 and 16-bit training, not with ZeRO-0's plain AdamW.
-            grad_norm = self.prepared_models[0].get_global_grad_norm()
-            metrics = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
-            if self.objective_optimizer is not None:
-                metrics.update(self._objective_model_step(diverged))
-            return metrics
-        max_norm = self.config.train_max_grad_norm
-        # Unscale (fp16) once, then clip the denoiser and the objective's model separately, as the paper does.
-        self.accelerator.unscale_gradients()
-        unet_parameters = [p for p in self.unet.parameters() if p.requires_grad]
-        metrics = {"grad_norm_unet": float(torch.nn.utils.clip_grad_norm_(unet_parameters, max_norm))}
-        if self.objective_model is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.objective_model.parameters(), max_norm)
-            metrics[f"grad_norm_{self.objective.model_folder}"] = float(norm)
-        if not self.uses_loss_scaling:
-            for name, value in metrics.items():
-                if not math.isfinite(value):
-                    diverged(f"{name} is {value} (the step was not applied)")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.uses_loss_scaling:
-            skipped = self.accelerator.optimizer_step_was_skipped
-            self.skipped_steps += int(skipped)
-            self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if skipped else 0
-            metrics["optimizer_steps_skipped"] = float(self.skipped_steps)
-            if self.consecutive_skipped_steps > MAX_CONSECUTIVE_SKIPPED_STEPS:
-                diverged(
-                    f"the fp16 gradient scaler skipped {self.consecutive_skipped_steps} optimiser steps in a row "
-                    "(their gradients overflowed at every loss scale it tried)"
-                )
-        return metrics
-
-    def _objective_model_step(self, diverged: Callable[[str], None]) -> dict[str, float]:
-        """Average the float32 objective model's gradients over the processes (DDP's all-reduce, which the engine
-        does not do for it), clip them as the DDP path does, and step its optimiser."""
-        parameters = list(self.objective_model.parameters())
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), reduction="mean")
-            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
-                parameter.grad.copy_(grad.view_as(parameter))
-        name = f"grad_norm_{self.objective.model_folder}"
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.train_max_grad_norm))
-        if not math.isfinite(norm):
-            diverged(f"{name} is {norm} (the step was not applied)")
-        self.objective_optimizer.step()
-        self.objective_optimizer.zero_grad(set_to_none=True)
-        return {name: norm}
-
-    def _policy(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: PromptEmbeddings,
-        next_latents: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """``(guided, conditional, step)`` of the training policy (guided if ``train_cfg``) under the current
-        weights, ``step`` the family's step output scoring ``next_latents`` (``step.log_probs``: ``log P_F``); rows
-        at timesteps below ``lora_min_timestep`` are the pretrained model's (no gradient reaches the LoRA from
-        them)."""
-        config = self.config
-        negative = self.negative_prompt_embeds.expand(len(latents)) if self.trains_with_guidance else None
-
-        def predict(rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-            inputs = (latents, timesteps, prompt_embeds, negative)
-            if rows is not None:
-                inputs = tuple(None if value is None else value[rows] for value in inputs)
-            with self.autocast():
-                return self.sd_pipeline.predict_noise(*inputs, config.sample_guidance_scale, unet=self.unet)
-
-        frozen = timesteps < config.lora_min_timestep
-        if not frozen.any():
-            guided, conditional = predict()  # the usual case: no copies of the batch
-        else:
-            guided, conditional = torch.empty_like(latents), torch.empty_like(latents)
-            trained = torch.nonzero(~frozen).squeeze(-1)
-            if len(trained):
-                guided[trained], conditional[trained] = predict(trained)
-            with self.sd_pipeline.adapter_disabled():
-                rows = torch.nonzero(frozen).squeeze(-1)
-                guided[rows], conditional[rows] = predict(rows)
-        step = self.sd_pipeline.scheduler_step(
-            guided,
-            timesteps,
-            latents,
-            eta=config.sample_eta,
-            prev_sample=next_latents,
-            log_prob_reduction=config.train_log_prob_reduction,
-        )
-        return guided, conditional, step
-
-    @torch.no_grad()
-    def policy_log_probs(self, window: dict[str, Any]) -> torch.Tensor:
+    def policy_log_probs(self, window: Trajectories) -> torch.Tensor:
         """``log P_F`` of every transition of the window's trajectories under the current weights, ``(B, N)``:
         the ones recorded while sampling if the weights have not changed since, else recomputed (no gradient)."""
-        if window["weights_version"] == self.weights_version:
-            return window["log_probs"]
-        total, num_steps = window["log_probs"].shape
-        result = torch.empty_like(window["log_probs"])
-        for start in range(0, total, self.config.train_batch_size):
-            rows = torch.arange(start, min(start + self.config.train_batch_size, total), device=result.device)
-            for step in range(num_steps):
-                result[rows, step] = self._policy(
-                    window["latents"][rows, step],
-                    window["timesteps"][rows, step],
-                    window["prompt_embeds"][rows],
-                    window["latents"][rows, step + 1],
-                )[2].log_probs
-        return result
+        if self.sampled_weights_version == self.weights_version:
+            return window.log_probs
+        return self.policy.log_probs(window, self.config.train_batch_size)
 
     def transition_batch(
         self,
-        window: dict[str, Any],
+        window: Trajectories,
         rows: torch.Tensor,
         steps: torch.Tensor,
         state_rewards: Optional[StateRewardCache],
         beta: float,
     ) -> TransitionBatch:
-        """The transitions ``x_t -> x_s`` of ``(rows, steps)`` with the policy's log-probability under the current
-        weights (one model forward with gradient) and, if the objective uses them, the states' rewards."""
-        device = window["latents"].device
-        num_steps = window["log_probs"].shape[1]
-        rows_d, steps_d = rows.to(device), steps.to(device)
-        latents = window["latents"][rows_d, steps_d]
-        next_latents = window["latents"][rows_d, steps_d + 1]
-        timesteps = window["timesteps"][rows_d, steps_d]
-        is_terminal = (steps_d + 1) == num_steps
-        next_timesteps = window["timesteps"][rows_d, (steps_d + 1).clamp(max=num_steps - 1)]
-        prompt_embeds = window["prompt_embeds"][rows_d]
+        """The transitions ``x_t -> x_s`` of ``(rows, steps)`` for the objective (:meth:`TrainingPolicy.transition_batch`)."""
+        return self.policy.transition_batch(window, rows, steps, state_rewards, beta, self.objective.trajectory_fields)
 
-        guided, conditional, step = self._policy(latents, timesteps, prompt_embeds, next_latents)
-        log_probs = step.log_probs
-        final_rewards = window["rewards"][rows_d].float()
-        reward_now = reward_next = None
-        if state_rewards is not None:
-            states = list(zip(rows.tolist(), steps.tolist(), strict=True))
-            # A state's x0_hat comes from the conditional half of the forward just done (weights are unchanged).
-            state_rewards.add_from_outputs(states, latents, timesteps, conditional)
-            reward_now = torch.stack([torch.as_tensor(state_rewards[state]) for state in states]).to(device)
-            # In random order a kept next state may come later in the window: score it now.
-            state_rewards.add_missing([(row, state + 1) for row, state in states if state + 1 < num_steps])
-            reward_next = final_rewards.clone()
-            for index, (row, state) in enumerate(states):
-                if state + 1 < num_steps:
-                    reward_next[index] = state_rewards[(row, state + 1)]
-        return TransitionBatch(
-            latents=latents,
-            next_latents=next_latents,
-            timesteps=timesteps,
-            next_timesteps=next_timesteps,
-            is_terminal=is_terminal,
-            prompt_embeds=prompt_embeds,
-            model_output=guided,
-            sampled_model_output=window["noise_preds"][rows_d, steps_d],
-            log_prob_forward=log_probs,
-            sampled_log_prob=window["log_probs"][rows_d, steps_d],
-            log_prob_backward=window["backward_log_probs"][rows_d, steps_d],
-            final_rewards=final_rewards,
-            state_rewards=reward_now,
-            next_state_rewards=reward_next,
-            beta=beta,
-            trajectory={name: window[name][rows_d] for name in self.objective.trajectory_fields},
-            step_index=steps_d,
-            policy_mean=getattr(step, "mean", None),
-            step_std=getattr(step, "std", None),
-            prior_log_prob=window["prior_log_probs"][rows_d, steps_d] if "prior_log_probs" in window else None,
-            prior_mean=window["prior_means"][rows_d, steps_d] if "prior_means" in window else None,
-        )
+    def _score_predictions(self, predictions: torch.Tensor, prompts: list[str], metadata: list[dict], epoch: int):
+        """The rewards of predicted samples ``x0_hat``, decoded (and counted) first."""
+        with self.autocast():
+            images = self.sd_pipeline.decode(predictions)
+        self.counters.vae_decodes += len(prompts)
+        return self.compute_rewards(images, prompts, metadata, epoch)[0]
