@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -83,6 +84,9 @@ class RemoteReward(RewardFunction):
         self._in_flight: set[concurrent.futures.Future] = set()
         self._in_flight_lock = threading.Lock()
         self._portal = anyio.from_thread.BlockingPortalProvider()
+        # httpx's default certificate store, loaded at the first call (it takes a tenth of a second or more, which
+        # must not count against a deadline) and shared by every client of this reward.
+        self._ssl_context: ssl.SSLContext | None = None
 
     def cancel(self) -> None:
         """End every call in flight now and retry none of them: each such call raises ``RuntimeError`` saying it
@@ -118,6 +122,8 @@ class RemoteReward(RewardFunction):
         of its own (``BlockingPortalProvider``): its deadline is a cancel scope that ends connecting, sending and
         reading alike, and :meth:`cancel` (or Ctrl-C in the waiting thread) cancels the task from any thread. A
         plain ``httpx.Client`` bounds each socket operation only, and cannot be interrupted from another thread."""
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()
         with self._portal as portal:
             future = portal.start_task_soon(self._post_with_retries, body)
             with self._in_flight_lock:
@@ -141,20 +147,20 @@ class RemoteReward(RewardFunction):
             sleep=anyio.sleep,
         )
         try:
-            return await retrying(self._attempt, body, errors)
+            async with httpx.AsyncClient(verify=self._ssl_context, timeout=None, follow_redirects=True) as client:
+                return await retrying(self._attempt, client, body, errors)
         except tenacity.RetryError as error:
             raise RuntimeError(
                 f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (deadline {self.timeout}s "
                 "each): " + "; ".join(errors)
             ) from error.last_attempt.exception()
 
-    async def _attempt(self, body: bytes, errors: list[str]) -> bytes:
+    async def _attempt(self, client: httpx.AsyncClient, body: bytes, errors: list[str]) -> bytes:
         """One request within the deadline; a failure worth retrying is described in ``errors`` and raised as
         ``_RetryableAnswer``, an HTTP 4xx raises ``RuntimeError`` at once."""
         try:
             with anyio.fail_after(self.timeout):
-                async with httpx.AsyncClient(timeout=None, follow_redirects=True) as client:
-                    response = await client.post(self.url, content=body, headers=self.headers)
+                response = await client.post(self.url, content=body, headers=self.headers)
         except TimeoutError as error:
             errors.append(f"TimeoutError: timed out, no complete answer within the {self.timeout}s deadline")
             raise _RetryableAnswer from error
