@@ -1,7 +1,11 @@
-"""The straightforward DAG loop against the trainer's optimised one, side by side on the same samples.
+"""The straightforward DAG loop against the trainer's optimised one, side by side on the same samples; and the memory,
+work counters and time per call of every objective's training window.
 
     python benchmarks/benchmark_training.py --setting tiny-cpu [--repeats 3]
     python benchmarks/benchmark_training.py --setting sd15-gpu [--sample-batches 2] [--mixed-precision bf16]
+    python benchmarks/benchmark_training.py --setting sd15-gpu --objective {dag_db,dag_kl,rtb,ddpo,kl_pg,rdb,all}
+    python benchmarks/benchmark_training.py --setting sd15-gpu --device cpu --objective rtb --steps 2 \
+        --sample-batch-size 1 --sample-batches 1 --train-batch-size 1 --accumulation 1 --mixed-precision no
     python benchmarks/benchmark_training.py --setting {sdxl,sd3,flux}-cpu     # tiny families, a smoke run
     python benchmarks/benchmark_training.py --setting {sdxl,sd35,flux}-gpu    # real sizes, random weights [--resolution]
 
@@ -33,14 +37,24 @@ Settings:
   repeat; guidance 5 for SDXL and SD3.5 (trained with guidance), FLUX.1-dev's distilled guidance 3.5 and no true
   classifier-free guidance.
 
-Every setting is DAG-DB unless ``--klpf`` is positive (DAG-KL). Each setting has a pipeline factory: SD1 settings
+Every setting is DAG-DB unless ``--klpf`` is positive (DAG-KL) or ``--objective`` names another objective (with the
+settings that objective requires, e.g. summed log-densities for RTB, kl_pg and rdb). The straightforward loop
+implements the DAG family only (DAG-DB, DAG-KL, relative DB); the other objectives are measured with the product loop
+alone (``--loops optimised``, their default), which is what their memory and time are. ``--objective all`` runs the
+script once per objective, each in a process of its own (so that each peak is its own), and prints one table.
+Objectives that train whole trajectories (RTB) have no warm-up transition-batch.
+
+Besides the phase times, the script times each call of the denoiser (with and without gradient), the VAE decoder,
+the objective's model and the reward with forward hooks (on CUDA synchronised around each call): the "time per call"
+figures; the backward passes are the rest of the training phase. ``--json`` writes all of it to a file. Each setting has a pipeline factory: SD1 settings
 save the pipeline to a temporary folder and load it with ``DefaultGFlowNetStableDiffusionPipeline``; the other
 families assemble the diffusers pipeline in memory (nothing multi-GB is written) and pass the object to their family's
 class.
 
 Peak memory is CUDA's ``max_memory_allocated`` on a GPU; on CPU it is the process's peak resident set size (VmHWM)
 after resetting it through ``/proc/self/clear_refs`` before each phase, or, where that is not possible, getrusage's
-lifetime maximum RSS, which can only grow.
+lifetime maximum RSS, which can only grow. It is reported for the set-up (building the models, before the first
+reset), the sampling phase and each loop's training phase.
 """
 
 from __future__ import annotations
@@ -50,12 +64,15 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,10 +105,13 @@ from dag_trl.testing.tiny_families import (  # noqa: E402
     make_sdxl_pipeline,
 )
 from dag_trl.testing.tiny_models import SDArchitecture, build_tiny_sd_pipeline  # noqa: E402
-from dag_trl.trainer import WorkCounters, get_objective_class  # noqa: E402
+from dag_trl.trainer import OBJECTIVES, WorkCounters, get_objective_class  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a cat on a mat", "a mountain lake at dawn"]
 LOOPS = ("straightforward", "optimised")
+# The objectives the straightforward loop (dag_trl.testing.reference_loop) implements: the DAG family, which scores
+# intermediate states. The others are measured with the product loop only.
+REFERENCE_OBJECTIVES = ("dag_db", "dag_kl", "rdb")
 # The UNet, VAE and text encoder widths of runwayml/stable-diffusion-v1-5 (860M, 84M and 123M parameters), with a
 # character-level tokenizer; its image_size is the --resolution.
 SD15_ARCHITECTURE = SDArchitecture(
@@ -122,6 +142,7 @@ class PhaseResult:
     peak_memory_mib: float
     memory_rise_mib: float
     counters: WorkCounters
+    calls: dict[str, CallTimes]
 
 
 @dataclass
@@ -360,6 +381,8 @@ class PeakMemory:
         self.cuda = device.type == "cuda"
         self.resettable_rss = False
         self.start_mib = 0.0
+        # The peak so far (building the models), before the first reset.
+        self.before_mib = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else self._lifetime_peak_rss_mib()
         if not self.cuda:
             try:
                 self._clear_refs()
@@ -406,7 +429,74 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated() / 2**20
         if self.resettable_rss:
             return self._status_mib("VmHWM")
+        return self._lifetime_peak_rss_mib()
+
+    @staticmethod
+    def _lifetime_peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class CallTimes:
+    """Wall time of one kind of call within a phase: how many calls, how many samples (batch rows) they took, and
+    their total seconds (the forward pass only for modules; a backward pass is not a call)."""
+
+    calls: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def per_call_ms(self) -> float | None:
+        return 1000 * self.seconds / self.calls if self.calls else None
+
+
+class CallTimer:
+    """Times the denoiser's forward calls (with and without gradient), the VAE decoder's, the objective's model's
+    and the reward's, through forward hooks and a wrapper: the figures behind "time per call". On CUDA each timed
+    call synchronises before and after (a few microseconds against an SD-sized forward)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, CallTimes] = {}
+        self._starts: dict[int, float] = {}
+        self._lock = threading.Lock()  # the trainer may score state rewards in threads of its own
+
+    def reset(self) -> None:
+        self.times = {}
+
+    def _add(self, name: str, samples: int, seconds: float) -> None:
+        with self._lock:
+            times = self.times.setdefault(name, CallTimes())
+            times.calls += 1
+            times.samples += samples
+            times.seconds += seconds
+
+    def watch(self, name: str, module: torch.nn.Module | None) -> None:
+        """Time ``module``'s forward calls as ``name`` (``name/grad`` and ``name/no_grad`` for the denoiser)."""
+        if module is None:
+            return
+
+        def before(module: torch.nn.Module, inputs: tuple) -> None:
+            synchronise(self.device)
+            self._starts[id(module)] = time.perf_counter()
+
+        def after(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            synchronise(self.device)
+            seconds = time.perf_counter() - self._starts.pop(id(module))
+            first = output if torch.is_tensor(output) else output[0]
+            key = f"{name}/{'grad' if torch.is_grad_enabled() else 'no_grad'}" if name == "denoiser" else name
+            self._add(key, first.shape[0], seconds)
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+
+    def wrap_reward(self, reward: Callable) -> Callable:
+        def timed(images: torch.Tensor, prompts: tuple, metadata: tuple) -> tuple[torch.Tensor, dict]:
+            start = time.perf_counter()
+            result = reward(images, prompts, metadata)
+            self._add("reward", images.shape[0], time.perf_counter() - start)
+            return result
+
+        return timed
 
 
 def synchronise(device: torch.device) -> None:
@@ -424,11 +514,8 @@ class TrainingState:
 
     @staticmethod
     def _trainable(trainer: GFlowNetDiffusionTrainer) -> list[torch.nn.Parameter]:
-        return [
-            p
-            for p in itertools.chain(trainer.unet.parameters(), trainer.objective_model.parameters())
-            if p.requires_grad
-        ]
+        objective_parameters = trainer.objective_model.parameters() if trainer.objective_model is not None else ()
+        return [p for p in itertools.chain(trainer.unet.parameters(), objective_parameters) if p.requires_grad]
 
     def restore(self, trainer: GFlowNetDiffusionTrainer) -> None:
         with torch.no_grad():
@@ -443,7 +530,8 @@ def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: 
     """Train on every window with one loop; returns the training phase's work counters."""
     trainer.counters = WorkCounters()
     trainer.unet.train()
-    trainer.objective_model.train()
+    if trainer.objective_model is not None:
+        trainer.objective_model.train()
     for window, kept in windows:
         if name == "optimised":
             trainer.train_window(window, kept, beta, epoch)
@@ -480,16 +568,23 @@ def one_backward_per_step(trainer: GFlowNetDiffusionTrainer):
 
 
 def timed_phase(
-    name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: float, epoch: int, memory: PeakMemory
+    name: str,
+    trainer: GFlowNetDiffusionTrainer,
+    windows: list,
+    beta: float,
+    epoch: int,
+    memory: PeakMemory,
+    timer: CallTimer,
 ) -> PhaseResult:
     device = trainer.accelerator.device
     memory.reset()
+    timer.reset()
     start = time.perf_counter()
     counters = run_loop(name, trainer, windows, beta, epoch)
     synchronise(device)
     seconds = time.perf_counter() - start
     peak = memory.peak_mib()
-    return PhaseResult(seconds, peak, peak - memory.start_mib, counters)
+    return PhaseResult(seconds, peak, peak - memory.start_mib, counters, copy.deepcopy(timer.times))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -507,7 +602,26 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, help="train batches per optimiser step (window)")
     parser.add_argument("--timestep-fraction", type=float, default=1.0)
     parser.add_argument("--decode-batch-size", type=int, help="train_decode_batch_size (default: the config's)")
-    parser.add_argument("--klpf", type=float, default=-1.0, help="<= 0: DAG-DB; > 0: DAG-KL")
+    parser.add_argument(
+        "--klpf",
+        type=float,
+        help="train_klpf: without --objective, <= 0 (the default) picks DAG-DB and > 0 DAG-KL; --objective dag_kl "
+        "defaults to 1.0",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=sorted(OBJECTIVES) + ["all"],
+        help="train_objective (default: by --klpf); all: each objective in a process of its own, one after the other, "
+        "then a table of their memory and times",
+    )
+    parser.add_argument(
+        "--loops",
+        choices=["both", "optimised"],
+        help="both: the straightforward loop beside the product's (default for "
+        + ", ".join(REFERENCE_OBJECTIVES)
+        + ", the only ones it implements); optimised: the product loop only (the default for the other objectives)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     parser.add_argument(
         "--gradient-checkpointing",
@@ -548,18 +662,24 @@ def make_config(args: argparse.Namespace, setting: Setting, logdir: str) -> GFlo
     }
     values = dict(setting.config)
     values.update({key: value for key, value in overrides.items() if value is not None})
-    return GFlowNetConfig(
-        **values,
+    if args.objective is not None:
+        # What the objective cannot train without (e.g. summed log-densities for RTB, kl_pg and rdb), unless set below.
+        values.update(
+            {key: value for key, (value, _) in get_objective_class(args.objective).required_settings.items()}
+        )
+    values.update(
         mixed_precision=args.mixed_precision,
         train_gradient_checkpointing=args.gradient_checkpointing,
         train_timestep_fraction=args.timestep_fraction,
         train_klpf=args.klpf,
+        train_objective=args.objective,
         train_reward_exp=10.0,
         train_reward_exp_anneal="none",
         logdir=logdir,
         save_freq=10**9,
         accelerator_kwargs={"cpu": True} if args.device == "cpu" else {},
     )
+    return GFlowNetConfig(**values)
 
 
 def prompt_function() -> Callable[[], tuple[str, dict]]:
@@ -595,14 +715,24 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def describe_calls(calls: dict[str, CallTimes]) -> str:
+    return "; ".join(
+        f"{name} {times.calls} calls of {times.samples // max(times.calls, 1)} samples, {times.per_call_ms():.0f} ms each"
+        for name, times in sorted(calls.items())
+    )
+
+
 def report(
-    args: argparse.Namespace,
     config: GFlowNetConfig,
+    loops: tuple[str, ...],
     sampling: list[float],
     sampling_counters: WorkCounters,
+    sampling_calls: dict[str, CallTimes],
     results: dict[str, list[PhaseResult]],
     memory: PeakMemory,
-) -> None:
+    peaks: dict[str, float],
+) -> dict[str, Any]:
+    """Print the measurements and return them as a JSON-serialisable dict."""
     trajectories = config.sample_batch_size * config.sample_num_batches_per_epoch
     kept = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
     transitions = trajectories * kept
@@ -614,30 +744,82 @@ def report(
         f"{transition_batches} transition-batches of {config.train_batch_size}; medians of {len(sampling)} repeat(s)"
     )
     print(f"sampling phase (shared): {sample_seconds:.2f} s; counters {asdict(sampling_counters)}")
+    print(f"  timed calls: {describe_calls(sampling_calls)}")
     header = f"{'loop':<16}{'sampling s':>11}{'training s':>11}{'epoch s':>9}{'ms/t-batch':>11}{'trans/s':>9}"
     print(header + f"{'peak MiB':>10}{'rise MiB':>10}")
-    medians = {}
-    for name in LOOPS:
+    measured: dict[str, Any] = {
+        "objective": config.objective_name,
+        "sampling_seconds": sample_seconds,
+        "sampling_counters": asdict(sampling_counters),
+        "sampling_calls": {name: asdict(times) for name, times in sampling_calls.items()},
+        "peak_memory_mib": dict(peaks),
+        "peak_memory_method": memory.method,
+        "loops": {},
+    }
+    for name in loops:
         train = statistics.median(r.seconds for r in results[name])
         peak = max(r.peak_memory_mib for r in results[name])
         rise = max(r.memory_rise_mib for r in results[name])
-        medians[name] = train
+        measured["loops"][name] = {
+            "training_seconds": train,
+            "peak_memory_mib": peak,
+            "memory_rise_mib": rise,
+            "counters": asdict(results[name][-1].counters),
+            "calls": {call: asdict(times) for call, times in results[name][-1].calls.items()},
+        }
         print(
             f"{name:<16}{sample_seconds:>11.2f}{train:>11.2f}{sample_seconds + train:>9.2f}"
             f"{1000 * train / transition_batches:>11.1f}{transitions / train:>9.1f}{peak:>10.0f}{rise:>10.0f}"
         )
-    print("training-phase counters (per epoch, in samples):")
-    for name in LOOPS:
+    print("training-phase counters (per epoch, in samples) and timed calls (last repeat):")
+    for name in loops:
         print(f"  {name:<16}{asdict(results[name][-1].counters)}")
-    print("training times per repeat: " + "; ".join(f"{n} {[round(r.seconds, 2) for r in results[n]]}" for n in LOOPS))
-    reference, optimised = medians["straightforward"], medians["optimised"]
+        print(f"  {'':<16}{describe_calls(results[name][-1].calls)}")
+    print("training times per repeat: " + "; ".join(f"{n} {[round(r.seconds, 2) for r in results[n]]}" for n in loops))
     print(f"peak memory: {memory.method}")
-    print(f"speed-up, training phase: {reference / optimised:.2f}x")
-    print(f"speed-up, whole epoch:    {(sample_seconds + reference) / (sample_seconds + optimised):.2f}x")
+    print("peak memory per phase (MiB): " + ", ".join(f"{phase} {value:.0f}" for phase, value in peaks.items()))
+    if len(loops) == 2:
+        reference = measured["loops"]["straightforward"]["training_seconds"]
+        optimised = measured["loops"]["optimised"]["training_seconds"]
+        print(f"speed-up, training phase: {reference / optimised:.2f}x")
+        print(f"speed-up, whole epoch:    {(sample_seconds + reference) / (sample_seconds + optimised):.2f}x")
+    return measured
+
+
+def run_every_objective(args: argparse.Namespace) -> None:
+    """``--objective all``: the script again for each objective, one after the other (each in a fresh process, so
+    that every peak is its own), then one table. Later arguments win in argparse, so each run appends its own."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dag-trl-bench-all-") as folder:
+        for name in sorted(OBJECTIVES):
+            output = Path(folder) / f"{name}.json"
+            command = [sys.executable, __file__, *sys.argv[1:], "--objective", name, "--json", str(output)]
+            print(f"\n==== {name}: {' '.join(command[1:])}", flush=True)
+            returncode = subprocess.call(command)
+            rows.append((name, json.loads(output.read_text()) if output.exists() else None, returncode))
+    print(
+        f"\n{'objective':<10}{'set-up MiB':>11}{'sampling MiB':>13}{'training MiB':>13}{'sampling s':>11}{'training s':>11}"
+    )
+    summary = {}
+    for name, measured, returncode in rows:
+        if measured is None:
+            print(f"{name:<10} failed (exit {returncode})")
+            continue
+        summary[name] = measured
+        peaks, optimised = measured["peak_memory_mib"], measured["loops"]["optimised"]
+        print(
+            f"{name:<10}{peaks['set-up']:>11.0f}{peaks['sampling']:>13.0f}{optimised['peak_memory_mib']:>13.0f}"
+            f"{measured['sampling_seconds']:>11.1f}{optimised['training_seconds']:>11.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 def main() -> None:
     args = parse_arguments()
+    if args.objective == "all":
+        run_every_objective(args)
+        return
     setting = SETTINGS[args.setting]
     args.mixed_precision = args.mixed_precision or setting.mixed_precision
     repeats = args.repeats or setting.repeats
@@ -646,6 +828,17 @@ def main() -> None:
     args.resolution = args.resolution or setting.resolution
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = setting.gradient_checkpointing
+    if args.klpf is None:
+        args.klpf = 1.0 if args.objective == "dag_kl" else -1.0
+    objective = args.objective or ("dag_kl" if args.klpf > 0 else "dag_db")
+    if args.loops is None:
+        args.loops = "both" if objective in REFERENCE_OBJECTIVES else "optimised"
+    if args.loops == "both" and objective not in REFERENCE_OBJECTIVES:
+        sys.exit(
+            f"--loops both needs the straightforward loop, which implements {', '.join(REFERENCE_OBJECTIVES)} only; "
+            f"--objective {objective} takes --loops optimised."
+        )
+    loops = LOOPS if args.loops == "both" else ("optimised",)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(
             f"--setting {args.setting} needs a CUDA device and none is visible to torch {torch.__version__}. "
@@ -668,48 +861,86 @@ def main() -> None:
         pipeline = setting.pipeline_factory(tmp, args)
         config = make_config(args, setting, str(tmp / "logs"))
         reward_choice = args.reward or setting.reward
-        reward = REWARDS[reward_choice](args, torch.device(args.device))
+        timer = CallTimer(torch.device(args.device))
+        reward = timer.wrap_reward(REWARDS[reward_choice](args, torch.device(args.device)))
         trainer = GFlowNetDiffusionTrainer(config, reward, prompt_function(), pipeline)
         device = trainer.accelerator.device
+        timer.watch("denoiser", trainer.sd_pipeline.unet)
+        timer.watch("vae_decoder", getattr(trainer.sd_pipeline.vae, "decoder", trainer.sd_pipeline.vae))
+        timer.watch("objective_model", trainer.objective_model)
         print(f"setting {args.setting} on {device}: {describe_machine(device)}")
         print(
             f"reward {reward_choice}, mixed precision {config.mixed_precision}, gradient checkpointing "
             f"{config.train_gradient_checkpointing}, LoRA rank {args.lora_rank}, steps {config.sample_num_steps}, "
             f"sample {config.sample_batch_size} x {config.sample_num_batches_per_epoch}, train batch "
             f"{config.train_batch_size}, accumulation {config.train_gradient_accumulation_steps}, decode batch "
-            f"{config.train_decode_batch_size}, {get_objective_class(config.objective_name).display_name}; "
-            f"set-up {time.perf_counter() - start:.1f} s"
+            f"{config.train_decode_batch_size}, resolution {args.resolution}, "
+            f"{get_objective_class(config.objective_name).display_name} ({config.objective_name}), loops "
+            f"{', '.join(loops)}; set-up {time.perf_counter() - start:.1f} s"
         )
 
+        # The warm-up trains one transition per trajectory, which an objective that balances whole trajectories
+        # (RTB) refuses.
+        warms_up = "train_timestep_fraction" not in get_objective_class(config.objective_name).required_settings
+        if not (warms_up or args.no_warmup):
+            print(f"no warm-up: {config.objective_name} trains whole trajectories only")
         memory = PeakMemory(device)
+        # Before the first reset: the peak of building the pipeline, the reward and the trainer.
+        peaks = {"set-up": memory.before_mib}
         beta = config.train_reward_exp
         sampling: list[float] = []
-        results: dict[str, list[PhaseResult]] = {name: [] for name in LOOPS}
+        results: dict[str, list[PhaseResult]] = {name: [] for name in loops}
         sampling_counters = WorkCounters()
+        sampling_calls: dict[str, CallTimes] = {}
         for repeat in range(repeats):
             trainer.counters = WorkCounters()
             trainer.unet.eval()
+            memory.reset()
+            timer.reset()
             start = time.perf_counter()
             samples, _ = trainer.generate_samples(epoch=repeat)
+            trainer.objective.prepare_samples(samples, trainer.accelerator)  # e.g. DDPO's advantages, as step() does
             synchronise(device)
             sampling.append(time.perf_counter() - start)
-            sampling_counters = trainer.counters
+            peaks["sampling"] = max(peaks.get("sampling", 0.0), memory.peak_mib())
+            sampling_counters, sampling_calls = trainer.counters, copy.deepcopy(timer.times)
             windows = trainer.windows(samples, torch.Generator().manual_seed(repeat))
             state = TrainingState(trainer)
-            if repeat == 0 and not args.no_warmup:
+            if repeat == 0 and not args.no_warmup and warms_up:
                 # One untimed transition-batch of each loop first: allocator growth and kernel selection are not loop
                 # cost, and a whole window of the GPU setting would take minutes.
-                for name in LOOPS:
+                for name in loops:
                     state.restore(trainer)
                     with one_backward_per_step(trainer):
                         run_loop(name, trainer, [warmup_window(trainer, windows[0])], beta, repeat)
             # Alternate the order so neither loop always runs on a warmer (or more fragmented) process.
-            for name in LOOPS if repeat % 2 else LOOPS[::-1]:
+            for name in loops if repeat % 2 else loops[::-1]:
                 state.restore(trainer)
-                results[name].append(timed_phase(name, trainer, windows, beta, repeat, memory))
+                results[name].append(timed_phase(name, trainer, windows, beta, repeat, memory, timer))
+                peaks[f"training ({name})"] = max(r.peak_memory_mib for r in results[name])
                 print(f"repeat {repeat}: {name} training {results[name][-1].seconds:.2f} s", flush=True)
             print(f"repeat {repeat}: sampling {sampling[-1]:.2f} s", flush=True)
-        report(args, config, sampling, sampling_counters, results, memory)
+        measured = report(config, loops, sampling, sampling_counters, sampling_calls, results, memory, peaks)
+        measured.update(
+            setting=args.setting,
+            device=str(device),
+            machine=describe_machine(device),
+            mixed_precision=config.mixed_precision,
+            gradient_checkpointing=config.train_gradient_checkpointing,
+            resolution=args.resolution,
+            config={
+                key: getattr(config, key)
+                for key in (
+                    "sample_num_steps",
+                    "sample_batch_size",
+                    "sample_num_batches_per_epoch",
+                    "train_batch_size",
+                    "train_gradient_accumulation_steps",
+                )
+            },
+        )
+        if args.json:
+            args.json.write_text(json.dumps(measured, indent=2))
         print(f"load average at the end: {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
 
 

@@ -2,7 +2,14 @@
 # The GPU checks of one short session on a single GPU, in order of importance, each under its own time limit so that
 # one slow or failing part leaves time for the rest. Logs go to $1 (default: gpu-logs/).
 #
-#   bash benchmarks/gpu_checks.sh [LOG_DIR] [PARTS...]     PARTS: sd15 deepspeed sdxl sd35 flux (default: all)
+#   bash benchmarks/gpu_checks.sh [LOG_DIR] [PARTS...]     PARTS: sd15 deepspeed sdxl sd35 flux (the default, in
+#                                                          this order) and objectives (only when named)
+#
+# objectives: every objective at SD1.5 size for its peak memory (torch.cuda.max_memory_allocated) and time per call,
+# one process each under OBJECTIVE_SECONDS (default 150) seconds: 16 trajectories of 10 steps, train batch 8, one
+# window, bf16, the product loop only, then DAG-DB and RTB again with gradient checkpointing. Each writes
+# LOG_DIR/objective-<name>.json and .log; about a minute each on an H200 (an estimate: the build and save of the
+# random-weight pipeline, ~30 s of it, is repeated per objective).
 #
 # Needs dag_trl's dependencies (diffusers, peft, accelerate, transformers, deepspeed) importable; the numbers go into
 # docs/benchmarks.md with the versions the first lines of env.txt print.
@@ -42,6 +49,14 @@ for part in $parts; do
         sd35) run sd35 150 python3 benchmarks/benchmark_training.py --setting sd35-gpu ;;
         # torch 2.11's cuDNN attention fails in FLUX's backward on an H200 (docs/benchmarks.md): use the other kernels.
         flux) run flux 200 python3 benchmarks/benchmark_training.py --setting flux-gpu --disable-cudnn-attention ;;
+        objectives)
+            for objective in dag_db dag_kl rtb ddpo kl_pg rdb dag_db:gc rtb:gc; do
+                name=${objective%:gc} extra=() label=objective-${objective/:/-}
+                [[ $objective == *:gc ]] && extra=(--gradient-checkpointing)
+                run "$label" "${OBJECTIVE_SECONDS:-150}" python3 benchmarks/benchmark_training.py --setting sd15-gpu \
+                    --objective "$name" --loops optimised --no-warmup --steps 10 --sample-batches 1 --accumulation 2 \
+                    "${extra[@]}" --json "$logs/$label.json"
+            done ;;
         *) echo "unknown part $part" ;;
     esac
 done

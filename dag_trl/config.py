@@ -451,7 +451,8 @@ class GFlowNetConfig:
             How per-element Gaussian log-densities are reduced over the latent: `"mean"` (the paper's choice, which
             the published hyper-parameters were tuned for) or `"sum"` (the true log-density).
         train_gradient_checkpointing (`bool`, *optional*, defaults to `False`):
-            Gradient checkpointing in the UNet (less memory, about 30% slower backward).
+            Gradient checkpointing in the UNet (less memory: the training rise fell by 38-42% on CPU at SD1.5 size,
+            docs/benchmarks.md; a slower backward, its cost not measured yet).
         train_decode_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Largest batch the VAE decodes (and the reward scores) at once when computing intermediate rewards;
             `None` uses `train_batch_size`, so that peak memory stays that of a training batch.

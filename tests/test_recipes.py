@@ -37,8 +37,12 @@ FAMILY_RECIPES = {
 }
 
 
+# The single-GPU SD1.5 recipe: the paper's settings but for the batch sizes that fit one 24 GB card.
+SINGLE_GPU_RECIPE = "sd15_aesthetic_1gpu"
+
+
 def test_every_recipe_is_listed():
-    listed = sorted([*RECIPES, *FAMILY_RECIPES])
+    listed = sorted([*RECIPES, *FAMILY_RECIPES, SINGLE_GPU_RECIPE])
     assert sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.yaml")) == listed
 
 
@@ -79,6 +83,28 @@ def test_recipe_parses_at_the_paper_settings_and_takes_overrides(name):
     # a prompt set would download its prompts, so only its signature is checked).
     get_reward_fn(reward, **script_args.reward_kwargs)
     inspect.signature(PROMPTS.factory(prompts)).bind(**script_args.prompt_kwargs)
+
+
+def test_single_gpu_recipe_keeps_the_papers_per_process_sizes_in_smaller_batches():
+    script_args, config = parse_arguments(
+        ["--config", str(EXAMPLES / "recipes" / f"{SINGLE_GPU_RECIPE}.yaml"), "--train_gradient_checkpointing", "true"]
+    )
+    assert (script_args.reward, script_args.prompts) == ("aesthetic_score", "simple_animals")
+    assert script_args.pretrained_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert script_args.output_dir == f"runs/{SINGLE_GPU_RECIPE}" and config.exp_name == SINGLE_GPU_RECIPE
+    batch_sizes = {
+        "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size", "train_gradient_accumulation_steps"
+    }  # fmt: skip
+    assert {field: getattr(config, field) for field in set(PAPER) - batch_sizes} == {
+        field: value for field, value in PAPER.items() if field not in batch_sizes
+    }
+    # 64 trajectories per epoch and 32 per optimiser step, as one of the paper's 8 processes, with half its train
+    # batch (the memory estimate in the recipe's header) and twice its accumulation.
+    assert (config.samples_per_epoch, config.trajectories_per_step) == (16 * 4, 8 * 4)
+    assert (config.sample_batch_size, config.train_batch_size, config.train_gradient_accumulation_steps) == (8, 4, 8)
+    assert config.objective_name == "dag_db" and config.train_decode_batch_size is None
+    assert config.train_gradient_checkpointing is True  # the flag its header suggests for smaller cards wins
+    get_reward_fn(script_args.reward, **script_args.reward_kwargs)
 
 
 def test_hpsv2_recipe_names_all_four_hpd_styles():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import io
 import json
+import signal
 import sys
 import threading
 import time
@@ -731,6 +733,31 @@ def test_remote_reward_cancel_ends_a_request_in_flight_at_once(trickle_url):
     reward.url = trickle_url + "/2"
     rewards, _ = reward(torch.rand(1, 3, 4, 4), ["a"])
     assert rewards.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("concurrent_call", [False, True])
+def test_remote_reward_ctrl_c_while_waiting_ends_the_request_in_flight(trickle_url, concurrent_call):
+    # The answer would take ~2.9 s; Ctrl-C in the waiting thread must end the request, not leave it running. The
+    # reward's event loop stops (joining its thread) when the last call in it returns: with another call in the loop
+    # (concurrent_call, here a lease taken by the test), that happens only once the test leaves it, and takes as long
+    # as the interrupted request still runs.
+    reward = R.remote_reward(trickle_url + "/50", timeout=30.0, max_retries=3, backoff=0.0)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with reward._portal if concurrent_call else contextlib.nullcontext():
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            start = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                reward(torch.rand(1, 3, 4, 4), ["a"])
+        assert time.monotonic() - start < 1.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not reward._in_flight
 
 
 @pytest.mark.parametrize(

@@ -3,106 +3,37 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import functools
-import http.client
+import concurrent.futures
 import io
 import json
-import socket
+import ssl
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import anyio
+import anyio.from_thread
+import httpx
+import tenacity
 import torch
 from PIL import Image
 
 from .base import FLOAT32_MAX, RewardFunction, RewardOutput, score_problem, to_uint8_hwc
 
 
-class _Deadline:
-    """A total time limit for one HTTP exchange. A socket timeout bounds each read only, so a server that trickles a
-    byte at a time could hold a request (and the epoch waiting on it) for as long as it likes; when the deadline
-    passes, the connection's socket is shut down, which ends any read or write blocked on it.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._timer.cancel()
-
-    def register(self, sock: socket.socket) -> None:
-        """Watch a connected socket (shut at once if the deadline has passed already, e.g. during a slow connect)."""
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired:
-                self._shut(sock)
-
-    def expire(self) -> None:
-        """End the exchange now, as if the deadline had passed (:meth:`RemoteReward.cancel`)."""
-        self._timer.cancel()
-        self._expire()
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                self._shut(sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # already closed by the client
-            sock.shutdown(socket.SHUT_RDWR)
+class _RetryableAnswer(Exception):
+    """An attempt that failed in a way worth retrying: no connection, the deadline passed, or HTTP 5xx."""
 
 
-class _DeadlineConnection:
-    """Mixed into an ``http.client`` connection: its socket is registered with the request's deadline."""
-
-    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
-
-    def connect(self) -> None:
-        super().connect()
-        self.deadline.register(self.sock)
-
-
-class _HTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
-    pass
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
-        self.deadline = deadline
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_HTTPConnection, deadline=self.deadline), req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
-        self.deadline = deadline
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_HTTPSConnection, deadline=self.deadline), req, context=self._context)
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of ``error``, followed by its root cause's in brackets: httpx wraps the operating system's
+    reason (``ConnectionRefusedError: ...``) in a ``ConnectError: All connection attempts failed``."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    description = f"{type(error).__name__}: {error}"
+    return description if cause is error else f"{description} ({type(cause).__name__}: {cause})"
 
 
 class RemoteReward(RewardFunction):
@@ -148,20 +79,23 @@ class RemoteReward(RewardFunction):
         self.backoff = float(backoff)
         self.image_format = image_format
         self.headers = {"Content-Type": "application/json", **(headers or {})}
-        # The exchanges in flight (calls may run in the trainer's reward threads) and a count of cancel() calls.
-        self._in_flight: set[_Deadline] = set()
+        # The calls in flight (they may run in the trainer's reward threads), to cancel; the event loop that runs
+        # them is started by the first call to enter the provider and stopped by the last one to leave it.
+        self._in_flight: set[concurrent.futures.Future] = set()
         self._in_flight_lock = threading.Lock()
-        self._cancellations = 0
+        self._portal = anyio.from_thread.BlockingPortalProvider()
+        # httpx's default certificate store, loaded at the first call (it takes a tenth of a second or more, which
+        # must not count against a deadline) and shared by every client of this reward.
+        self._ssl_context: ssl.SSLContext | None = None
 
     def cancel(self) -> None:
-        """End every request in flight now and retry none of them: each such call raises ``RuntimeError`` saying it
+        """End every call in flight now and retry none of them: each such call raises ``RuntimeError`` saying it
         was cancelled. The trainer calls it when training is interrupted, so that the process does not wait for a
         slow server; later calls work as before."""
         with self._in_flight_lock:
-            self._cancellations += 1
             in_flight = list(self._in_flight)
-        for deadline in in_flight:
-            deadline.expire()
+        for future in in_flight:
+            future.cancel()
 
     def encode_request(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> bytes:
         """The JSON request body for a batch."""
@@ -184,60 +118,63 @@ class RemoteReward(RewardFunction):
         return json.dumps(body, default=str).encode("utf-8")
 
     def _post(self, body: bytes) -> bytes:
-        errors = []
-        cancellations = self._cancellations
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            with _Deadline(self.timeout) as deadline, self._tracked(deadline):
-                if self._cancellations != cancellations:
-                    raise RuntimeError(f"remote reward at {self.url} was cancelled (training was interrupted).")
-                opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
-                try:
-                    with opener.open(request, timeout=self.timeout) as response:
-                        raw = response.read()
-                    if not deadline.expired:
-                        return raw
-                    errors.append(self._timed_out())  # the answer was cut short
-                except urllib.error.HTTPError as error:
-                    detail = self._read_detail(error)
-                    if error.code < 500:
-                        raise RuntimeError(
-                            f"remote reward at {self.url} answered HTTP {error.code} {error.reason}: {detail!r}"
-                        ) from error
-                    errors.append(f"HTTP {error.code} {error.reason}: {detail!r}")
-                except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut answers
-                    reason = getattr(error, "reason", error)
-                    errors.append(self._timed_out() if deadline.expired else f"{type(reason).__name__}: {reason}")
-                if self._cancellations != cancellations:
-                    raise RuntimeError(f"remote reward at {self.url} was cancelled (training was interrupted).")
-        raise RuntimeError(
-            f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (deadline {self.timeout}s "
-            "each): " + "; ".join(errors)
-        )
-
-    @contextlib.contextmanager
-    def _tracked(self, deadline: _Deadline) -> Iterator[None]:
-        """Within the context, :meth:`cancel` can end ``deadline``'s exchange."""
-        with self._in_flight_lock:
-            self._in_flight.add(deadline)
-        try:
-            yield
-        finally:
+        """POST ``body`` and return the answer's body. The request runs as a task of an anyio event loop in a thread
+        of its own (``BlockingPortalProvider``): its deadline is a cancel scope that ends connecting, sending and
+        reading alike, and :meth:`cancel` (or Ctrl-C in the waiting thread) cancels the task from any thread. A
+        plain ``httpx.Client`` bounds each socket operation only, and cannot be interrupted from another thread."""
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()
+        with self._portal as portal:
+            future = portal.start_task_soon(self._post_with_retries, body)
             with self._in_flight_lock:
-                self._in_flight.discard(deadline)
+                self._in_flight.add(future)
+            try:
+                return future.result()
+            except concurrent.futures.CancelledError:
+                raise RuntimeError(f"remote reward at {self.url} was cancelled (training was interrupted).") from None
+            finally:
+                future.cancel()  # a no-op once done; else (an exception in this thread) the request ends too
+                with self._in_flight_lock:
+                    self._in_flight.discard(future)
 
-    def _timed_out(self) -> str:
-        return f"TimeoutError: timed out, no complete answer within the {self.timeout}s deadline"
-
-    @staticmethod
-    def _read_detail(error: urllib.error.HTTPError) -> str:
-        """The start of an HTTP error's body; "" if it cannot be read (e.g. cut off by the deadline)."""
+    async def _post_with_retries(self, body: bytes) -> bytes:
+        """Up to ``max_retries + 1`` attempts, ``backoff * 2 ** (k - 1)`` seconds after the ``k``-th failure."""
+        errors: list[str] = []
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=tenacity.wait_exponential(multiplier=self.backoff),
+            retry=tenacity.retry_if_exception_type(_RetryableAnswer),
+            sleep=anyio.sleep,
+        )
         try:
-            return error.read()[:200].decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException):
-            return ""
+            async with httpx.AsyncClient(verify=self._ssl_context, timeout=None, follow_redirects=True) as client:
+                return await retrying(self._attempt, client, body, errors)
+        except tenacity.RetryError as error:
+            raise RuntimeError(
+                f"remote reward at {self.url} failed after {self.max_retries + 1} attempts (deadline {self.timeout}s "
+                "each): " + "; ".join(errors)
+            ) from error.last_attempt.exception()
+
+    async def _attempt(self, client: httpx.AsyncClient, body: bytes, errors: list[str]) -> bytes:
+        """One request within the deadline; a failure worth retrying is described in ``errors`` and raised as
+        ``_RetryableAnswer``, an HTTP 4xx raises ``RuntimeError`` at once."""
+        try:
+            with anyio.fail_after(self.timeout):
+                response = await client.post(self.url, content=body, headers=self.headers)
+        except TimeoutError as error:
+            errors.append(f"TimeoutError: timed out, no complete answer within the {self.timeout}s deadline")
+            raise _RetryableAnswer from error
+        except httpx.TransportError as error:  # refused, reset, an answer cut short, a malformed status line
+            errors.append(_describe(error))
+            raise _RetryableAnswer from error
+        if response.is_success:
+            return response.content
+        detail = response.content[:200].decode("utf-8", "replace")
+        answer = f"HTTP {response.status_code} {response.reason_phrase}: {detail!r}"
+        if response.status_code >= 500:
+            errors.append(answer)
+            raise _RetryableAnswer(answer)
+        raise RuntimeError(f"remote reward at {self.url} answered {answer}")
 
     def decode_response(self, raw: bytes, batch_size: int) -> tuple[list[float], dict[str, Any]]:
         """Parse and check a server answer; raises ``RuntimeError`` naming the URL and the answer if malformed."""
