@@ -426,7 +426,7 @@ class TrainingState:
     def _trainable(trainer: GFlowNetDiffusionTrainer) -> list[torch.nn.Parameter]:
         return [
             p
-            for p in itertools.chain(trainer.unet.parameters(), trainer.objective_model.parameters())
+            for p in itertools.chain(trainer.denoiser.parameters(), trainer.objective_model.parameters())
             if p.requires_grad
         ]
 
@@ -442,7 +442,7 @@ class TrainingState:
 def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: float, epoch: int) -> WorkCounters:
     """Train on every window with one loop; returns the training phase's work counters."""
     trainer.counters = WorkCounters()
-    trainer.unet.train()
+    trainer.denoiser.train()
     trainer.objective_model.train()
     for window, kept in windows:
         if name == "optimised":
@@ -688,7 +688,7 @@ def main() -> None:
         sampling_counters = WorkCounters()
         for repeat in range(repeats):
             trainer.counters = WorkCounters()
-            trainer.unet.eval()
+            trainer.denoiser.eval()
             start = time.perf_counter()
             samples, _ = trainer.generate_samples(epoch=repeat)
             synchronise(device)

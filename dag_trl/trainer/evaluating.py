@@ -85,8 +85,8 @@ class EvaluationMixin:
         (:func:`~dag_trl.evaluation.reward_statistics`), ``"diversity"``, ``"prior_kernel_distance"`` from the
         features that ``reference_features()`` returns (when given) and the ``evaluation_hook``'s entries (unless
         ``use_evaluation_hook`` is false, for a caller that runs the hook itself)."""
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         images = self.sample_images(prompts, self.config.eval_seed if seed is None else seed)
         rewards, _ = self.reward_fn(images, tuple(prompts), tuple(metadata))
         rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
@@ -99,7 +99,7 @@ class EvaluationMixin:
         if use_evaluation_hook and self.evaluation_hook is not None:
             result.update(self.evaluation_hook(images, prompts, metadata, rewards))
         if was_training:
-            self.unet.train()
+            self.denoiser.train()
         return result
 
     def _prior_evaluation_features(self) -> torch.Tensor:

@@ -351,14 +351,14 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         prepared = prepare_models(
             self.accelerator,
             config,
-            sd_pipeline.unet,
+            sd_pipeline.denoiser,
             sd_pipeline.get_trainable_layers(),
             objective_model,
             self.objective.learning_rate(),
             self.uses_deepspeed,
         )
-        self.unet, self.objective_model, self.prepared_models = (
-            prepared.unet,
+        self.denoiser, self.objective_model, self.prepared_models = (
+            prepared.denoiser,
             prepared.objective_model,
             prepared.prepared,
         )
@@ -366,7 +366,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.unwrapped_objective_model = objective_model
         self.policy = TrainingPolicy(
             sd_pipeline,
-            self.unet,
+            self.denoiser,
             self.negative_prompt_embeds if self.trains_with_guidance else None,
             config.sample_guidance_scale,
             config.sample_eta,
@@ -377,7 +377,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.counters = WorkCounters()
         # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
         # state-reward cache, evaluation, the reference loop).
-        sd_pipeline.unet.register_forward_hook(
+        sd_pipeline.denoiser.register_forward_hook(
             lambda module, inputs, output: self.counters.count_denoiser_forward(output)
         )
         if objective_model is not None:
@@ -471,7 +471,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
         self.counters = WorkCounters()
         self.epoch_window_metrics = []
-        self.unet.eval()
+        self.denoiser.eval()
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
             reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
@@ -491,7 +491,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
             self.image_samples_hook(prompt_image_data, global_step, tracker)
 
-        self.unet.train()
+        self.denoiser.train()
         if self.objective_model is not None:
             self.objective_model.train()
         for inner_epoch in range(config.train_num_inner_epochs):
@@ -504,6 +504,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         if (epoch + 1) % config.save_freq == 0:
             self.save_checkpoint(epoch)
         return global_step
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """:attr:`denoiser`, the trained denoiser as accelerate prepared it, under the name TRL's pipelines use."""
+        return self.denoiser
 
     @property
     def checkpoint_dir(self) -> str:
@@ -658,7 +663,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         metrics.update(
             self.optimiser_step(
                 PreparedModels(
-                    self.unet, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
+                    self.denoiser, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
                 ),
                 lambda what: self._diverged(what, epoch, window_index, metrics, window, beta),
             )
@@ -671,7 +676,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         """The denoiser's trained parameters (LoRA or all) and the objective's model's."""
-        parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        parameters = [p for p in self.denoiser.parameters() if p.requires_grad]
         if self.objective_model is not None:
             parameters += list(self.objective_model.parameters())
         return parameters
