@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..evaluation import diversity, kernel_distance, reward_statistics
-from ..evaluation_features import diversity_distance
+from ..evaluation_features import diversity_distance, feature_extractor
 from ..io.tracking import log_image_grid
 
 if TYPE_CHECKING:
@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
 
 EvaluationHook = Callable[[torch.Tensor, list, list, torch.Tensor], dict[str, Any]]
+ImageFeatures = Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluation_image_features(
+    config: GFlowNetConfig, image_features: Optional[ImageFeatures], reward_function: Callable, device: torch.device
+) -> ImageFeatures:
+    """The evaluation's ``images -> (B, F)`` features: the trainer's ``image_features`` argument if given, else those
+    ``config.eval_features`` names (:func:`~dag_trl.evaluation_features.feature_extractor`, on ``device``)."""
+    if image_features is not None:
+        return image_features
+    return feature_extractor(config.eval_features, reward_function, device=device)
 
 
 class EvaluationMixin:

@@ -3,10 +3,11 @@ by network), and the step that ends each optimiser window."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -14,6 +15,9 @@ from ..config import GFlowNetConfig
 from .checkpointing import accelerate_project_kwargs
 from .distributed import TrainableModules
 from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS
+
+if TYPE_CHECKING:
+    from ..models.pipeline import GFlowNetStableDiffusionPipeline
 
 
 def create_accelerator(config: GFlowNetConfig) -> Any:
@@ -30,6 +34,20 @@ def create_accelerator(config: GFlowNetConfig) -> Any:
         gradient_accumulation_steps=config.backward_passes_per_step,
         **config.accelerator_kwargs,
     )
+
+
+def forward_autocast(
+    pipeline: GFlowNetStableDiffusionPipeline, accelerator: Any, uses_deepspeed: bool, weight_dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """The context for model forwards: the pipeline's (its ``autocast`` factory), else the accelerator's mixed
+    precision."""
+    factory = pipeline.autocast
+    if factory is not None:
+        return factory()
+    if uses_deepspeed and weight_dtype != torch.float32:
+        # DeepSpeed keeps 16-bit weights and leaves autocasting to the script; accelerate's autocast is a no-op.
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype)
+    return accelerator.autocast()
 
 
 def create_optimizer(
