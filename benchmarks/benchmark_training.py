@@ -515,7 +515,7 @@ class TrainingState:
     @staticmethod
     def _trainable(trainer: GFlowNetDiffusionTrainer) -> list[torch.nn.Parameter]:
         objective_parameters = trainer.objective_model.parameters() if trainer.objective_model is not None else ()
-        return [p for p in itertools.chain(trainer.unet.parameters(), objective_parameters) if p.requires_grad]
+        return [p for p in itertools.chain(trainer.denoiser.parameters(), objective_parameters) if p.requires_grad]
 
     def restore(self, trainer: GFlowNetDiffusionTrainer) -> None:
         with torch.no_grad():
@@ -529,7 +529,7 @@ class TrainingState:
 def run_loop(name: str, trainer: GFlowNetDiffusionTrainer, windows: list, beta: float, epoch: int) -> WorkCounters:
     """Train on every window with one loop; returns the training phase's work counters."""
     trainer.counters = WorkCounters()
-    trainer.unet.train()
+    trainer.denoiser.train()
     if trainer.objective_model is not None:
         trainer.objective_model.train()
     for window, kept in windows:
@@ -894,7 +894,7 @@ def main() -> None:
         sampling_calls: dict[str, CallTimes] = {}
         for repeat in range(repeats):
             trainer.counters = WorkCounters()
-            trainer.unet.eval()
+            trainer.denoiser.eval()
             memory.reset()
             timer.reset()
             start = time.perf_counter()

@@ -110,7 +110,7 @@ def main() -> None:
     if plugin is None:
         sys.exit("not launched under DeepSpeed: use accelerate launch --config_file deepspeed_zero2.yaml")
     records = timed_epochs(trainer)
-    trained = [p for p in trainer.unet.parameters() if p.requires_grad]
+    trained = [p for p in trainer.denoiser.parameters() if p.requires_grad]
     finite = all(torch.isfinite(p.float()).all().item() for p in trained)
     if trainer.accelerator.is_main_process:
         print(

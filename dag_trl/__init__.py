@@ -26,6 +26,7 @@ _PUBLIC_NAMES = {
     "GFlowNetStableDiffusionPipeline": "models",
     "HubPushError": "io.hub",
     "PromptEmbeddings": "models",
+    "StepOutput": "samplers",
     "TrainingDivergedError": "trainer",
     "TrainingInterrupted": "trainer",
     "available_prompt_fns": "prompts",
@@ -54,6 +55,7 @@ __all__ = [
     "GFlowNetStableDiffusionPipeline",
     "HubPushError",
     "PromptEmbeddings",
+    "StepOutput",
     "TrainingDivergedError",
     "TrainingInterrupted",
     "available_prompt_fns",
@@ -86,7 +88,7 @@ if TYPE_CHECKING:  # what static analysers and IDEs read; at run time __getattr_
     from .objectives import register_objective
     from .prompts import available_prompt_fns, get_prompt_fn
     from .rewards import available_rewards, get_reward_fn
-    from .samplers import DDIMStepOutput, ddim_step_with_logprob
+    from .samplers import DDIMStepOutput, StepOutput, ddim_step_with_logprob
     from .trainer import GFlowNetDiffusionTrainer, TrainingDivergedError, TrainingInterrupted
 
 

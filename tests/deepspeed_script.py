@@ -77,7 +77,7 @@ def main(tiny_sd_path: str, output_dir: str, use_lora: bool, epochs: int, resume
     def recording_step(epoch, global_step):
         global_step = step(epoch, global_step)
         parameters_after_epoch[epoch] = {
-            "unet": {n: p.detach().cpu().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad},
+            "unet": {n: p.detach().cpu().clone() for n, p in trainer.denoiser.named_parameters() if p.requires_grad},
             "flow": {n: p.detach().cpu().clone() for n, p in trainer.unwrapped_objective_model.named_parameters()},
             "flow_used": {n: p.dtype for n, p in trainer.objective_model.named_parameters()},
         }

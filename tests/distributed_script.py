@@ -62,7 +62,7 @@ def main(tiny_sd_path: str, output_dir: str) -> None:
         return allreduce_hook(state, bucket)
 
     trainer.accelerator.backward = counting_backward
-    for model in (trainer.unet, trainer.objective_model):
+    for model in (trainer.denoiser, trainer.objective_model):
         model.register_comm_hook(dist.group.WORLD, counting_allreduce)
 
     # Checkpoints and save_pretrained both write the flow network through this method.
@@ -80,7 +80,7 @@ def main(tiny_sd_path: str, output_dir: str) -> None:
             "noise": seen["noise"],
             "rewards": seen["rewards"].cpu(),
             "reward_history": trainer.reward_history,
-            "unet": {n: p.detach().cpu() for n, p in trainer.unet.named_parameters() if p.requires_grad},
+            "unet": {n: p.detach().cpu() for n, p in trainer.denoiser.named_parameters() if p.requires_grad},
             "flow": {n: p.detach().cpu() for n, p in trainer.unwrapped_objective_model.named_parameters()},
             "backwards": backwards[0],
             "synced_at": sorted(set(synced)),

@@ -106,17 +106,17 @@ def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_
 
     interrupted = make_resumable_trainer(tmp_path / "resumed", tiny_sd_path)
     interrupted.train(epochs=1)
-    after_first_epoch = parameters(interrupted.unet)
+    after_first_epoch = parameters(interrupted.denoiser)
     del interrupted
     resumed = make_resumable_trainer(tmp_path / "resumed", tiny_sd_path, resume_from="latest")
     assert resumed.resume_path == os.path.join(str(tmp_path / "resumed" / "logs"), "checkpoints", "checkpoint_0")
     assert (resumed.first_epoch, resumed.global_step) == (1, 1)
-    assert_same_parameters(parameters(resumed.unet), after_first_epoch)  # the checkpoint loaded exactly
+    assert_same_parameters(parameters(resumed.denoiser), after_first_epoch)  # the checkpoint loaded exactly
     resumed.train()
 
-    trainable = {n: p for n, p in parameters(resumed.unet).items() if "lora_" in n}
+    trainable = {n: p for n, p in parameters(resumed.denoiser).items() if "lora_" in n}
     assert any(not torch.equal(p, after_first_epoch[n]) for n, p in trainable.items())  # epoch 1 trained
-    assert_same_parameters(parameters(resumed.unet), parameters(straight.unet))
+    assert_same_parameters(parameters(resumed.denoiser), parameters(straight.denoiser))
     assert_same_parameters(
         parameters(resumed.unwrapped_objective_model), parameters(straight.unwrapped_objective_model)
     )
@@ -544,16 +544,16 @@ class LinearPipeline:
     use_lora = False
 
     def __init__(self):
-        self.unet = torch.nn.Linear(3, 2)
+        self.denoiser = torch.nn.Linear(3, 2)
 
     def save_checkpoint(self, models: list, weights: list, output_dir: str) -> None:
-        index = next(i for i, model in enumerate(models) if model is self.unet)
+        index = next(i for i, model in enumerate(models) if model is self.denoiser)
         torch.save(models[index].state_dict(), os.path.join(output_dir, "denoiser.pt"))
         weights.pop(index)
 
     def load_checkpoint(self, models: list, input_dir: str) -> None:
-        unet = models.pop(next(i for i, model in enumerate(models) if model is self.unet))
-        unet.load_state_dict(torch.load(os.path.join(input_dir, "denoiser.pt")))
+        denoiser = models.pop(next(i for i, model in enumerate(models) if model is self.denoiser))
+        denoiser.load_state_dict(torch.load(os.path.join(input_dir, "denoiser.pt")))
 
 
 def make_checkpointer(tmp_path, **overrides):
@@ -567,7 +567,9 @@ def make_checkpointer(tmp_path, **overrides):
     config = tiny_config(tmp_path, train_objective="ddpo", num_epochs=10, **overrides)
     pipeline = LinearPipeline()
     accelerator = Accelerator(cpu=True)
-    denoiser, optimizer = accelerator.prepare(pipeline.unet, torch.optim.AdamW(pipeline.unet.parameters(), lr=0.1))
+    denoiser, optimizer = accelerator.prepare(
+        pipeline.denoiser, torch.optim.AdamW(pipeline.denoiser.parameters(), lr=0.1)
+    )
     checkpointer = Checkpointer(config, accelerator, pipeline, get_objective_class("ddpo")(config), False)
     checkpointer.register_hooks(None, save_weights=lambda folder: None)
     return checkpointer, denoiser, optimizer

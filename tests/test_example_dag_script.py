@@ -60,7 +60,7 @@ def test_one_epoch_on_the_builtin_model_saves_a_lora_that_loads_back_as_the_trai
     timesteps = torch.tensor([901, 401])
     with torch.no_grad():
         pretrained = unet(latents, timesteps, encoder_hidden_states=context).sample
-        trained = trainer.accelerator.unwrap_model(trainer.unet)(latents, timesteps, encoder_hidden_states=context)
+        trained = trainer.accelerator.unwrap_model(trainer.denoiser)(latents, timesteps, encoder_hidden_states=context)
         pipeline.load_lora_weights(str(output_dir))
         loaded = pipeline.unet(latents, timesteps, encoder_hidden_states=context).sample
     assert (trained.sample - pretrained).abs().max() > 1e-5  # one epoch moved the LoRA away from the identity

@@ -39,12 +39,12 @@ class PixelPipeline(GFlowNetStableDiffusionPipeline):
         from diffusers import DDIMScheduler
 
         torch.manual_seed(0)
-        self._unet = PixelDenoiser()
+        self._denoiser = PixelDenoiser()
         self.scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self._unet
+    def denoiser(self) -> torch.nn.Module:
+        return self._denoiser
 
     @property
     def use_lora(self) -> bool:
@@ -69,13 +69,13 @@ class PixelPipeline(GFlowNetStableDiffusionPipeline):
     def initial_latents(self, batch_size, generator, device, height=None, width=None) -> torch.Tensor:
         return torch.randn((batch_size, 3, PIXELS, PIXELS), generator=generator).to(device)
 
-    def predict_noise(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, unet=None):
-        unet = self.unet if unet is None else unet
+    def predict(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, denoiser=None):
+        denoiser = self.denoiser if denoiser is None else denoiser
         timesteps = torch.as_tensor(timesteps).reshape(-1).expand(latents.shape[0])
-        conditional = unet(latents, timesteps, prompt_embeds.hidden_states).float()
+        conditional = denoiser(latents, timesteps, prompt_embeds.hidden_states).float()
         if negative_prompt_embeds is None:
             return conditional, conditional
-        unconditional = unet(latents, timesteps, negative_prompt_embeds.hidden_states).float()
+        unconditional = denoiser(latents, timesteps, negative_prompt_embeds.hidden_states).float()
         return unconditional + guidance_scale * (conditional - unconditional), conditional
 
     def scheduler_step(self, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None,
@@ -94,16 +94,51 @@ class PixelPipeline(GFlowNetStableDiffusionPipeline):
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def prepare_for_training(self, device, weight_dtype, gradient_checkpointing) -> None:
-        self._unet.to(device, dtype=torch.float32)
+        self._denoiser.to(device, dtype=torch.float32)
 
     def get_trainable_layers(self) -> list[torch.nn.Parameter]:
-        return list(self._unet.parameters())
+        return list(self._denoiser.parameters())
 
     def save_pretrained(self, output_dir, unet: Optional[torch.nn.Module] = None) -> None:
-        torch.save((unet or self._unet).state_dict(), os.path.join(output_dir, "pixel_denoiser.pt"))
+        torch.save((unet or self._denoiser).state_dict(), os.path.join(output_dir, "pixel_denoiser.pt"))
 
     def load_trained_weights(self, unet: torch.nn.Module, input_dir: str) -> None:
         unet.load_state_dict(torch.load(os.path.join(input_dir, "pixel_denoiser.pt")))
+
+
+def test_the_first_names_are_aliases_of_the_family_neutral_ones():
+    import dag_trl
+    from dag_trl.samplers import ddim, gaussian
+
+    assert ddim.DDIMStepOutput is gaussian.GaussianStepOutput is gaussian.StepOutput
+    assert dag_trl.DDIMStepOutput is dag_trl.StepOutput is gaussian.StepOutput
+    assert dag_trl.ddim_step_with_logprob is ddim.ddim_step_with_logprob
+
+    pipeline = PixelPipeline()
+    assert pipeline.unet is pipeline.denoiser
+    other = PixelDenoiser()  # drawn after the pipeline's, so other weights
+    latents = torch.randn(2, 3, PIXELS, PIXELS, generator=torch.Generator().manual_seed(0))
+    inputs = (latents, 501, pipeline.encode_prompt(["a cat", "otis"]), pipeline.encode_prompt(["", ""]), 3.0)
+    assert not torch.equal(pipeline.predict(*inputs)[0], pipeline.predict(*inputs, denoiser=other)[0])
+    for module in (None, other):
+        new, first = pipeline.predict(*inputs, denoiser=module), pipeline.predict_noise(*inputs, unet=module)
+        assert all(torch.equal(a, b) for a, b in zip(new, first, strict=True))
+
+    # A family written against the first names (``unet``, ``predict_noise``) is complete and answers to the new ones.
+    namespace = {key: value for key, value in vars(PixelPipeline).items() if key not in ("denoiser", "predict")}
+    namespace["unet"] = vars(PixelPipeline)["denoiser"]
+
+    def predict_noise(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, unet=None):
+        return PixelPipeline.predict(
+            self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, denoiser=unet
+        )
+
+    namespace["predict_noise"] = predict_noise
+    first_names = type("FirstNamesPipeline", (GFlowNetStableDiffusionPipeline,), namespace)()
+    assert first_names.denoiser is first_names.unet is first_names._denoiser
+    for module in (None, other):
+        new, first = first_names.predict(*inputs, denoiser=module), pipeline.predict(*inputs, denoiser=module)
+        assert all(torch.equal(a, b) for a, b in zip(new, first, strict=True))
 
 
 def reinforce_loss(rewards: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
@@ -147,7 +182,8 @@ def test_toy_objective_and_toy_family_train_with_the_objectives_gradient(tmp_pat
     samples, _ = trainer.generate_samples(epoch=0)
     assert trainer.counters.vae_decodes == 8 and trainer.counters.reward_samples == 8  # final samples only
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
-    trainer.unet.train()
+    assert trainer.unet is trainer.denoiser  # the prepared denoiser under its first name
+    trainer.denoiser.train()
     metrics = trainer.train_window(window, kept, beta=1.0, epoch=0)
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6)  # first window: the sampling weights
     assert trainer.counters.flow_forwards == 0 and trainer.counters.vae_decodes == 8  # no state rewards decoded
@@ -164,7 +200,7 @@ def test_toy_objective_and_toy_family_train_with_the_objectives_gradient(tmp_pat
         for column in range(kept.shape[1]):
             steps = kept[rows, column]
             latents = window.latents[rows, steps]
-            guided, _ = oracle.predict_noise(
+            guided, _ = oracle.predict(
                 latents, window.timesteps[rows, steps], oracle.encode_prompt([window.prompts[i] for i in rows]),
                 negative.expand(len(rows)), config.sample_guidance_scale,
             )  # fmt: skip

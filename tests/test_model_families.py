@@ -175,7 +175,7 @@ def test_flux_conditions_on_its_distilled_guidance(family_paths):
         pipeline.set_timesteps(4)
         embeds = pipeline.encode_prompt(["a red circle"])
         latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-        guided, conditional = pipeline.predict_noise(latents, pipeline.scheduler.timesteps[1], embeds, None, 1.0)
+        guided, conditional = pipeline.predict(latents, pipeline.scheduler.timesteps[1], embeds, None, 1.0)
         assert torch.equal(guided, conditional)
         outputs.append(conditional)
     assert not torch.allclose(outputs[0], outputs[1])
@@ -210,9 +210,9 @@ def family_trainer(folder, family, family_paths, num_epochs=1, **overrides):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_one_epoch_of_every_objective_moves_the_lora(tmp_path, family, objective, family_paths):
     trainer = family_trainer(tmp_path, family, family_paths, **OBJECTIVES[objective])
-    before = lora_parameters(trainer.sd_pipeline.unet)
+    before = lora_parameters(trainer.sd_pipeline.denoiser)
     trainer.train()
-    after = lora_parameters(trainer.sd_pipeline.unet)
+    after = lora_parameters(trainer.sd_pipeline.denoiser)
     assert before.keys() == after.keys() and before
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert all(torch.isfinite(value).all() for value in after.values())
@@ -246,17 +246,17 @@ def assert_saved_lora_round_trips(path, family: str, family_paths: dict, **overr
     embeds = trained.encode_prompt(["a red circle", "a cat"])
     latents = trained.initial_latents(2, torch.Generator().manual_seed(0), torch.device("cpu"))
     with torch.no_grad():
-        ours, _ = trained.predict_noise(latents, timesteps[1], embeds, None, 1.0)
-        theirs, _ = plain.predict_noise(latents, timesteps[1], embeds, None, 1.0)
+        ours, _ = trained.predict(latents, timesteps[1], embeds, None, 1.0)
+        theirs, _ = plain.predict(latents, timesteps[1], embeds, None, 1.0)
         with trained.adapter_disabled():
-            prior, _ = trained.predict_noise(latents, timesteps[1], embeds, None, 1.0)
+            prior, _ = trained.predict(latents, timesteps[1], embeds, None, 1.0)
     assert torch.equal(theirs, ours)  # the same peft layers with the same weights and scale
     assert not torch.allclose(prior, ours)  # the LoRA changes the output: the round trip is not vacuous
 
     reloaded = make_pipeline(family, family_paths, **overrides)
-    reloaded.load_trained_weights(reloaded.unet, str(path))
-    for name, value in lora_parameters(trained.unet).items():
-        assert torch.equal(lora_parameters(reloaded.unet)[name], value)
+    reloaded.load_trained_weights(reloaded.denoiser, str(path))
+    for name, value in lora_parameters(trained.denoiser).items():
+        assert torch.equal(lora_parameters(reloaded.denoiser)[name], value)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -268,8 +268,8 @@ def test_lora_on_the_unet_convolutions_trains_and_round_trips(tmp_path, family_p
     family_default = FAMILIES["sdxl"][1].lora_target_modules
     targets = [*family_default, "conv1", "conv2"]
     pipeline = make_pipeline("sdxl", family_paths, lora_target_modules=targets)
-    adapted = {name.rsplit(".lora_", 1)[0] for name in lora_parameters(pipeline.unet)}
-    convolutions = {name for name, module in pipeline.unet.named_modules() if name.endswith(("conv1", "conv2"))}
+    adapted = {name.rsplit(".lora_", 1)[0] for name in lora_parameters(pipeline.denoiser)}
+    convolutions = {name for name, module in pipeline.denoiser.named_modules() if name.endswith(("conv1", "conv2"))}
     assert convolutions and convolutions <= adapted  # every resnet convolution carries an adapter
     assert FAMILIES["sdxl"][1].lora_target_modules == family_default  # the class keeps its own
     assert_saved_lora_round_trips(tmp_path, "sdxl", family_paths, lora_target_modules=targets)
@@ -293,8 +293,8 @@ def test_resume_after_one_epoch_reproduces_the_uninterrupted_run(tmp_path, famil
     resumed = family_trainer(tmp_path / "resumed", family, family_paths, resume_from="latest", **settings)
     assert resumed.first_epoch == 1
     resumed.train()
-    for name, value in lora_parameters(straight.sd_pipeline.unet).items():
-        assert torch.equal(lora_parameters(resumed.sd_pipeline.unet)[name], value), name
+    for name, value in lora_parameters(straight.sd_pipeline.denoiser).items():
+        assert torch.equal(lora_parameters(resumed.sd_pipeline.denoiser)[name], value), name
     flow_straight = straight.unwrapped_objective_model.state_dict()
     for name, value in resumed.unwrapped_objective_model.state_dict().items():
         assert torch.equal(value, flow_straight[name]), name
@@ -306,7 +306,7 @@ def test_an_already_loaded_diffusers_pipeline_is_used_as_it_is(family_paths):
 
     loaded = StableDiffusion3Pipeline.from_pretrained(family_paths["sd3"])
     pipeline = make_pipeline("sd3", {"sd3": loaded})
-    assert pipeline.sd_pipeline is loaded and pipeline.unet is loaded.transformer
+    assert pipeline.sd_pipeline is loaded and pipeline.denoiser is loaded.transformer
     assert pipeline.pretrained_model_name == family_paths["sd3"]
     assert any("lora_" in name for name, _ in loaded.transformer.named_parameters())
 
@@ -388,9 +388,9 @@ def test_gradient_checkpointing_trains_the_same_lora(tmp_path, family, family_pa
         trainer = family_trainer(
             tmp_path / str(checkpointing), family, family_paths, train_gradient_checkpointing=checkpointing
         )
-        assert trainer.sd_pipeline.unet.is_gradient_checkpointing is checkpointing
+        assert trainer.sd_pipeline.denoiser.is_gradient_checkpointing is checkpointing
         trainer.train()
-        results.append(lora_parameters(trainer.sd_pipeline.unet))
+        results.append(lora_parameters(trainer.sd_pipeline.denoiser))
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6)
 

@@ -72,7 +72,7 @@ def test_ddpo_window_gradient_equals_the_straightforward_oracle(tmp_path, tiny_s
     torch.testing.assert_close(samples.extras["advantages"], torch.tensor(expected, dtype=torch.float32))
 
     window, kept = trainer.windows(samples, torch.Generator().manual_seed(0))[0]
-    trainer.unet.train()
+    trainer.denoiser.train()
     trainer.train_window(window, kept, beta=0.0, epoch=0)
     assert trainer.counters.flow_forwards == 0 and trainer.counters.vae_decodes == len(rewards)
 
@@ -85,7 +85,7 @@ def test_ddpo_window_gradient_equals_the_straightforward_oracle(tmp_path, tiny_s
         embeds = oracle.encode_prompt([window.prompts[row]])
         for step in kept[row].tolist():
             latents, timestep = window.latents[row : row + 1, step], window.timesteps[row, step]
-            guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
+            guided, _ = oracle.predict(latents, timestep, embeds, negative, config.sample_guidance_scale)
             log_prob = ddim_step_with_logprob(
                 oracle.scheduler, guided, timestep, latents, prev_sample=window.latents[row : row + 1, step + 1]
             ).log_probs

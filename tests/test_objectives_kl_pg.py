@@ -61,9 +61,9 @@ def oracle_gradients(trainer, samples, window, tiny_sd_path) -> list[torch.Tenso
         """(k_n with gradient, log pi_n with gradient) of the epoch's trajectory ``row`` at step ``step``."""
         latents, timestep = samples.latents[row : row + 1, step], int(samples.timesteps[row, step])
         embeds = oracle.encode_prompt([samples.prompts[row]])
-        guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, guidance)
+        guided, _ = oracle.predict(latents, timestep, embeds, negative, guidance)
         with torch.no_grad(), oracle.adapter_disabled():
-            prior_guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, guidance)
+            prior_guided, _ = oracle.predict(latents, timestep, embeds, negative, guidance)
         mean, std = diffusers_mean_and_std(oracle.scheduler, guided, timestep, latents, config.sample_eta)
         prior_mean, _ = diffusers_mean_and_std(oracle.scheduler, prior_guided, timestep, latents, config.sample_eta)
         kl = ((mean - prior_mean) ** 2).sum() / (2 * std**2)
@@ -108,7 +108,7 @@ def test_kl_pg_gradient_equals_the_whole_objective_oracle(tmp_path, tiny_sd_path
     counts = [samples.prompts.count(prompt) for prompt in samples.prompts]
     assert max(counts) > 1 and min(counts) == 1
     expected = oracle_gradients(trainer, samples, window, tiny_sd_path)
-    trainer.unet.train()
+    trainer.denoiser.train()
     trainer.train_window(window, kept, beta=trainer.config.train_reward_exp, epoch=0)
     trained = trainer.sd_pipeline.get_trainable_layers()
     beta1 = trainer.config.train_adam_beta1
@@ -129,7 +129,7 @@ def test_sampling_records_the_prior_step_means_and_their_closed_form_kls(tmp_pat
     embeds = plain.encode_prompt([samples.prompts[row]])
     for step in range(config.sample_num_steps):
         latents, timestep = samples.latents[row : row + 1, step], int(samples.timesteps[row, step])
-        guided, _ = plain.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
+        guided, _ = plain.predict(latents, timestep, embeds, negative, config.sample_guidance_scale)
         prior_mean, std = diffusers_mean_and_std(plain.scheduler, guided, timestep, latents, config.sample_eta)
         torch.testing.assert_close(samples.prior_means[row, step], prior_mean[0], rtol=1e-4, atol=1e-5)
         if timestep < config.lora_min_timestep:  # a frozen step is the prior's own: no KL
@@ -177,7 +177,7 @@ def test_kl_pg_trains_through_windows_of_frozen_steps_only(tmp_path, tiny_sd_pat
     frozen = samples.timesteps[0] < 500
     assert frozen.any() and not frozen.all()
     before = [p.detach().clone() for p in trainer.sd_pipeline.get_trainable_layers()]
-    trainer.unet.train()
+    trainer.denoiser.train()
     trainer.train_window(window, kept, beta=3.0, epoch=0)
     changed = [not torch.equal(a, p) for a, p in zip(before, trainer.sd_pipeline.get_trainable_layers(), strict=True)]
     assert any(changed)

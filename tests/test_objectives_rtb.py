@@ -49,7 +49,7 @@ def oracle_gradients(trainer, window, tiny_sd_path) -> list[torch.Tensor]:
         total = 0.0
         for step in range(config.sample_num_steps):
             latents, timestep = window.latents[row : row + 1, step], window.timesteps[row, step]
-            guided, _ = oracle.predict_noise(latents, timestep, embeds, negative, config.sample_guidance_scale)
+            guided, _ = oracle.predict(latents, timestep, embeds, negative, config.sample_guidance_scale)
             total = total + ddim_step_with_logprob(
                 oracle.scheduler, guided, timestep, latents, prev_sample=window.latents[row : row + 1, step + 1],
                 log_prob_reduction="sum",
@@ -95,7 +95,7 @@ def test_rtb_gradient_equals_the_whole_trajectory_oracle_over_two_optimiser_step
     trained = trainer.sd_pipeline.get_trainable_layers() + list(trainer.unwrapped_objective_model.parameters())
     beta1 = trainer.config.train_adam_beta1
     previous_moments = [torch.zeros_like(p) for p in trained]
-    trainer.unet.train()
+    trainer.denoiser.train()
     for window, kept in windows[:2]:
         # The batch estimate is exercised on a prompt drawn more than once, the learned one on a single draw.
         counts = [window.prompts.count(prompt) for prompt in window.prompts]
@@ -125,7 +125,7 @@ def test_rtb_records_the_prior_with_the_adapter_switched_off(tmp_path, tiny_sd_p
     negative = plain.encode_prompt([trainer.config.negative_prompts])
     row, step = 1, 2
     latents = samples.latents[row : row + 1, step]
-    guided, _ = plain.predict_noise(
+    guided, _ = plain.predict(
         latents, samples.timesteps[row, step], plain.encode_prompt([samples.prompts[row]]), negative, 5.0
     )
     prior = ddim_step_with_logprob(

@@ -18,7 +18,7 @@ from dag_trl.samplers.ddim import (
     original_sample_and_noise,
     previous_timestep,
 )
-from dag_trl.samplers.gaussian import GaussianStepOutput
+from dag_trl.samplers.gaussian import StepOutput
 
 
 def make_scheduler(prediction_type: str = "epsilon", steps: int = 10):
@@ -144,7 +144,7 @@ def test_ddim_step_is_the_written_out_abar_step_bit_for_bit(prediction_type, eta
             log_prob_reduction=reduction,
         )
         expected = ddim_step_written_out(scheduler, output, timestep, sample, eta, prev, noise, reduction)
-        assert type(out) is GaussianStepOutput and DDIMStepOutput is GaussianStepOutput  # one step output type
+        assert type(out) is StepOutput and DDIMStepOutput is StepOutput  # one step output type
         for name, value in zip(
             ("latents", "log_probs", "backward_log_probs", "pred_original_sample"), expected, strict=True
         ):

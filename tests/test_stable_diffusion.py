@@ -35,25 +35,26 @@ def sample(pipeline, prompts, steps=4, guidance=5.0, seed=0, reduction="mean"):
 
 def test_loads_with_ddim_frozen_vae_and_text_encoder_and_lora_on_attention(lora_pipeline):
     assert isinstance(lora_pipeline, GFlowNetStableDiffusionPipeline)
+    assert lora_pipeline.denoiser is lora_pipeline.unet is lora_pipeline.sd_pipeline.unet  # TRL's names
     assert type(lora_pipeline.scheduler).__name__ == "DDIMScheduler"
     assert not any(p.requires_grad for p in lora_pipeline.vae.parameters())
     assert not any(p.requires_grad for p in lora_pipeline.text_encoder.parameters())
-    trainable = [n for n, p in lora_pipeline.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in lora_pipeline.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] if not n.split(".lora_")[0].endswith("to_out.0") else "to_out.0"
                for n in trainable}  # fmt: skip
     assert targets == {"to_q", "to_k", "to_v", "to_out.0"}
-    ranks = {p.shape[0] for n, p in lora_pipeline.unet.named_parameters() if "lora_A" in n}
+    ranks = {p.shape[0] for n, p in lora_pipeline.denoiser.named_parameters() if "lora_A" in n}
     assert ranks == {4}
     assert len(lora_pipeline.get_trainable_layers()) == len(trainable)
 
 
 def test_full_unet_training_without_lora_and_custom_rank(tiny_sd_path):
     full = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), use_lora=False)
-    assert all(p.requires_grad for p in full.unet.parameters())
-    assert not any("lora" in n for n, _ in full.unet.named_parameters())
+    assert all(p.requires_grad for p in full.denoiser.parameters())
+    assert not any("lora" in n for n, _ in full.denoiser.named_parameters())
     ranked = DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_rank=2)
-    assert {p.shape[0] for n, p in ranked.unet.named_parameters() if "lora_A" in n} == {2}
+    assert {p.shape[0] for n, p in ranked.denoiser.named_parameters() if "lora_A" in n} == {2}
     with pytest.raises(ValueError, match="lora_rank=0 is invalid"):
         DefaultGFlowNetStableDiffusionPipeline(str(tiny_sd_path), lora_rank=0)
 
@@ -77,7 +78,7 @@ def test_a_negative_lora_alpha_or_a_dtype_that_is_not_one_is_refused_before_load
 
 def test_lora_initialisation_follows_its_seed_and_leaves_the_global_random_state(tiny_sd_path):
     def lora_down_weights(pipeline):
-        return {n: p.detach().clone() for n, p in pipeline.unet.named_parameters() if "lora_A" in n}
+        return {n: p.detach().clone() for n, p in pipeline.denoiser.named_parameters() if "lora_A" in n}
 
     torch.manual_seed(1)
     global_state = torch.get_rng_state()
@@ -102,7 +103,7 @@ def test_sampling_records_consistent_trajectories(lora_pipeline):
     # Recomputing each step on the stored latents gives the stored values exactly: the PPO ratio is 1.
     with torch.no_grad():
         for k, t in enumerate(output.timesteps):
-            guided, conditional = lora_pipeline.predict_noise(output.latents[:, k], t, embeds, negative, 5.0)
+            guided, conditional = lora_pipeline.predict(output.latents[:, k], t, embeds, negative, 5.0)
             torch.testing.assert_close(guided, output.noise_preds[:, k], rtol=0, atol=0)
             torch.testing.assert_close(conditional, output.conditional_noise_preds[:, k], rtol=0, atol=0)
             step = ddim_step_with_logprob(
@@ -128,9 +129,9 @@ def test_guidance_combines_unconditional_and_conditional(lora_pipeline):
     with torch.no_grad():
         embeds = lora_pipeline.encode_prompt(["a cat", "a dog"])
         negative = lora_pipeline.encode_prompt(["", ""])
-        guided, conditional = lora_pipeline.predict_noise(latents, torch.tensor([501, 1]), embeds, negative, 3.0)
-        unconditional, _ = lora_pipeline.predict_noise(latents, torch.tensor([501, 1]), negative, None, 1.0)
-        alone, same = lora_pipeline.predict_noise(latents, torch.tensor([501, 1]), embeds, None, 3.0)
+        guided, conditional = lora_pipeline.predict(latents, torch.tensor([501, 1]), embeds, negative, 3.0)
+        unconditional, _ = lora_pipeline.predict(latents, torch.tensor([501, 1]), negative, None, 1.0)
+        alone, same = lora_pipeline.predict(latents, torch.tensor([501, 1]), embeds, None, 3.0)
     torch.testing.assert_close(conditional, alone, rtol=1e-5, atol=1e-5)
     assert torch.equal(alone, same)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-4, atol=1e-5)
@@ -159,7 +160,7 @@ def test_a_nested_adapter_disabled_keeps_the_lora_off_until_the_outermost_exits(
 
     def predict() -> torch.Tensor:
         with torch.no_grad():
-            return pipeline.predict_noise(latents, pipeline.scheduler.timesteps[0], embeds, None, 1.0)[0]
+            return pipeline.predict(latents, pipeline.scheduler.timesteps[0], embeds, None, 1.0)[0]
 
     with_lora = predict()
     with pipeline.adapter_disabled():
@@ -194,6 +195,6 @@ def test_weights_loaded_in_their_training_dtype_are_placed_without_diffusers_flo
     finally:
         diffusers_logger.removeHandler(records)
     assert not [message for message in records.messages if "should be kept in float32" in message]
-    frozen = [p for module in (pipeline.unet, pipeline.vae) for p in module.parameters() if not p.requires_grad]
+    frozen = [p for module in (pipeline.denoiser, pipeline.vae) for p in module.parameters() if not p.requires_grad]
     assert {p.dtype for p in frozen} == {trained_in}
     assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}

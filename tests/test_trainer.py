@@ -47,12 +47,12 @@ def test_two_epochs_change_trainable_weights_only_and_log_finite_metrics(tmp_pat
         tmp_path, tiny_sd_path, use_lora=use_lora, train_klpf=klpf, train_reward_exp_anneal="none"
     )
     pipeline = trainer.sd_pipeline
-    unet_before, flow_before = snapshot(pipeline.unet), snapshot(trainer.unwrapped_objective_model)
+    unet_before, flow_before = snapshot(pipeline.denoiser), snapshot(trainer.unwrapped_objective_model)
     vae_before, text_before = snapshot(pipeline.vae), snapshot(pipeline.text_encoder)
     trainer.train()
 
     assert trainer.global_step == 4  # 2 epochs x 8 trajectories / (2 x 2) per optimiser step
-    unet_after = snapshot(pipeline.unet)
+    unet_after = snapshot(pipeline.denoiser)
     changed = {n for n in unet_after if not torch.equal(unet_after[n], unet_before[n])}
     if use_lora:
         assert changed and all("lora_" in n for n in changed)
@@ -95,7 +95,9 @@ def test_training_recomputes_the_sampled_log_probabilities_with_the_calls_sampli
     )
     samples, _ = trainer.generate_samples(epoch=0)
     batch_rows = []
-    hook = trainer.sd_pipeline.unet.register_forward_pre_hook(lambda module, inputs: batch_rows.append(len(inputs[0])))
+    hook = trainer.sd_pipeline.denoiser.register_forward_pre_hook(
+        lambda module, inputs: batch_rows.append(len(inputs[0]))
+    )
     with torch.no_grad():
         for step in range(trainer.config.sample_num_steps):
             log_probs = trainer.policy.step(
@@ -124,7 +126,7 @@ def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state
 
     state_rewards = StateRewardCache(samples, unused, unused, unused, batch_size=2, decode_batch_size=2)
     state_rewards.rewards.update({(0, last): torch.tensor(0.25), (1, last): torch.tensor(-0.5)})
-    trainer.unet.train()
+    trainer.denoiser.train()
     batch = trainer.transition_batch(samples, rows, steps, state_rewards, beta)
     loss, _ = trainer.objective.loss(batch, trainer.objective_model)
     loss.backward()
@@ -137,7 +139,7 @@ def test_terminal_transition_uses_the_true_reward_and_no_flow_of_the_final_state
     timesteps = samples.timesteps[rows, steps]
     embeds = samples.prompt_embeds[rows]
     negative = trainer.negative_prompt_embeds.expand(2)
-    guided, _ = trainer.sd_pipeline.predict_noise(latents, timesteps, embeds, negative, 5.0)
+    guided, _ = trainer.sd_pipeline.predict(latents, timesteps, embeds, negative, 5.0)
     step = ddim_step_with_logprob(
         trainer.sd_pipeline.scheduler, guided, timesteps, latents, prev_sample=samples.latents[rows, steps + 1]
     )
@@ -331,7 +333,7 @@ def test_optimised_window_equals_the_straightforward_loop(
                      train_transition_order=order)  # fmt: skip
     optimised, _ = make_trainer(tmp_path / "a", tiny_sd_path, **overrides)
     reference, _ = make_trainer(tmp_path / "b", tiny_sd_path, **overrides)
-    reference.unet.load_state_dict(optimised.unet.state_dict())
+    reference.denoiser.load_state_dict(optimised.denoiser.state_dict())
     reference.objective_model.load_state_dict(optimised.objective_model.state_dict())
     if "train_objective" in objective:
         # A LoRA away from zero, so that the policy and the prior differ in the relative residual.
@@ -353,8 +355,8 @@ def test_optimised_window_equals_the_straightforward_loop(
     optimised_grads = capture_gradients_at_step(optimised)
     reference_grads = capture_gradients_at_step(reference)
     reference.counters = reference_counters = WorkCounters()  # model calls are counted by the trainer's hooks
-    optimised.unet.train()
-    reference.unet.train()
+    optimised.denoiser.train()
+    reference.denoiser.train()
     for window, kept in windows:
         optimised.train_window(window, kept, beta=10.0, epoch=0)
         reference_train_window(reference, window, kept, beta=10.0, epoch=0, counters=reference_counters)
@@ -365,7 +367,9 @@ def test_optimised_window_equals_the_straightforward_loop(
     for ours, theirs in zip(optimised_grads, reference_grads, strict=True):
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, **tolerance)
-    for (name, a), (_, b) in zip(optimised.unet.named_parameters(), reference.unet.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(
+        optimised.denoiser.named_parameters(), reference.denoiser.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), (_, b) in zip(
         optimised.objective_model.named_parameters(), reference.objective_model.named_parameters(), strict=True
@@ -403,7 +407,7 @@ def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
     trainer, logged = make_trainer(tmp_path, tiny_sd_path, mixed_precision=precision, num_epochs=1)
     pipeline = trainer.sd_pipeline
     assert pipeline.vae.dtype == pipeline.text_encoder.dtype == dtype
-    frozen = {p.dtype for n, p in pipeline.unet.named_parameters() if "lora_" not in n}
+    frozen = {p.dtype for n, p in pipeline.denoiser.named_parameters() if "lora_" not in n}
     assert frozen == {dtype}
     assert {p.dtype for p in pipeline.get_trainable_layers()} == {torch.float32}
     assert {p.dtype for p in trainer.unwrapped_objective_model.parameters()} == {torch.float32}
@@ -417,7 +421,7 @@ def test_mixed_precision_keeps_frozen_weights_low_and_trainable_weights_float32(
 def test_asynchronous_rewards_give_the_same_samples_and_rewards(tmp_path, tiny_sd_path):
     synchronous, _ = make_trainer(tmp_path / "sync", tiny_sd_path)
     asynchronous, _ = make_trainer(tmp_path / "async", tiny_sd_path, async_reward_computation=True)
-    asynchronous.unet.load_state_dict(synchronous.unet.state_dict())
+    asynchronous.denoiser.load_state_dict(synchronous.denoiser.state_dict())
     expected, _ = synchronous.generate_samples(epoch=0)
     actual, _ = asynchronous.generate_samples(epoch=0)
     assert expected.prompts == actual.prompts

@@ -79,7 +79,7 @@ def test_a_huge_learning_rate_is_stopped_at_the_first_checkpoint_and_resumes_fro
     assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e12, 1e12]  # the new rate, not the saved
     with pytest.raises(TrainingDivergedError) as error:
         trainer.train()
-    ratios = lora_update_ratios(trainer.unet)
+    ratios = lora_update_ratios(trainer.denoiser)
     layer = max(ratios, key=ratios.get)
     assert (
         ratios[layer] > 1e9
@@ -103,7 +103,7 @@ def test_a_huge_learning_rate_is_stopped_at_the_first_checkpoint_and_resumes_fro
     trainer.train()
     assert [epoch for epoch, _ in list_checkpoints(trainer.checkpoint_dir)] == [0, 1, 2]
     assert trainer.weights_health_problem() is None
-    assert max(lora_update_ratios(trainer.unet).values()) < 1e-2
+    assert max(lora_update_ratios(trainer.denoiser).values()) < 1e-2
 
 
 def test_a_huge_learning_rate_from_the_start_says_that_no_checkpoint_was_written(tmp_path, tiny_sd_path):
@@ -139,7 +139,7 @@ def test_fp16_skipped_steps_are_counted_and_stop_training_only_when_they_persist
     calls = []
     for step in range(3 + MAX_CONSECUTIVE_SKIPPED_STEPS + 1):
         models = PreparedModels(
-            trainer.unet, trainer.objective_model, trainer.optimizer, None, trainer.prepared_models
+            trainer.denoiser, trainer.objective_model, trainer.optimizer, None, trainer.prepared_models
         )
         metrics = trainer.optimiser_step(models, calls.append)
         expected_calls = 1 if step == 3 + MAX_CONSECUTIVE_SKIPPED_STEPS else 0

@@ -113,6 +113,6 @@ def test_evaluate_prompts_measures_the_given_prompts_and_records_nothing(tmp_pat
     assert measured["diversity"] == pytest.approx(diversity(pixel_features(images), prompts))
     assert measured["brightest"] == pytest.approx(rewards.max().item())
     assert "prior_kernel_distance" not in measured  # only with reference features
-    trainer.unet.train()  # sampled in eval mode, then back to the mode it was in
+    trainer.denoiser.train()  # sampled in eval mode, then back to the mode it was in
     assert "brightest" not in trainer.evaluate_prompts(prompts, [{}] * 4, seed=5, use_evaluation_hook=False)
-    assert trainer.evaluation_history == [] and trainer.unet.training
+    assert trainer.evaluation_history == [] and trainer.denoiser.training

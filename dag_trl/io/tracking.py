@@ -37,6 +37,18 @@ def tracker_init_kwargs(tracker_kwargs: dict[str, dict], run_name: str) -> dict[
     return merged
 
 
+def init_trackers(accelerator: Any, config: Any) -> None:
+    """Start the trackers of ``config.log_with`` on the main process (none without one): the project
+    ``tracker_project_name``, the run config (:func:`tracker_config`) and ``tracker_kwargs`` with the run's name
+    (:func:`tracker_init_kwargs`). ``config`` is a :class:`~dag_trl.GFlowNetConfig`."""
+    if accelerator.is_main_process and config.log_with is not None:
+        accelerator.init_trackers(
+            config.tracker_project_name,
+            config=tracker_config(config.to_dict()),
+            init_kwargs=tracker_init_kwargs(config.tracker_kwargs, config.run_name or config.exp_name),
+        )
+
+
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every entry a bool, int, float or str, as all of accelerate's trackers accept.
 

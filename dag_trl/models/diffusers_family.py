@@ -119,7 +119,7 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
 
         for module in self.frozen_modules():
             module.requires_grad_(False)
-        self.unet.requires_grad_(not use_lora)
+        self.denoiser.requires_grad_(not use_lora)
         if use_lora:
             from peft import LoraConfig
 
@@ -131,10 +131,10 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
             )
             # Fork the random state of the device the adapter is drawn on (the CPU unless an already loaded pipeline
             # was passed on a GPU), so that the global one is untouched.
-            device = self.unet.device
+            device = self.denoiser.device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(lora_init_seed)
-                self.unet.add_adapter(lora_config)
+                self.denoiser.add_adapter(lora_config)
 
     @classmethod
     def pipeline_class(cls) -> Any:
@@ -148,8 +148,8 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     # ------------------------------------------------------------------ components
 
     @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser (a UNet or a transformer)."""
+    def denoiser(self) -> torch.nn.Module:
+        """The denoiser (a UNet or a transformer): the diffusers pipeline's ``denoiser_name`` component."""
         return getattr(self.sd_pipeline, self.denoiser_name)
 
     @property
@@ -184,13 +184,13 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
                 module, device, torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
             )
         if self.use_lora:
-            move_module(self.unet, device, weight_dtype, frozen_only=True)
+            move_module(self.denoiser, device, weight_dtype, frozen_only=True)
             for parameter in self.get_trainable_layers():
                 parameter.data = parameter.data.float()
         else:
-            move_module(self.unet, device, torch.float32)
+            move_module(self.denoiser, device, torch.float32)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -206,16 +206,16 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         if self._adapter_off:
             yield
             return
-        self.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         self._adapter_off = True
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
             self._adapter_off = False
 
     def get_trainable_layers(self) -> list[torch.nn.Parameter]:
-        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+        return [parameter for parameter in self.denoiser.parameters() if parameter.requires_grad]
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -223,7 +223,7 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
         """The denoiser's LoRA weights with the key names the family's ``load_lora_weights`` reads."""
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(unet if unet is not None else self.unet)
+        state = get_peft_model_state_dict(unet if unet is not None else self.denoiser)
         # diffusers' key conversion knows the attention projections only: a LoRA on other modules (e.g. the
         # convolutions) stays in peft's key format throughout, which load_lora_weights also reads.
         if self.lora_keys_in_diffusers_format and self.lora_target_modules == type(self).lora_target_modules:
@@ -235,13 +235,13 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     def save_pretrained(self, output_dir: Union[str, os.PathLike], unet: Optional[torch.nn.Module] = None) -> None:
         """Write ``pytorch_lora_weights.safetensors`` (LoRA, read by the family pipeline's ``load_lora_weights``) or
         the whole denoiser as a diffusers ``unet/`` or ``transformer/`` folder (full fine-tuning)."""
-        unet = unet if unet is not None else self.unet
+        unet = unet if unet is not None else self.denoiser
         if self.use_lora:
             # The adapter's config (rank, alpha, targets) goes into the file's metadata, so that load_lora_weights
             # applies the trained scale alpha / rank (without it, diffusers assumes alpha = rank).
             layers = {
                 f"{self.denoiser_name}_lora_layers": self.lora_state_dict(unet),
-                f"{self.denoiser_name}_lora_adapter_metadata": self.unet.peft_config["default"].to_dict(),
+                f"{self.denoiser_name}_lora_adapter_metadata": self.denoiser.peft_config["default"].to_dict(),
             }
             self.pipeline_class().save_lora_weights(output_dir, **layers)
         else:
@@ -250,7 +250,7 @@ class DiffusersGFlowNetPipeline(GFlowNetStableDiffusionPipeline):
     def load_trained_weights(self, unet: torch.nn.Module, input_dir: str) -> None:
         """Load what :meth:`save_pretrained` wrote in ``input_dir`` into ``unet``."""
         if not self.use_lora:
-            loaded = type(self.unet).from_pretrained(os.path.join(input_dir, self.denoiser_name))
+            loaded = type(self.denoiser).from_pretrained(os.path.join(input_dir, self.denoiser_name))
             unet.load_state_dict(loaded.state_dict())
             return
         from peft import set_peft_model_state_dict

@@ -26,7 +26,7 @@ import torch
 from ..samplers.gaussian import (
     MIN_STEP_STD,
     GaussianStepCoefficients,
-    GaussianStepOutput,
+    StepOutput,
     _check_eta,
     ddim_coefficients,
     flow_grpo_coefficients,
@@ -103,7 +103,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
 
     def family_default_resolution(self) -> int:
         """The transformer config's ``sample_size`` in pixels, else :attr:`default_resolution`."""
-        sample_size = getattr(self.unet.config, "sample_size", None)
+        sample_size = getattr(self.denoiser.config, "sample_size", None)
         return sample_size * self.vae_scale_factor if sample_size else self.default_resolution
 
     # ------------------------------------------------------------------ the schedule
@@ -118,12 +118,12 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
 
     @property
     def pooled_embedding_dim(self) -> int:
-        return self.unet.config.pooled_projection_dim
+        return self.denoiser.config.pooled_projection_dim
 
     @property
     def prompt_embedding_dim(self) -> int:
         """The MMDiT's text-stream input width (T5's, 4096 for SD3 and FLUX)."""
-        return self.unet.config.joint_attention_dim
+        return self.denoiser.config.joint_attention_dim
 
     def check_sampler(self, num_steps: int, eta: float) -> None:
         """Refuse an ``eta`` other than 1 with ``flow_grpo``, and any step whose standard deviation is below the
@@ -208,7 +208,7 @@ class FlowMatchingGFlowNetPipeline(DiffusersGFlowNetPipeline):
         prev_sample: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         log_prob_reduction: str = "mean",
-    ) -> GaussianStepOutput:
+    ) -> StepOutput:
         """One Gaussian step from ``x_t`` (see the module docstring); ``model_output`` is the (guided) velocity."""
         _check_eta(eta)
         indices = self._step_indices(timestep, sample)

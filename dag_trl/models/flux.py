@@ -121,28 +121,28 @@ class DefaultGFlowNetFluxPipeline(FlowMatchingGFlowNetPipeline):
         ``max_sequence_length``."""
         return token_counts(self.sd_pipeline.tokenizer_2, prompts), self.max_sequence_length
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_prompt_embeds: Optional[PromptEmbeddings],
         guidance_scale: float,
-        unet: Optional[torch.nn.Module] = None,
+        denoiser: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocities ``(guided, conditional)`` in float32, unpacked to the latents' shape. The transformer reads
         2x2-packed latents, ``timestep / 1000`` and the distilled guidance; with ``negative_prompt_embeds`` true
         classifier-free guidance is applied on top."""
-        transformer = self.unet if unet is None else unet
+        transformer = self.denoiser if denoiser is None else denoiser
         pipeline_class = self.pipeline_class()
-        dtype = self.unet.dtype
+        dtype = self.denoiser.dtype
         height, width = latents.shape[-2:]
         pixels = height * self.vae_scale_factor, width * self.vae_scale_factor
 
         def call(latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeddings) -> torch.Tensor:
             batch, channels = latents.shape[:2]
             guidance = None
-            if self.unet.config.guidance_embeds:
+            if self.denoiser.config.guidance_embeds:
                 guidance = torch.full((batch,), self.guidance_embedding_scale, device=latents.device)
             output = transformer(
                 hidden_states=pipeline_class._pack_latents(latents.to(dtype), batch, channels, height, width),

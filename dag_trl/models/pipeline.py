@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..samplers.ddim import DDIMStepOutput, gaussian_step_kl
+from ..samplers.gaussian import StepOutput, gaussian_step_kl
 
 
 @dataclass
@@ -141,16 +141,36 @@ class GFlowNetStableDiffusionPipeline(ABC):
     ``DDPOStableDiffusionPipeline``). Subclass it to train another family: implement the abstract methods; the
     sampling loop (``__call__``) and the checkpoint hooks are written once, here, in terms of them.
 
-    ``unet`` is the trainable denoising network whatever its architecture (a transformer in DiT families); the
-    trainer calls it only through :meth:`predict_noise`.
+    :attr:`denoiser` is the trainable denoising network whatever its architecture (a UNet, or a transformer in DiT
+    families); the trainer calls it only through :meth:`predict`. ``unet`` (TRL's ``DDPOStableDiffusionPipeline``
+    name) and ``predict_noise`` are other names for them; a family written against those names (defining ``unet`` and
+    ``predict_noise``) keeps working, the new names resolving to its methods.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A family that implements the first names only (``unet``, ``predict_noise``) gets the new ones from them.
+        if "unet" in cls.__dict__ and "denoiser" not in cls.__dict__:
+            cls.denoiser = cls.__dict__["unet"]
+        if "predict_noise" in cls.__dict__ and "predict" not in cls.__dict__:
+            predict_noise = cls.__dict__["predict_noise"]
+
+            def predict(self, *inputs: Any, denoiser: Optional[torch.nn.Module] = None, **options: Any):
+                return predict_noise(self, *inputs, unet=denoiser, **options)
+
+            cls.predict = predict
 
     # ------------------------------------------------------------------ the family's pieces
 
     @property
     @abstractmethod
-    def unet(self) -> torch.nn.Module:
+    def denoiser(self) -> torch.nn.Module:
         """The denoising network that training updates (through its LoRA, or all of it)."""
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """:attr:`denoiser`, under the name TRL's ``DDPOStableDiffusionPipeline`` gives it."""
+        return self.denoiser
 
     @property
     @abstractmethod
@@ -214,6 +234,19 @@ class GFlowNetStableDiffusionPipeline(ABC):
         """The starting states ``x_T`` (float32), drawn from the sampler's prior with ``generator``."""
 
     @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_prompt_embeds: Optional[PromptEmbeddings],
+        guidance_scale: float,
+        denoiser: Optional[torch.nn.Module] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(guided, conditional)`` model outputs in float32 (a noise, velocity or sample prediction, as the
+        family's scheduler expects); without ``negative_prompt_embeds``, guided is the conditional output.
+        ``denoiser`` is the module to call (for example the accelerate-prepared one; default :attr:`denoiser`)."""
+
     def predict_noise(
         self,
         latents: torch.Tensor,
@@ -223,8 +256,8 @@ class GFlowNetStableDiffusionPipeline(ABC):
         guidance_scale: float,
         unet: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(guided, conditional)`` model outputs in float32; without ``negative_prompt_embeds``, guided is
-        the conditional output. ``unet`` is the module to call (for example the accelerate-prepared one)."""
+        """:meth:`predict` under its first name (``unet`` is its ``denoiser``)."""
+        return self.predict(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, denoiser=unet)
 
     @abstractmethod
     def scheduler_step(
@@ -236,7 +269,7 @@ class GFlowNetStableDiffusionPipeline(ABC):
         prev_sample: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         log_prob_reduction: str = "mean",
-    ) -> DDIMStepOutput:
+    ) -> StepOutput:
         """One stochastic step ``x_t -> x_s`` with ``log P_F`` and ``log P_B`` (see [`ddim_step_with_logprob`]);
         with ``prev_sample`` it scores that state instead of sampling one."""
 
@@ -284,15 +317,15 @@ class GFlowNetStableDiffusionPipeline(ABC):
     def save_checkpoint(self, models: list, weights: list, output_dir: str) -> None:
         """accelerate ``save_state`` pre-hook: save the denoiser found in ``models`` with :meth:`save_pretrained`
         and drop its entry from ``weights`` so that accelerate does not also pickle it; ``models`` is unchanged."""
-        index = next(i for i, model in enumerate(models) if model is self.unet)
+        index = next(i for i, model in enumerate(models) if model is self.denoiser)
         self.save_pretrained(output_dir, unet=models[index])
         weights.pop(index)
 
     def load_checkpoint(self, models: list, input_dir: str) -> None:
         """accelerate ``load_state`` pre-hook: load what :meth:`save_checkpoint` wrote into the denoiser found in
         ``models`` and remove it from ``models``."""
-        unet = models.pop(next(i for i, model in enumerate(models) if model is self.unet))
-        self.load_trained_weights(unet, input_dir)
+        denoiser = models.pop(next(i for i, model in enumerate(models) if model is self.denoiser))
+        self.load_trained_weights(denoiser, input_dir)
 
     # ------------------------------------------------------------------ the sampling loop
 
@@ -344,7 +377,7 @@ class GFlowNetStableDiffusionPipeline(ABC):
         for timestep in timesteps_iterator:
             frozen = int(timestep) < lora_min_timestep
             with self.adapter_disabled() if frozen else contextlib.nullcontext():
-                guided, conditional = self.predict_noise(
+                guided, conditional = self.predict(
                     latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
                 )
             step = self.scheduler_step(
@@ -354,7 +387,7 @@ class GFlowNetStableDiffusionPipeline(ABC):
                 prior_step = step  # a frozen step is the pretrained model's own
                 if not frozen:
                     with self.adapter_disabled():
-                        prior_guided, _ = self.predict_noise(
+                        prior_guided, _ = self.predict(
                             latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale
                         )
                     prior_step = self.scheduler_step(

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..samplers.ddim import (
-    DDIMStepOutput,
+    StepOutput,
     alphas_cumprod_at,
     check_scheduler,
     ddim_step_with_logprob,
@@ -64,7 +64,7 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.denoiser.config.in_channels
 
     @property
     def prompt_embedding_dim(self) -> int:
@@ -87,25 +87,25 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
     def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
         return token_counts(self.tokenizer, prompts), self.tokenizer.model_max_length
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_prompt_embeds: Optional[PromptEmbeddings],
         guidance_scale: float,
-        unet: Optional[torch.nn.Module] = None,
+        denoiser: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""UNet outputs at ``(latents, timesteps)`` with classifier-free guidance
         ([`classifier_free_guidance`]): ``(guided, conditional)`` in float32; per-sample ``timesteps`` of shape
-        ``(B,)`` are allowed. ``unet`` is the module to call, for example the accelerate-prepared (DDP-wrapped) UNet
-        during training.
+        ``(B,)`` are allowed. ``denoiser`` is the module to call, for example the accelerate-prepared (DDP-wrapped)
+        UNet during training.
         """
-        unet = self.unet if unet is None else unet
-        dtype = self.unet.dtype
+        denoiser = self.denoiser if denoiser is None else denoiser
+        dtype = self.denoiser.dtype
 
         def call(latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeddings) -> torch.Tensor:
-            return unet(latents.to(dtype), timesteps, embeds.hidden_states.to(dtype)).sample.float()
+            return denoiser(latents.to(dtype), timesteps, embeds.hidden_states.to(dtype)).sample.float()
 
         return classifier_free_guidance(
             call, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale
@@ -130,7 +130,7 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
         prev_sample: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         log_prob_reduction: str = "mean",
-    ) -> DDIMStepOutput:
+    ) -> StepOutput:
         return ddim_step_with_logprob(
             self.scheduler,
             model_output,
@@ -159,7 +159,7 @@ class DefaultGFlowNetStableDiffusionPipeline(DiffusersGFlowNetPipeline):
         from diffusers.utils.torch_utils import randn_tensor
 
         scale = self.sd_pipeline.vae_scale_factor
-        height = height or self.unet.config.sample_size * scale
-        width = width or self.unet.config.sample_size * scale
+        height = height or self.denoiser.config.sample_size * scale
+        width = width or self.denoiser.config.sample_size * scale
         shape = (batch_size, self.latent_channels, height // scale, width // scale)
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -70,19 +70,19 @@ class DefaultGFlowNetStableDiffusion3Pipeline(FlowMatchingGFlowNetPipeline):
         tokenizer = self.sd_pipeline.tokenizer
         return token_counts(tokenizer, prompts), tokenizer.model_max_length
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_prompt_embeds: Optional[PromptEmbeddings],
         guidance_scale: float,
-        unet: Optional[torch.nn.Module] = None,
+        denoiser: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocities ``(guided, conditional)`` in float32 at ``timesteps`` (the scheduler's ``1000 t``), with
         classifier-free guidance ([`classifier_free_guidance`])."""
-        transformer = self.unet if unet is None else unet
-        dtype = self.unet.dtype
+        transformer = self.denoiser if denoiser is None else denoiser
+        dtype = self.denoiser.dtype
 
         def call(latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeddings) -> torch.Tensor:
             return transformer(

@@ -31,7 +31,7 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
 
     @property
     def prompt_embedding_dim(self) -> int:
-        return self.unet.config.cross_attention_dim
+        return self.denoiser.config.cross_attention_dim
 
     def prompt_token_counts(self, prompts: list[str]) -> tuple[list[int], int]:
         """Token counts of the first tokenizer present (both CLIP tokenizers read the same number of tokens)."""
@@ -40,7 +40,7 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
 
     @property
     def resolution(self) -> int:
-        return self.unet.config.sample_size * self.sd_pipeline.vae_scale_factor
+        return self.denoiser.config.sample_size * self.sd_pipeline.vae_scale_factor
 
     def _time_ids(self, batch_size: int, device: torch.device) -> torch.Tensor:
         side = float(self.resolution)
@@ -65,23 +65,23 @@ class DefaultGFlowNetStableDiffusionXLPipeline(DefaultGFlowNetStableDiffusionPip
             torch.zeros_like(embeds.hidden_states), pooled=torch.zeros_like(embeds.pooled), extra=embeds.extra
         )
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_prompt_embeds: Optional[PromptEmbeddings],
         guidance_scale: float,
-        unet: Optional[torch.nn.Module] = None,
+        denoiser: Optional[torch.nn.Module] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """UNet outputs ``(guided, conditional)`` in float32, with the pooled embedding and time ids as
         ``added_cond_kwargs``."""
-        unet = self.unet if unet is None else unet
-        dtype = self.unet.dtype
+        denoiser = self.denoiser if denoiser is None else denoiser
+        dtype = self.denoiser.dtype
 
         def call(latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeddings) -> torch.Tensor:
             added = {"text_embeds": embeds.pooled.to(dtype), "time_ids": embeds.extra["time_ids"].to(dtype)}
-            return unet(
+            return denoiser(
                 latents.to(dtype), timesteps, embeds.hidden_states.to(dtype), added_cond_kwargs=added
             ).sample.float()
 

@@ -20,7 +20,7 @@ import torch
 from .gaussian import (
     LOG_SQRT_2PI,
     MIN_STEP_STD,
-    GaussianStepOutput,
+    StepOutput,
     _check_eta,
     ddim_variance,
     gaussian_log_prob,
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # The one step output type, under the name this module has always returned.
-DDIMStepOutput = GaussianStepOutput
+DDIMStepOutput = StepOutput
 # The prediction types of diffusers' DDIMScheduler.
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Scheduler options that change what diffusers' DDIM step does to x0_hat, which ddim_step_with_logprob does not do.
@@ -133,7 +133,7 @@ def ddim_step_with_logprob(
     generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
     prev_timestep: Optional[Union[int, torch.Tensor]] = None,
     log_prob_reduction: str = "mean",
-) -> GaussianStepOutput:
+) -> StepOutput:
     r"""One DDIM step (Song et al., 2021) that also returns the policy's and the backward kernel's log-probabilities.
 
     With :math:`\hat x_0` and :math:`\epsilon` from :func:`original_sample_and_noise`,
@@ -157,7 +157,7 @@ def ddim_step_with_logprob(
         log_prob_reduction: ``"mean"`` or ``"sum"`` over the latent's elements.
 
     Returns:
-        A [`GaussianStepOutput`] (also named ``DDIMStepOutput``) whose tensors are float32.
+        A [`StepOutput`] (also named ``DDIMStepOutput``) whose tensors are float32.
     """
     batch_size = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch_size)

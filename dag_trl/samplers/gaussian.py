@@ -81,9 +81,9 @@ FLOW_SIGMA_MIN = 1e-4
 
 
 @dataclass
-class GaussianStepOutput:
+class StepOutput:
     r"""Result of one sampler step with log-probabilities: the one step output type of every family and schedule
-    (``DDIMStepOutput`` is another name for it).
+    (``GaussianStepOutput`` and ``DDIMStepOutput`` are other names for it, kept for code written against them).
 
     Attributes:
         latents: ``x_s``, the next (less noisy) state, float32, detached.
@@ -103,6 +103,10 @@ class GaussianStepOutput:
     pred_original_sample: torch.Tensor
     mean: Optional[torch.Tensor] = None
     std: Optional[torch.Tensor] = None
+
+
+# The step output's name before every family shared it (``ddim.py`` keeps ``DDIMStepOutput``).
+GaussianStepOutput = StepOutput
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -142,7 +146,7 @@ def gaussian_step_kl(mean: torch.Tensor, prior_mean: torch.Tensor, std: torch.Te
     :math:`\mathbb E_\pi[\log \pi - \log p \mid x_t]` exactly). Differentiable in both means, so its gradient
     through the policy's mean at a visited state is the pathwise pull back to the prior of DPOK (Fan et al., 2023,
     arXiv 2305.16381) and Uehara et al. (2024, arXiv 2402.15194). ``std`` is a scalar, per row ``(B,)``, or shaped
-    to broadcast like :attr:`GaussianStepOutput.std`. Returns ``(B,)``, in at least float32 (float64 is kept).
+    to broadcast like :attr:`StepOutput.std`. Returns ``(B,)``, in at least float32 (float64 is kept).
     """
     dtype = torch.promote_types(torch.promote_types(mean.dtype, prior_mean.dtype), torch.float32)
     std = torch.as_tensor(std, device=mean.device).to(dtype)
@@ -321,7 +325,7 @@ def gaussian_step_with_logprob(
     prev_sample: Optional[torch.Tensor] = None,
     generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
     log_prob_reduction: str = "mean",
-) -> GaussianStepOutput:
+) -> StepOutput:
     r"""One Gaussian step from ``x_t`` with its forward and backward log-probabilities: the step of every sampler
     (DDIM on the VP schedule is :func:`dag_trl.samplers.ddim.ddim_step_with_logprob`).
 
@@ -341,7 +345,7 @@ def gaussian_step_with_logprob(
         log_prob_reduction: ``"mean"`` or ``"sum"`` over the non-batch dimensions.
 
     Returns:
-        A [`GaussianStepOutput`] whose tensors are float32, ``pred_original_sample`` the given :math:`\hat x_0`.
+        A [`StepOutput`] whose tensors are float32, ``pred_original_sample`` the given :math:`\hat x_0`.
     """
     original = pred_original_sample.float()
     mean_x0, mean_eps, std, backward_scale, backward_std = (_per_sample(c, original) for c in coefficients)
@@ -352,7 +356,7 @@ def gaussian_step_with_logprob(
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.detach().float()
-    return GaussianStepOutput(
+    return StepOutput(
         latents=prev_sample,
         log_probs=gaussian_log_prob(prev_sample, mean, std, log_prob_reduction),
         backward_log_probs=noising_log_prob(sample, prev_sample, backward_scale, backward_std, log_prob_reduction),

@@ -60,7 +60,7 @@ from ..objectives.losses import (
 from ..objectives.rtb import relative_trajectory_balance_residual
 from ..samplers import (
     GaussianStepCoefficients,
-    GaussianStepOutput,
+    StepOutput,
     gaussian_step_with_logprob,
     vp_alpha_sigma,
     vp_ddim_coefficients,
@@ -288,7 +288,7 @@ class GaussianToy:
         shifts: Optional[torch.Tensor] = None,
         next_states: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> GaussianStepOutput:
+    ) -> StepOutput:
         r"""Step ``step_index`` (an int, or one per row ``(B,)``) from ``states`` ``(B, d)`` with the trainer's
         Gaussian step and summed log-densities: the guided prediction plus ``shifts[n]`` (the policy) or plus nothing
         (the prior); samples the next states or scores the given ``next_states``."""

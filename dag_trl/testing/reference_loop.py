@@ -26,7 +26,7 @@ def _intermediate_reward(trainer, window, rows, latents, timesteps, counters, ep
     """x0_hat of ``latents`` from a fresh no-grad conditional forward, decoded and scored."""
     pipeline = trainer.sd_pipeline
     with torch.no_grad(), trainer.autocast():
-        _, conditional = pipeline.predict_noise(latents, timesteps, window.prompt_embeds[rows], None, 1.0)
+        _, conditional = pipeline.predict(latents, timesteps, window.prompt_embeds[rows], None, 1.0)
         original = pipeline.predict_original_sample(conditional, timesteps, latents)
         images = pipeline.decode(original)
     counters.vae_decodes += len(rows)
@@ -65,8 +65,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             negative = trainer.negative_prompt_embeds.expand(len(rows)) if trainer.trains_with_guidance else None
 
             with trainer.autocast():
-                guided, _ = pipeline.predict_noise(
-                    latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
+                guided, _ = pipeline.predict(
+                    latents, timesteps, embeds, negative, config.sample_guidance_scale, denoiser=trainer.denoiser
                 )
             step = pipeline.scheduler_step(
                 guided,
@@ -91,8 +91,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
                 # The pretrained model's step, recomputed here with the adapter switched off (the trainer records it
                 # while sampling).
                 with torch.no_grad(), pipeline.adapter_disabled(), trainer.autocast():
-                    prior_guided, _ = pipeline.predict_noise(
-                        latents, timesteps, embeds, negative, config.sample_guidance_scale, unet=trainer.unet
+                    prior_guided, _ = pipeline.predict(
+                        latents, timesteps, embeds, negative, config.sample_guidance_scale, denoiser=trainer.denoiser
                     )
                 prior_step = pipeline.scheduler_step(
                     prior_guided, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents,
@@ -119,8 +119,8 @@ def reference_train_window(trainer, window, kept, beta: float, epoch: int, count
             trainer.accelerator.backward(loss.mean())
 
     trainer.accelerator.unscale_gradients()
-    unet_parameters = [p for p in trainer.unet.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(unet_parameters, config.train_max_grad_norm)
+    denoiser_parameters = [p for p in trainer.denoiser.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(denoiser_parameters, config.train_max_grad_norm)
     torch.nn.utils.clip_grad_norm_(trainer.objective_model.parameters(), config.train_max_grad_norm)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)

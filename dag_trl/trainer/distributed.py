@@ -13,7 +13,8 @@ class TrainableModules(torch.nn.Module):
     """The denoiser and the objective's own model (DAG's flow network, if any) as one module, for engines that take
     a single model (DeepSpeed).
 
-    The trainer calls ``unet`` and ``objective_model`` directly; the container has no ``forward`` of its own.
+    The trainer calls ``unet`` (the denoiser) and ``objective_model`` directly; the container has no ``forward`` of
+    its own. The attribute names prefix the engine checkpoint's parameter names, so they stay as written.
     """
 
     def __init__(self, unet: torch.nn.Module, objective_model: Optional[torch.nn.Module]):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..evaluation import diversity, kernel_distance, reward_statistics
-from ..evaluation_features import diversity_distance
+from ..evaluation_features import diversity_distance, feature_extractor
 from ..io.tracking import log_image_grid
 
 if TYPE_CHECKING:
@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from ..models.pipeline import GFlowNetStableDiffusionPipeline
 
 EvaluationHook = Callable[[torch.Tensor, list, list, torch.Tensor], dict[str, Any]]
+ImageFeatures = Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluation_image_features(
+    config: GFlowNetConfig, image_features: Optional[ImageFeatures], reward_function: Callable, device: torch.device
+) -> ImageFeatures:
+    """The evaluation's ``images -> (B, F)`` features: the trainer's ``image_features`` argument if given, else those
+    ``config.eval_features`` names (:func:`~dag_trl.evaluation_features.feature_extractor`, on ``device``)."""
+    if image_features is not None:
+        return image_features
+    return feature_extractor(config.eval_features, reward_function, device=device)
 
 
 class EvaluationMixin:
@@ -85,8 +96,8 @@ class EvaluationMixin:
         (:func:`~dag_trl.evaluation.reward_statistics`), ``"diversity"``, ``"prior_kernel_distance"`` from the
         features that ``reference_features()`` returns (when given) and the ``evaluation_hook``'s entries (unless
         ``use_evaluation_hook`` is false, for a caller that runs the hook itself)."""
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         images = self.sample_images(prompts, self.config.eval_seed if seed is None else seed)
         rewards, _ = self.reward_fn(images, tuple(prompts), tuple(metadata))
         rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
@@ -99,7 +110,7 @@ class EvaluationMixin:
         if use_evaluation_hook and self.evaluation_hook is not None:
             result.update(self.evaluation_hook(images, prompts, metadata, rewards))
         if was_training:
-            self.unet.train()
+            self.denoiser.train()
         return result
 
     def _prior_evaluation_features(self) -> torch.Tensor:

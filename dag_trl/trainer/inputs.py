@@ -242,11 +242,13 @@ def check_trainer_inputs(
     reward_function: Union[RewardCallable, str],
     prompt_function: Union[PromptCallable, str],
     sd_pipeline: GFlowNetStableDiffusionPipeline,
+    image_features: Optional[Any] = None,
 ) -> tuple[RewardCallable, PromptCallable]:
     """The trainer's reward and prompt functions (names looked up in the registries), after refusing, before
     anything is set up, arguments it cannot train with: a config that is not a valid ``GFlowNetConfig``, functions
     that are not callable, a pipeline of another type, a sampler that the pipeline's scheduler cannot run, a
-    ``lora_min_timestep`` without a LoRA or above the largest timestep, a tracker or bitsandbytes not installed."""
+    ``lora_min_timestep`` without a LoRA or above the largest timestep, a tracker or bitsandbytes not installed,
+    ``image_features`` given beside a ``config.eval_features`` choice."""
     if not isinstance(config, GFlowNetConfig):
         raise TypeError(f"config must be a GFlowNetConfig, got {type(config).__name__}.")
     config.validate()
@@ -284,6 +286,11 @@ def check_trainer_inputs(
             raise ImportError(
                 "GFlowNetConfig.train_use_8bit_adam=True needs bitsandbytes: `pip install bitsandbytes`."
             ) from error
+    if image_features is not None and config.eval_features != "pixels":
+        raise ValueError(
+            f"GFlowNetConfig.eval_features={config.eval_features!r} and the image_features argument both choose "
+            "the evaluation's features: give one of them."
+        )
     return reward_function, prompt_function
 
 

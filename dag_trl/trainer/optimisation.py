@@ -3,10 +3,11 @@ by network), and the step that ends each optimiser window."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -14,6 +15,9 @@ from ..config import GFlowNetConfig
 from .checkpointing import accelerate_project_kwargs
 from .distributed import TrainableModules
 from .divergence import MAX_CONSECUTIVE_SKIPPED_STEPS
+
+if TYPE_CHECKING:
+    from ..models.pipeline import GFlowNetStableDiffusionPipeline
 
 
 def create_accelerator(config: GFlowNetConfig) -> Any:
@@ -30,6 +34,20 @@ def create_accelerator(config: GFlowNetConfig) -> Any:
         gradient_accumulation_steps=config.backward_passes_per_step,
         **config.accelerator_kwargs,
     )
+
+
+def forward_autocast(
+    pipeline: GFlowNetStableDiffusionPipeline, accelerator: Any, uses_deepspeed: bool, weight_dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """The context for model forwards: the pipeline's (its ``autocast`` factory), else the accelerator's mixed
+    precision."""
+    factory = pipeline.autocast
+    if factory is not None:
+        return factory()
+    if uses_deepspeed and weight_dtype != torch.float32:
+        # DeepSpeed keeps 16-bit weights and leaves autocasting to the script; accelerate's autocast is a no-op.
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype)
+    return accelerator.autocast()
 
 
 def create_optimizer(
@@ -62,14 +80,14 @@ class PreparedModels:
     """The trained networks and their optimisers as accelerate prepared them.
 
     Attributes:
-        unet: the denoiser to call (wrapped for DDP; the engine's module under DeepSpeed).
+        denoiser: the denoiser to call (wrapped for DDP; the engine's module under DeepSpeed).
         objective_model: the objective's model to call, or ``None``.
         optimizer: the optimiser of the denoiser (and, unless it is outside the engine, of the objective's model).
         objective_optimizer: under DeepSpeed in bfloat16, the float32 objective model's own optimiser; else ``None``.
         prepared: what ``accelerator.accumulate`` takes: the engine, or the prepared networks.
     """
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     objective_model: Optional[torch.nn.Module]
     optimizer: Any
     objective_optimizer: Optional[torch.optim.Optimizer]
@@ -107,10 +125,10 @@ def prepare_models(
         model = objective_model if outside_engine else engine.module.objective_model
         return PreparedModels(engine.module.unet, model, optimizer, objective_optimizer, (engine,))
     if objective_model is not None:
-        unet, model, optimizer = accelerator.prepare(denoiser, objective_model, optimizer)
-        return PreparedModels(unet, model, optimizer, None, (unet, model))
-    unet, optimizer = accelerator.prepare(denoiser, optimizer)
-    return PreparedModels(unet, None, optimizer, None, (unet,))
+        denoiser, model, optimizer = accelerator.prepare(denoiser, objective_model, optimizer)
+        return PreparedModels(denoiser, model, optimizer, None, (denoiser, model))
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    return PreparedModels(denoiser, None, optimizer, None, (denoiser,))
 
 
 def clip_outside_engine(model: torch.nn.Module, accelerator: Any, max_norm: float) -> float:
@@ -180,8 +198,8 @@ class OptimiserStep:
             return metrics
         # Unscale (fp16) once, then clip the denoiser and the objective's model separately, as the paper does.
         self.accelerator.unscale_gradients()
-        unet_parameters = [p for p in models.unet.parameters() if p.requires_grad]
-        metrics = {"grad_norm_unet": float(torch.nn.utils.clip_grad_norm_(unet_parameters, self.max_norm))}
+        denoiser_parameters = [p for p in models.denoiser.parameters() if p.requires_grad]
+        metrics = {"grad_norm_unet": float(torch.nn.utils.clip_grad_norm_(denoiser_parameters, self.max_norm))}
         if models.objective_model is not None:
             norm = torch.nn.utils.clip_grad_norm_(models.objective_model.parameters(), self.max_norm)
             metrics[objective_norm_name] = float(norm)

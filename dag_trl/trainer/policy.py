@@ -22,7 +22,7 @@ class TrainingPolicy:
     """The forward policy ``P_F`` under the current weights.
 
     Attributes:
-        pipeline: the model family (its ``predict_noise``, ``scheduler_step`` and ``adapter_disabled``).
+        pipeline: the model family (its ``predict``, ``scheduler_step`` and ``adapter_disabled``).
         denoiser: the trained denoiser as accelerate prepared it (its forwards carry gradients to the LoRA).
         negative_prompt_embeds: the one-row negative prompt of guided training, or ``None``: training recomputes
             guided outputs only where sampling guided them (``train_cfg`` and a guidance scale other than 1).
@@ -59,7 +59,7 @@ class TrainingPolicy:
             if rows is not None:
                 inputs = tuple(None if value is None else value[rows] for value in inputs)
             with self.autocast():
-                return self.pipeline.predict_noise(*inputs, self.guidance_scale, unet=self.denoiser)
+                return self.pipeline.predict(*inputs, self.guidance_scale, denoiser=self.denoiser)
 
         frozen = timesteps < self.lora_min_timestep
         if not frozen.any():
@@ -106,8 +106,8 @@ class TrainingPolicy:
         """The conditional model output at ``(latents, timesteps)`` (no guidance, no gradient), from which the
         one-step prediction ``x0_hat`` of each state follows."""
         with self.autocast():
-            _, conditional = self.pipeline.predict_noise(
-                latents, timesteps, prompt_embeds, None, 1.0, unet=self.denoiser
+            _, conditional = self.pipeline.predict(
+                latents, timesteps, prompt_embeds, None, 1.0, denoiser=self.denoiser
             )
         return conditional
 

@@ -88,8 +88,8 @@ class SamplingMixin:
         training sampler for the negative prompt from the noise of seed :data:`HEALTH_PROBE_SEED` (its latents and
         log-probabilities), and the objective's model on that trajectory's states (:meth:`Objective.probe_model`)."""
         config = self.config
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         prompt_embeds = self.negative_prompt_embeds
         output = self._sample(
             prompt_embeds,
@@ -97,7 +97,7 @@ class SamplingMixin:
             log_prob_reduction=config.train_log_prob_reduction,
         )
         if was_training:
-            self.unet.train()
+            self.denoiser.train()
         probe = {"sampled latents": output.latents, "log-probabilities": output.log_probs}
         model = self.unwrapped_objective_model
         if model is not None:

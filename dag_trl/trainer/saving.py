@@ -29,7 +29,7 @@ def family_names(pipeline: GFlowNetStableDiffusionPipeline) -> dict[str, str]:
     return {
         "pipeline_class": pipeline_class,
         "denoiser": pipeline.denoiser_name,
-        "denoiser_class": type(pipeline.unet).__name__,
+        "denoiser_class": type(pipeline.denoiser).__name__,
     }
 
 
@@ -97,14 +97,14 @@ class SavingMixin:
         """What fails the weights health check (:func:`~dag_trl.trainer.divergence.weights_problem`: finite
         trainable parameters, LoRA updates within ``MAX_LORA_UPDATE_RATIO`` of their frozen weights, finite outputs of
         the fixed probe, :meth:`health_probe`), or ``None``. Checked before any checkpoint or model is written."""
-        unet = self.accelerator.unwrap_model(self.unet)
-        ratios = lora_update_ratios(unet) if self.sd_pipeline.use_lora else {}
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        ratios = lora_update_ratios(denoiser) if self.sd_pipeline.use_lora else {}
         return weights_problem(self.trainable_parameters(), ratios, self.health_probe)
 
     def _save_trained_weights(self, output_dir: str) -> None:
         """The denoiser's trained weights (diffusers LoRA or ``unet/``) and the objective's model (``flow/``); the
         callers have checked their health."""
-        self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.unet))
+        self.sd_pipeline.save_pretrained(output_dir, unet=self.accelerator.unwrap_model(self.denoiser))
         if self.unwrapped_objective_model is not None:
             self.unwrapped_objective_model.save_pretrained(os.path.join(output_dir, self.objective.model_folder))
 

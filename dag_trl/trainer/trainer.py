@@ -45,10 +45,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import GFlowNetConfig
 from ..evaluation import reward_statistics
-from ..evaluation_features import feature_extractor
-from ..io.tracking import log_image_samples, tracker_config, tracker_init_kwargs
+from ..io.tracking import init_trackers, log_image_samples
 from ..models.pipeline import GFlowNetStableDiffusionPipeline
-from ..objectives import Trajectories, TransitionBatch, get_objective_class
+from ..objectives import Objective, Trajectories, TransitionBatch, get_objective_class
 from ..objectives.losses import reward_exponent
 from ..prompts import PromptCallable
 from ..rewards import RewardCallable
@@ -64,9 +63,9 @@ from .divergence import (
     first_non_finite,
     how_to_go_on,
 )
-from .evaluating import EvaluationHook, EvaluationMixin
+from .evaluating import EvaluationHook, EvaluationMixin, evaluation_image_features
 from .inputs import check_reward_scale, check_trainer_inputs, inexact_training_warnings, validate_reward_output
-from .optimisation import OptimiserStep, PreparedModels, create_accelerator, prepare_models
+from .optimisation import OptimiserStep, PreparedModels, create_accelerator, forward_autocast, prepare_models
 from .policy import TrainingPolicy
 from .sampling import SamplingMixin
 from .saving import SavingMixin
@@ -110,6 +109,44 @@ class WorkCounters:
     def count_flow_forward(self, output: torch.Tensor) -> None:
         """Count a call of the objective's model (DAG's flow network), in samples."""
         self.flow_forwards += output.shape[0]
+
+
+def count_model_calls(
+    counters: Callable[[], WorkCounters], denoiser: torch.nn.Module, objective_model: Optional[torch.nn.Module]
+) -> None:
+    """Count every call of the denoiser and of the objective's model in ``counters()`` (the epoch's, read at each
+    call) by forward hooks, where the calls happen, whoever makes them (sampling, training, the state-reward cache,
+    evaluation, the reference loop)."""
+    denoiser.register_forward_hook(lambda module, inputs, output: counters().count_denoiser_forward(output))
+    if objective_model is not None:
+        objective_model.register_forward_hook(lambda module, inputs, output: counters().count_flow_forward(output))
+
+
+def create_objective_model(
+    objective: Objective, pipeline: GFlowNetStableDiffusionPipeline
+) -> Optional[torch.nn.Module]:
+    """The objective's own model for ``pipeline`` (``None`` if it has none), refused unless the objective declares a
+    ``model_folder`` exactly when it has one (the checkpoints save the model there)."""
+    model = objective.create_model(pipeline)
+    if (model is None) != (objective.model_folder is None):
+        raise TypeError(
+            f"{type(objective).__name__}: model_folder={objective.model_folder!r} but create_model returned "
+            f"{type(model).__name__}; set model_folder exactly when the objective has a model."
+        )
+    return model
+
+
+def draw_windows(
+    samples: Trajectories, generator: torch.Generator, num_kept: int, trajectories_per_window: int
+) -> list[tuple[Trajectories, torch.Tensor]]:
+    """Shuffle the trajectories with ``generator``, then draw each one's ``num_kept`` kept transitions (the first of
+    a random permutation of its steps), and cut into windows of ``trajectories_per_window`` trajectories: a list of
+    ``(window, kept)``, ``kept`` of shape ``(trajectories in the window, num_kept)``."""
+    total, num_steps = len(samples), samples.num_steps
+    order = torch.randperm(total, generator=generator)
+    kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
+    size = trajectories_per_window
+    return [(samples.take(order[start : start + size]), kept[start : start + size]) for start in range(0, total, size)]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -163,6 +200,15 @@ def agreed_stop(accelerator: Any, signal_name: Optional[str]) -> Optional[str]:
     if accelerator.reduce(flag, "sum").item() == 0:
         return None
     return signal_name or "a signal to another process"
+
+
+def abandon_reward_calls(executor: futures.Executor, reward_fn: Callable) -> None:
+    """Stop waiting for the rewards of an abandoned epoch: ``executor``'s queued calls are dropped (it takes no more),
+    and a reward function that can end its calls in flight (:meth:`RemoteReward.cancel`) is asked to."""
+    executor.shutdown(wait=False, cancel_futures=True)
+    cancel = getattr(reward_fn, "cancel", None)
+    if callable(cancel):
+        cancel()
 
 
 def interruption_message(interrupt: KeyboardInterrupt, epoch: int, folder: str) -> str:
@@ -279,7 +325,9 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
     ):
         from accelerate.utils import DistributedType
 
-        reward_function, prompt_function = check_trainer_inputs(config, reward_function, prompt_function, sd_pipeline)
+        reward_function, prompt_function = check_trainer_inputs(
+            config, reward_function, prompt_function, sd_pipeline, image_features
+        )
         self.config = config
         self.objective = get_objective_class(config.objective_name)(config)
         self.reward_fn = reward_function
@@ -287,20 +335,13 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.sd_pipeline = sd_pipeline
         self.image_samples_hook = image_samples_hook if image_samples_hook is not None else log_image_samples
         self.evaluation_hook = evaluation_hook
-        if image_features is not None and config.eval_features != "pixels":
-            raise ValueError(
-                f"GFlowNetConfig.eval_features={config.eval_features!r} and the image_features argument both choose "
-                "the evaluation's features: give one of them."
-            )
         self.resume_path = resolve_resume_from(config) if config.resume_from else None
         for message in inexact_training_warnings(self.objective, sd_pipeline, prompt_function, self.resume_path):
             warnings.warn(message, stacklevel=2)
         self.accelerator = create_accelerator(config)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.image_features = (
-            image_features
-            if image_features is not None
-            else feature_extractor(config.eval_features, reward_function, device=self.accelerator.device)
+        self.image_features = evaluation_image_features(
+            config, image_features, reward_function, self.accelerator.device
         )
         if config.train_objective is None and self.accelerator.is_main_process:
             logger.warning(default_objective_message(config))
@@ -310,24 +351,14 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.checkpointer = Checkpointer(config, self.accelerator, sd_pipeline, self.objective, self.uses_deepspeed)
 
         torch.manual_seed(config.seed)
-        objective_model = self.objective.create_model(sd_pipeline)
-        if (objective_model is None) != (self.objective.model_folder is None):
-            raise TypeError(
-                f"{type(self.objective).__name__}: model_folder={self.objective.model_folder!r} but create_model "
-                f"returned {type(objective_model).__name__}; set model_folder exactly when the objective has a model."
-            )
+        objective_model = create_objective_model(self.objective, sd_pipeline)
         # Refuse a checkpoint of another run, and a folder another run is writing, before anything is written.
         if self.resume_path is not None:
             self.checkpointer.check_resumable(self.resume_path, objective_model)
         else:
             self.checkpointer.warn_about_other_checkpoints()
         self.checkpointer.acquire_run_lock()
-        if self.accelerator.is_main_process and config.log_with is not None:
-            self.accelerator.init_trackers(
-                config.tracker_project_name,
-                config=tracker_config(config.to_dict()),
-                init_kwargs=tracker_init_kwargs(config.tracker_kwargs, config.run_name or config.exp_name),
-            )
+        init_trackers(self.accelerator, config)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -351,14 +382,14 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         prepared = prepare_models(
             self.accelerator,
             config,
-            sd_pipeline.unet,
+            sd_pipeline.denoiser,
             sd_pipeline.get_trainable_layers(),
             objective_model,
             self.objective.learning_rate(),
             self.uses_deepspeed,
         )
-        self.unet, self.objective_model, self.prepared_models = (
-            prepared.unet,
+        self.denoiser, self.objective_model, self.prepared_models = (
+            prepared.denoiser,
             prepared.objective_model,
             prepared.prepared,
         )
@@ -366,7 +397,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         self.unwrapped_objective_model = objective_model
         self.policy = TrainingPolicy(
             sd_pipeline,
-            self.unet,
+            self.denoiser,
             self.negative_prompt_embeds if self.trains_with_guidance else None,
             config.sample_guidance_scale,
             config.sample_eta,
@@ -375,15 +406,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             self.autocast,
         )
         self.counters = WorkCounters()
-        # Model calls are counted by forward hooks where they happen, whoever makes them (sampling, training, the
-        # state-reward cache, evaluation, the reference loop).
-        sd_pipeline.unet.register_forward_hook(
-            lambda module, inputs, output: self.counters.count_denoiser_forward(output)
-        )
-        if objective_model is not None:
-            objective_model.register_forward_hook(
-                lambda module, inputs, output: self.counters.count_flow_forward(output)
-            )
+        count_model_calls(lambda: self.counters, sd_pipeline.denoiser, objective_model)
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
         self.global_step = 0
@@ -450,12 +473,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt as interrupt:
-            # Rewards still being computed for the abandoned epoch are not waited for: queued calls are dropped, and
-            # a reward function that can end its calls in flight (RemoteReward.cancel) is asked to.
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            cancel = getattr(self.reward_fn, "cancel", None)
-            if callable(cancel):
-                cancel()
+            abandon_reward_calls(self.executor, self.reward_fn)
             self.executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers)
             raise TrainingInterrupted(interruption_message(interrupt, epoch, self.checkpoint_dir)) from None
         finally:
@@ -471,7 +489,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         beta = reward_exponent(epoch, config.num_epochs, config.train_reward_exp, config.train_reward_exp_anneal)
         self.counters = WorkCounters()
         self.epoch_window_metrics = []
-        self.unet.eval()
+        self.denoiser.eval()
         reseed = getattr(self.prompt_fn, "reseed", None)
         if callable(reseed):
             reseed(self._seed_for(epoch, PROMPT_SEED_STREAM))
@@ -491,7 +509,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
             tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
             self.image_samples_hook(prompt_image_data, global_step, tracker)
 
-        self.unet.train()
+        self.denoiser.train()
         if self.objective_model is not None:
             self.objective_model.train()
         for inner_epoch in range(config.train_num_inner_epochs):
@@ -504,6 +522,11 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         if (epoch + 1) % config.save_freq == 0:
             self.save_checkpoint(epoch)
         return global_step
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """:attr:`denoiser`, the trained denoiser as accelerate prepared it, under the name TRL's pipelines use."""
+        return self.denoiser
 
     @property
     def checkpoint_dir(self) -> str:
@@ -550,14 +573,8 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         return validate_reward_output(output, self.reward_fn, prompts, epoch, self.accelerator.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The context for model forwards: the pipeline's, else the accelerator's mixed precision."""
-        factory = self.sd_pipeline.autocast
-        if factory is not None:
-            return factory()
-        if self.uses_deepspeed and self.weight_dtype != torch.float32:
-            # DeepSpeed keeps 16-bit weights and leaves autocasting to the script; accelerate's autocast is a no-op.
-            return torch.autocast(self.accelerator.device.type, dtype=self.weight_dtype)
-        return self.accelerator.autocast()
+        """The context for model forwards (:func:`~dag_trl.trainer.optimisation.forward_autocast`)."""
+        return forward_autocast(self.sd_pipeline, self.accelerator, self.uses_deepspeed, self.weight_dtype)
 
     def _seed_for(self, epoch: int, stream: int) -> int:
         return derive_seed(self.config.seed, self.accelerator.process_index, epoch, stream)
@@ -583,15 +600,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
     def windows(self, samples: Trajectories, generator: torch.Generator) -> list[tuple[Trajectories, torch.Tensor]]:
         """Shuffle the trajectories, draw each one's kept transitions (the first ``train_timestep_fraction`` of a
         random permutation), and cut into windows of ``train_batch_size * train_gradient_accumulation_steps``."""
-        config = self.config
-        total, num_steps = len(samples), samples.num_steps
-        order = torch.randperm(total, generator=generator)
-        num_kept = config.num_train_timesteps
-        kept = torch.stack([torch.randperm(num_steps, generator=generator)[:num_kept] for _ in range(total)])
-        size = config.trajectories_per_step
-        return [
-            (samples.take(order[start : start + size]), kept[start : start + size]) for start in range(0, total, size)
-        ]
+        return draw_windows(samples, generator, self.config.num_train_timesteps, self.config.trajectories_per_step)
 
     def train_window(
         self, window: Trajectories, kept: torch.Tensor, beta: float, epoch: int, window_index: int = 0
@@ -658,7 +667,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
         metrics.update(
             self.optimiser_step(
                 PreparedModels(
-                    self.unet, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
+                    self.denoiser, self.objective_model, self.optimizer, self.objective_optimizer, self.prepared_models
                 ),
                 lambda what: self._diverged(what, epoch, window_index, metrics, window, beta),
             )
@@ -671,7 +680,7 @@ class GFlowNetDiffusionTrainer(SamplingMixin, EvaluationMixin, SavingMixin):
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         """The denoiser's trained parameters (LoRA or all) and the objective's model's."""
-        parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        parameters = [p for p in self.denoiser.parameters() if p.requires_grad]
         if self.objective_model is not None:
             parameters += list(self.objective_model.parameters())
         return parameters
